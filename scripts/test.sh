@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets everything up on a fresh machine and runs the whole test suite, slow end-to-end
+# tests included. Extra arguments go to pytest (e.g. -k fixture, -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/bridge fetch-models
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "test: pytest collected no tests, which counts as a failure" >&2
+  exit 1
+fi
+exit "$rc"

