@@ -5,8 +5,10 @@
 #   BRIDGE_EXTRAS=""        runtime only (no torch): enough for `bridge chat`
 #   BRIDGE_TORCH=...        override the torch requirement (default: CPU build on Linux
 #                           without CUDA, pinned to the local wheel torch==2.13.0)
-#   CMAKE_ARGS=...          passed to the llama-cpp-python build; -DGGML_CUDA=on is added
-#                           automatically when nvcc is on PATH, Metal is automatic on macOS
+#   BRIDGE_ACCEL=...        cuda | metal | cpu (default: cuda when nvcc and a GPU are present,
+#                           metal on macOS, else cpu)
+#   CMAKE_ARGS=...          passed to the llama-cpp-python build; -DGGML_CUDA=on is added for
+#                           cuda, Metal is llama.cpp's default on macOS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,16 +21,25 @@ command -v "$PY" >/dev/null 2>&1 || die "no '$PY' on PATH; install Python 3.10 o
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || die "bridge needs Python 3.10 or newer, '$PY' is $("$PY" -V 2>&1)"
 
-# Which llama.cpp backend to build.
-accel=cpu
-if command -v nvcc >/dev/null 2>&1; then
-  accel=cuda
-  case " ${CMAKE_ARGS:-} " in *GGML_CUDA*) ;; *) export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_CUDA=on";; esac
-elif [ "$(uname -s)" = Darwin ]; then
-  accel=metal
+# Which llama.cpp backend to build (BRIDGE_ACCEL=cuda|metal|cpu overrides). CUDA needs both
+# the toolkit (nvcc) and a visible GPU: a toolkit alone (as on CPU-only CI images) would
+# build a CUDA library that cannot run here.
+has_gpu() { { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; } || [ -e /dev/nvidia0 ]; }
+accel="${BRIDGE_ACCEL:-}"
+if [ -z "$accel" ]; then
+  if command -v nvcc >/dev/null 2>&1 && has_gpu; then accel=cuda
+  elif [ "$(uname -s)" = Darwin ]; then accel=metal
+  else accel=cpu
+  fi
 fi
+case "$accel" in
+  cuda) command -v nvcc >/dev/null 2>&1 || die "BRIDGE_ACCEL=cuda but nvcc is not on PATH; install the CUDA toolkit"
+        case " ${CMAKE_ARGS:-} " in *GGML_CUDA*) ;; *) export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_CUDA=on";; esac ;;
+  metal|cpu) ;;
+  *) die "BRIDGE_ACCEL must be cuda, metal or cpu, got '$accel'" ;;
+esac
 if [ -z "${BRIDGE_TORCH:-}" ]; then
-  if [ "$accel" = cpu ] && [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  if [ "$accel" = cpu ] && [ "$(uname -s)" = Linux ]; then
     BRIDGE_TORCH="torch==2.13.0"  # CPU build; an unpinned torch pulls GBs of CUDA packages
   else
     BRIDGE_TORCH="torch"
