@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -186,6 +187,7 @@ class LlamaContext:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._batch_live = True
         self.n_past = 0
+        self.eval_seconds = 0.0  # cumulative time inside llama_decode (+ logits sync)
 
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` at ``n_past`` and return their logits.
@@ -203,11 +205,14 @@ class LlamaContext:
         if all_logits and len(tokens) > self.n_batch:
             raise ValueError(f"all_logits over {len(tokens)} tokens exceeds n_batch={self.n_batch}")
         n_rows = 0
+        start_time = time.perf_counter()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last_chunk = start + len(chunk) == len(tokens)
             n_rows = self._decode(chunk, all_logits, want_last=last_chunk)
+        # llama_get_logits waits for the backend, so the timing covers GPU work too
         ptr = llama_cpp.llama_get_logits(self._ctx)
+        self.eval_seconds += time.perf_counter() - start_time
         view = np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
         view.flags.writeable = False
         return view

@@ -45,3 +45,27 @@ SAMPLE_TEXT = (
     "Prices: $3.14159, 1,000,000 and 42%.  Ünïcödé: 日本語のテキスト, ¿Qué tal? 🚀\n"
     "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
 )
+
+
+def make_pruned_draft(src: Path, dst: Path, drop: list[int]) -> Path:
+    """A layer-pruned copy of ``src`` made by llama.cpp's own quantizer (copy only, no
+    re-quantization); a stand-in until every test uses the exporter's drafts."""
+    import ctypes
+
+    import llama_cpp
+
+    import runtime.context  # noqa: F401  (routes llama.cpp's log output)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.only_copy = True
+    layers = (ctypes.c_int32 * (len(drop) + 1))(*drop, -1)  # -1 terminates the list
+    params.prune_layers = ctypes.cast(layers, ctypes.POINTER(ctypes.c_int32))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_draft_gguf(smollm2_gguf: Path, tmp_path_factory) -> Path:
+    """SmolLM2 with 2 middle layers dropped."""
+    return make_pruned_draft(smollm2_gguf, tmp_path_factory.mktemp("draft") / "d.gguf", [14, 20])

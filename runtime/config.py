@@ -1,0 +1,92 @@
+"""Runtime settings: one validated dataclass per concern, defaults declared once.
+
+The click layer builds these from its options and passes them down unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. ``temp == 0`` is greedy decoding.
+
+    The filters run in llama.cpp's order: repeat penalty, top-k, top-p, min-p, then
+    temperature. Defaults are llama.cpp's.
+    """
+
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.temp <= 100.0, f"--temp must be in [0, 100], got {self.temp}")
+        _check(self.top_k >= 0, f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+        _check(0.0 < self.top_p <= 1.0, f"--top-p must be in (0, 1], got {self.top_p}")
+        _check(0.0 <= self.min_p < 1.0, f"--min-p must be in [0, 1), got {self.min_p}")
+        _check(0.0 < self.repeat_penalty <= 10.0,
+               f"--repeat-penalty must be in (0, 10] (1 disables it), got {self.repeat_penalty}")
+        _check(self.repeat_last_n >= 0, f"--repeat-last-n must be >= 0, got {self.repeat_last_n}")
+        _check(self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0.0
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Draft-then-verify settings.
+
+    Args:
+        draft_max: most tokens drafted per step (gamma's upper bound).
+        p_min: stop drafting once the draft's top-1 probability falls below this.
+        adaptive: choose gamma online from measured costs and acceptance (gamma 0 means
+            plain decoding); off means always draft ``draft_max`` tokens.
+    """
+
+    draft_max: int = 8
+    p_min: float = 0.5
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.draft_max <= 32, f"--draft-max must be in 1..32, got {self.draft_max}")
+        _check(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """llama.cpp resources for the target and draft contexts."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_gpu_layers: int = -1  # -1: every layer, when the build has a GPU backend
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
+        _check(1 <= self.n_batch <= 1 << 16, f"--batch must be >= 1, got {self.n_batch}")
+        _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")
+        _check(self.n_threads is None or self.n_threads >= 1,
+               f"--threads must be >= 1, got {self.n_threads}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One answer: how long it may get and where it stops."""
+
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 1, f"-n must be >= 1, got {self.max_tokens}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,104 @@
+"""Draft sources behind one method, so the verify loop never knows where drafts come from.
+
+``PrunedDrafter`` runs a layer-pruned GGUF in its own llama.cpp context. It keeps its KV
+cache as a prefix of the real token sequence: after each step it forgets what the target
+rejected and, on the next proposal, catches up on the tokens it has not seen in the same
+``llama_decode`` that yields its first draft.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from runtime.context import LlamaContext
+from runtime.sampling import Sampler, top1_prob
+
+
+@dataclass
+class Draft:
+    """Tokens proposed for the positions after the sequence; ``probs[i]`` is q for
+    ``tokens[i]`` (empty under greedy decoding), ``seconds`` the time spent drafting."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    n_evals: int = 0
+
+
+class Drafter(Protocol):
+    def propose(self, tokens: list[int], n_max: int, p_min: float) -> Draft:
+        """Up to ``n_max`` tokens to follow ``tokens`` (the whole sequence so far)."""
+        ...
+
+    def rollback(self, n_keep: int) -> None:
+        """The real sequence agrees with what this drafter saw only up to ``n_keep``."""
+        ...
+
+    def reset(self) -> None: ...
+
+
+class PrunedDrafter:
+    """Drafts with a (layer-pruned) GGUF in its own context.
+
+    Args:
+        ctx: the draft's context; this object drives it but does not own it.
+        sampler: shared with the verifier so both see the same filters and random stream.
+    """
+
+    def __init__(self, ctx: LlamaContext, sampler: Sampler):
+        self.ctx = ctx
+        self.sampler = sampler
+        self._seen: list[int] = []  # tokens in the draft's KV cache, in order
+
+    def propose(self, tokens: list[int], n_max: int, p_min: float) -> Draft:
+        draft = Draft()
+        if n_max <= 0:
+            return draft
+        start = time.perf_counter()
+        self._sync(tokens)
+        pending = tokens[len(self._seen):]  # at least the last token: see _sync
+        history = list(tokens)
+        greedy = self.sampler.cfg.greedy
+        try:
+            while len(draft.tokens) < n_max:
+                row = self.ctx.eval(pending)[0]
+                self._seen.extend(pending)
+                draft.n_evals += 1
+                # llama.cpp's rule: stop before a token the draft is unsure of
+                if p_min > 0 and top1_prob(row) < p_min:
+                    break
+                if greedy:
+                    tok = self.sampler.argmax(row, history)
+                else:
+                    q = self.sampler.probs(row, history)
+                    tok = self.sampler.draw(q)
+                    draft.probs.append(q)
+                draft.tokens.append(tok)
+                history.append(tok)
+                pending = [tok]
+        finally:
+            draft.seconds = time.perf_counter() - start
+        return draft
+
+    def _sync(self, tokens: list[int]) -> None:
+        """Leave at least one token pending, so the next eval yields the logits we want.
+
+        Callers keep the KV cache a prefix of ``tokens`` by calling ``rollback`` after each
+        step, so no O(n) prefix scan runs per step; the last kept token is checked.
+        """
+        self.rollback(min(len(self._seen), len(tokens) - 1))
+        n = len(self._seen)
+        assert n == 0 or self._seen[n - 1] == tokens[n - 1], "draft cache diverged"
+
+    def rollback(self, n_keep: int) -> None:
+        if n_keep < len(self._seen):
+            self.ctx.truncate(n_keep)
+            del self._seen[n_keep:]
+
+    def reset(self) -> None:
+        self.ctx.reset()
+        self._seen.clear()
