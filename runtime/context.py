@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 _native_log = logging.getLogger("bridge.llama_cpp")
 
-_GGML_LOG_ERROR = 3
+_GGML_LOG_ERROR = 4  # ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 cont
 
 
 @llama_cpp.llama_log_callback

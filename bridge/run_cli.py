@@ -1,0 +1,203 @@
+"""`bridge generate` and `bridge chat`: thin click commands over runtime.Engine.
+
+Options default to None so that every default lives in the runtime's dataclasses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
+
+log = logging.getLogger("bridge")
+
+
+def engine_options(f: Callable) -> Callable:
+    """Options shared by every command that loads a model."""
+    opts = [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--draft", "draft", type=click.Path(path_type=Path),
+                     help="Draft GGUF (default: MODEL.draft.gguf beside the model, if any)."),
+        click.option("--no-draft", is_flag=True, help="Plain decoding, same code path."),
+        click.option("--draft-max", type=int, help="Most tokens drafted per step."),
+        click.option("--p-min", type=float, help="Stop drafting below this draft confidence."),
+        click.option("--fixed-gamma", is_flag=True,
+                     help="Always draft --draft-max tokens (no adaptation; for benchmarks)."),
+        click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens."),
+        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int,
+                     help="Layers offloaded to the GPU (-1: all)."),
+        click.option("--threads", "n_threads", type=int, help="CPU threads."),
+        click.option("--temp", type=float, help="Temperature; 0 is greedy."),
+        click.option("--top-k", type=int), click.option("--top-p", type=float),
+        click.option("--min-p", type=float), click.option("--repeat-penalty", type=float),
+        click.option("--seed", type=int, help="Random seed for sampling."),
+        click.option("-n", "--max-tokens", type=int, help="Most tokens to generate."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _given(**kwargs):
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_engine(o: dict):
+    """Settings objects from the parsed options, then the engine (imports stay lazy so
+    `bridge --help` does not load llama.cpp)."""
+    from runtime.engine import Engine
+
+    runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
+                                     n_threads=o["n_threads"]))
+    spec = SpeculativeConfig(**_given(draft_max=o["draft_max"], p_min=o["p_min"]),
+                             adaptive=not o["fixed_gamma"])
+    sampling = SamplingConfig(**_given(temp=o["temp"], top_k=o["top_k"], top_p=o["top_p"],
+                                       min_p=o["min_p"], repeat_penalty=o["repeat_penalty"],
+                                       seed=o["seed"]))
+    draft = None if o["no_draft"] else (o["draft"] or "auto")
+    return Engine(o["model"], draft=draft, runtime=runtime, speculative=spec,
+                  sampling=sampling)
+
+
+def generation(o: dict) -> GenerationConfig:
+    return GenerationConfig(**_given(max_tokens=o["max_tokens"]), stop=tuple(o["stop"]))
+
+
+def user_errors(f: Callable) -> Callable:
+    """Turn the errors users can cause into one-line messages with a non-zero exit."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def stats_line(stats) -> str:
+    s = f"{stats.n_tokens} tokens, {stats.tokens_per_s:.1f} tok/s ({stats.mode}"
+    if stats.n_drafted:
+        s += (f"; acceptance {stats.acceptance_rate:.0%}, "
+              f"{stats.mean_accepted_per_step:.2f} drafts accepted/step")
+    s += ")"
+    if stats.note:
+        s += f"; {stats.note}"
+    return s
+
+
+@click.command("generate")
+@engine_options
+@click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads stdin).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Wrap the prompt as a user message in the model's chat template.")
+@click.option("--system", help="System message (with --chat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@user_errors
+def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, **o) -> None:
+    """Generate text with lossless speculative decoding."""
+    from runtime.chat import ChatSession
+    from runtime.speculative import Stats
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    gen = generation(o)
+    with build_engine(o) as engine:
+        stats = Stats()
+        if as_chat:
+            session = ChatSession(engine, system)
+            stream = session.ask(prompt, gen, stats)
+        else:
+            stream = engine.generate(prompt, gen, stats)
+        text, tokens = [], []
+        for chunk in stream:
+            text.append(chunk.text)
+            tokens.extend(chunk.tokens)
+            if not as_json:
+                click.echo(chunk.text, nl=False)
+        if as_json:
+            click.echo(json.dumps({"text": "".join(text), "tokens": tokens,
+                                   "stats": stats.as_dict()}, ensure_ascii=False))
+        else:
+            click.echo()
+            click.echo(stats_line(stats), err=True)
+
+
+CHAT_HELP = "/reset clears the conversation, /stats shows the last answer's figures, /exit quits"
+
+
+@click.command("chat")
+@engine_options
+@click.option("--system", help="System message.")
+@user_errors
+def chat_cmd(system: str | None, **o) -> None:
+    """Interactive multi-turn chat with speculative decoding (Ctrl-C stops an answer)."""
+    from runtime.chat import ChatSession
+    from runtime.speculative import Stats
+
+    gen = generation(o)
+    with build_engine(o) as engine:
+        session = ChatSession(engine, system)
+        draft = engine.draft_path.name if engine.draft_path else "none (plain decoding)"
+        click.echo(f"bridge chat: {engine.model.path.name}, draft: {draft}", err=True)
+        click.echo(CHAT_HELP, err=True)
+        last: Stats | None = None
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:  # Ctrl-D or closed stdin
+                click.echo(err=True)
+                return
+            except KeyboardInterrupt:
+                click.echo("\n(type /exit or press Ctrl-D to quit)", err=True)
+                continue
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                session.reset()
+                click.echo("(conversation cleared)", err=True)
+                continue
+            if cmd == "/stats":
+                click.echo(json.dumps(last.as_dict(), indent=1) if last else "(no answer yet)",
+                           err=True)
+                continue
+            if cmd.startswith("/"):
+                click.echo(f"unknown command {cmd}; {CHAT_HELP}", err=True)
+                continue
+            last = _answer(session, line, gen)
+
+
+def _answer(session, line: str, gen: GenerationConfig):
+    from runtime.speculative import Stats
+
+    stats = Stats()
+    dropped = session.dropped_turns
+    stream = session.ask(line, gen, stats)
+    try:
+        for chunk in stream:
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+    except KeyboardInterrupt:
+        stream.close()
+        click.echo("\n(stopped)", err=True)
+    except ValueError as e:  # e.g. a message longer than the whole context
+        click.echo(f"error: {e}", err=True)
+        return None
+    if session.dropped_turns > dropped:
+        click.echo(f"(context full: dropped the {session.dropped_turns - dropped} oldest "
+                   "exchange(s))", err=True)
+    click.echo(click.style(stats_line(stats), dim=True), err=True)
+    return stats
