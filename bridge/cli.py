@@ -80,10 +80,16 @@ def _not_built(name: str, issue: int, summary: str) -> click.Command:
     return placeholder
 
 
-cli.add_command(_not_built("export", 3, "Export MODEL to a full GGUF and a layer-pruned draft."))
-cli.add_command(_not_built("generate", 5, "Generate text with lossless speculative decoding."))
-cli.add_command(_not_built("chat", 5, "Interactive multi-turn chat with speculative decoding."))
-cli.add_command(_not_built("bench", 6, "Compare plain and speculative decoding side by side."))
+from bridge.export_cli import export_cmd  # noqa: E402
+
+cli.add_command(export_cmd)
+from bridge.run_cli import chat_cmd, generate_cmd  # noqa: E402
+
+cli.add_command(generate_cmd)
+cli.add_command(chat_cmd)
+from bridge.bench_cli import bench_cmd  # noqa: E402
+
+cli.add_command(bench_cmd)
 
 
 def main() -> None:

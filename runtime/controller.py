@@ -66,11 +66,16 @@ class CostModel:
         self.draft = seconds_per_eval if self.n_draft <= 2 or d is None \
             else d + _EMA * (seconds_per_eval - d)
 
-    @property
-    def calibrated(self) -> bool:
-        """Two samples each of a plain step, a batch and a draft step."""
-        return (self.n_verify.get(1, 0) >= 2 and self.n_draft >= 2
-                and any(n >= 2 for k, n in self.n_verify.items() if k > 1))
+    def calibration_need(self) -> str | None:
+        """What to measure next before the model can judge gamma: two samples each of a
+        plain step ("plain"), a 2-token batch ("batch") and a draft step ("draft")."""
+        if self.n_verify.get(1, 0) < 2:
+            return "plain"
+        if self.n_verify.get(2, 0) < 2:
+            return "batch"
+        if self.n_draft < 2:
+            return "draft"
+        return None
 
     def add_acceptance(self, n_judged: int, n_accepted: int) -> None:
         decay = _ALPHA_DECAY ** n_judged
@@ -118,6 +123,12 @@ class GammaController:
         self._backoff = _FIRST_BACKOFF
         self.history: list[int] = []  # gamma chosen at each step
 
+    def calibration_need(self) -> str | None:
+        """The measurement the next step should make, while calibrating (else None)."""
+        if not self.adaptive or self.disabled_reason is not None:
+            return None
+        return self.costs.calibration_need()
+
     def choose(self) -> int:
         gamma = self._choose()
         self.history.append(gamma)
@@ -129,9 +140,10 @@ class GammaController:
             return self.draft_max
         if self.disabled_reason is not None:
             return 0
-        if not c.calibrated:
-            # plain steps measure t_verify(1); small probes measure the draft and a batch
-            return 0 if c.n_verify.get(1, 0) < 2 else _PROBE_GAMMA
+        if c.calibration_need() is not None:
+            # measured without the draft ever reading the prompt (see SpeculativeDecoder),
+            # so a device where speculation cannot pay finds out for almost nothing
+            return 0
         best = self.best_gamma(c.alpha)
         if best > 0:
             self._since_probe, self._backoff = 0, _FIRST_BACKOFF
@@ -148,12 +160,13 @@ class GammaController:
         speeds = [c.expected_tokens(g, alpha) / c.step_time(g) for g in range(self.draft_max + 1)]
         return int(np.argmax(speeds))
 
-    def observe(self, gamma: int, n_drafted: int, n_accepted: int, draft_seconds: float,
-                draft_evals: int, verify_seconds: float, overhead_seconds: float,
-                rejected: bool) -> None:
-        """Record one step: ``n_drafted`` proposed (<= gamma), ``n_accepted`` kept."""
+    def observe(self, gamma: int, n_extra: int, n_drafted: int, n_accepted: int,
+                draft_seconds: float, draft_evals: int, verify_seconds: float,
+                overhead_seconds: float, rejected: bool) -> None:
+        """Record one step: the target evaluated 1 + ``n_extra`` tokens, ``n_drafted`` of
+        them proposed by the draft (<= gamma), of which ``n_accepted`` were kept."""
         c = self.costs
-        c.add_verify(n_drafted + 1, verify_seconds)
+        c.add_verify(n_extra + 1, verify_seconds)
         if n_drafted:
             c.add_draft(draft_seconds / max(draft_evals, 1))
             c.add_acceptance(n_accepted + int(rejected), n_accepted)
@@ -161,7 +174,17 @@ class GammaController:
             c.overhead_spec += _EMA * (overhead_seconds - c.overhead_spec)
         else:
             c.overhead_plain += _EMA * (overhead_seconds - c.overhead_plain)
-        if self.adaptive and self.disabled_reason is None and c.calibrated \
+        self._judge()
+
+    def observe_draft(self, seconds: float) -> None:
+        """A draft step timed outside the decode loop (calibration)."""
+        self.costs.add_draft(seconds)
+        self._judge()
+
+    def _judge(self) -> None:
+        """Switch speculation off for good once even 100% acceptance could not pay."""
+        c = self.costs
+        if self.adaptive and self.disabled_reason is None and c.calibration_need() is None \
                 and self.best_gamma(1.0) == 0:
             t1 = c.verify_cost(1)
             self.disabled_reason = (

@@ -38,6 +38,10 @@ class Drafter(Protocol):
         """The real sequence agrees with what this drafter saw only up to ``n_keep``."""
         ...
 
+    def time_step(self) -> float:
+        """Seconds for one draft step, without changing what the drafter has seen."""
+        ...
+
     def reset(self) -> None: ...
 
 
@@ -83,6 +87,16 @@ class PrunedDrafter:
         finally:
             draft.seconds = time.perf_counter() - start
         return draft
+
+    def time_step(self) -> float:
+        """Seconds for one single-token draft decode, measured on scratch space past the
+        cached tokens and then forgotten (the draft need not have read the prompt)."""
+        n = len(self._seen)
+        start = time.perf_counter()
+        self.ctx.eval([self._seen[-1] if self._seen else 0])
+        seconds = time.perf_counter() - start
+        self.ctx.truncate(n)
+        return seconds
 
     def _sync(self, tokens: list[int]) -> None:
         """Leave at least one token pending, so the next eval yields the logits we want.

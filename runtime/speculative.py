@@ -37,6 +37,10 @@ class Step:
     n_drafted: int
     n_accepted: int
 
+    @property
+    def rejected(self) -> bool:
+        return self.n_accepted < self.n_drafted
+
 
 @dataclass
 class Stats:
@@ -51,6 +55,7 @@ class Stats:
     n_steps: int = 0
     n_drafted: int = 0
     n_accepted: int = 0
+    n_rejections: int = 0  # steps where the target rejected a draft
     llama_seconds: float = 0.0  # inside llama_decode, both models, decode phase
     gamma_history: list[int] = field(default_factory=list)
     note: str | None = None
@@ -62,6 +67,13 @@ class Stats:
     @property
     def acceptance_rate(self) -> float:
         return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance under the model 'each draft accepted independently until
+        the first rejection': accepted / (accepted + rejections)."""
+        judged = self.n_accepted + self.n_rejections
+        return self.n_accepted / judged if judged else 0.0
 
     @property
     def mean_accepted_per_step(self) -> float:
@@ -83,6 +95,7 @@ class Stats:
             "n_drafted": self.n_drafted,
             "n_accepted": self.n_accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
+            "alpha": round(self.alpha, 4),
             "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
             "n_prompt": self.n_prompt,
             "n_prompt_evaluated": self.n_prompt_new,
@@ -144,6 +157,7 @@ class SpeculativeDecoder:
                 stats.n_steps += 1
                 stats.n_drafted += step.n_drafted
                 stats.n_accepted += step.n_accepted
+                stats.n_rejections += step.rejected
                 stats.n_tokens += len(step.tokens)
                 stats.decode_seconds = time.perf_counter() - t_start
                 yield step
@@ -196,12 +210,20 @@ class SpeculativeDecoder:
         llama0 = self._llama_seconds()
         gamma = self.controller.choose() if self.drafter else 0
         gamma = min(gamma, budget - 1, self.target.n_ctx - len(self.kv) - 2)
+        need = self.controller.calibration_need() if self.drafter else None
+        if need == "draft":
+            self.controller.observe_draft(self.drafter.time_step())
         seq = self.kv + [self.pending]
         draft = self.drafter.propose(seq, gamma, self.p_min) if gamma > 0 and self.drafter \
             else Draft()
+        # Calibration: a plain step run as a 2-token batch (the pending token twice) times
+        # t_verify(2); row 0 is the plain step's answer and the padding is dropped below.
+        batch = [self.pending, self.pending] if need == "batch" and self.target.n_ctx > \
+            len(self.kv) + 2 else [self.pending, *draft.tokens]
         t_verify = time.perf_counter()
-        rows = self.target.eval([self.pending, *draft.tokens], all_logits=True)
+        rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify
+        rows = rows[: len(draft.tokens) + 1]
         if self.sampler.cfg.greedy:
             n_acc, nxt = verify_greedy(self.sampler, rows, draft.tokens, seq)
         else:
@@ -216,7 +238,7 @@ class SpeculativeDecoder:
         if self.drafter:
             self.drafter.rollback(len(self.kv))
         overhead = (time.perf_counter() - t0) - (self._llama_seconds() - llama0)
-        self.controller.observe(gamma, len(draft.tokens), n_acc, draft.seconds,
+        self.controller.observe(gamma, len(batch) - 1, len(draft.tokens), n_acc, draft.seconds,
                                 draft.n_evals, verify_seconds, overhead,
                                 rejected=n_acc < len(draft.tokens))
         return Step(emitted, gamma, len(draft.tokens), min(n_acc, len(emitted)))
