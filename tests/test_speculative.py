@@ -53,7 +53,8 @@ def engines(smollm2_gguf, smollm2_draft_gguf):
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
 
 
 def _top2_margin(model, context_tokens: list[int]) -> float:

@@ -1,0 +1,113 @@
+"""Settings for ``bridge export``: one dataclass, validated where user input enters.
+
+Every default lives here and nowhere else; the CLI passes only the options it was given.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+# Quantization types by their llama.cpp names ("Q4_K_M", "F16", ...), from gguf-py's
+# file-type enum, so the list follows llama.cpp instead of being typed out here.
+QUANT_TYPES: dict[str, int] = {
+    ft.name.removeprefix("MOSTLY_").removeprefix("ALL_"): int(ft.value)
+    for ft in gguf.LlamaFileType
+    if ft is not gguf.LlamaFileType.GUESSED
+}
+# For a GGUF input: keep the file's own type (no requantization).
+KEEP = "keep"
+# For a Hugging Face input.
+DEFAULT_HF_QUANT = "Q4_K_M"
+# Fraction of layers to drop when neither --prune nor --drop-layers is given.
+DEFAULT_PRUNE = 0.25
+# Layer-choice methods. "even" is a placeholder (evenly spaced middle layers) until layer
+# scoring lands; scoring methods will be added to this tuple.
+METHODS = ("even",)
+DEFAULT_METHOD = "even"
+# Recorded in the draft when the user listed the layers with --drop-layers.
+MANUAL_METHOD = "manual"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how.
+
+    Args:
+        model: HF folder, hub id in the local HF cache, ``.gguf`` file, or a bundled name.
+        out_dir: where the full and draft GGUFs are written.
+        prune: fraction of layers to drop, 0 < prune < 1 (default ``DEFAULT_PRUNE`` when
+            ``drop_layers`` is not given).
+        drop_layers: explicit 0-based layer indices to drop; excludes ``prune``.
+        quant: llama.cpp type name (``Q4_K_M``, ``Q8_0``, ``F16``...) or ``keep``. None
+            means ``DEFAULT_HF_QUANT`` for a Hugging Face input and ``keep`` for a GGUF.
+        method: how layers are chosen for ``prune`` (see ``METHODS``).
+        force: overwrite existing outputs.
+        threads: quantizer threads (None: all cores).
+    """
+
+    model: str
+    out_dir: Path = field(default_factory=Path.cwd)
+    prune: float | None = None
+    drop_layers: tuple[int, ...] | None = None
+    quant: str | None = None
+    method: str = DEFAULT_METHOD
+    force: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not str(self.model).strip():
+            raise ValueError("MODEL is empty: give a HF folder, a hub id, a .gguf file, "
+                             "or a bundled name (smollm2, gemma3)")
+        object.__setattr__(self, "out_dir", Path(self.out_dir).expanduser())
+        self._check_layers()
+        if self.quant is not None:
+            q = self.quant.strip()
+            q = KEEP if q.lower() == KEEP else q.upper()
+            if q != KEEP and q not in QUANT_TYPES:
+                raise ValueError(f"unknown --quant {self.quant!r}; choose one of "
+                                 f"{', '.join(QUANT_TYPES)} or {KEEP}")
+            object.__setattr__(self, "quant", q)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def _check_layers(self) -> None:
+        if self.prune is not None and self.drop_layers is not None:
+            raise ValueError("give either --prune or --drop-layers, not both")
+        if self.drop_layers is not None:
+            if not self.drop_layers:
+                raise ValueError("--drop-layers is empty; list layers like '3,7,12' or '10-12'")
+            if min(self.drop_layers) < 0:
+                raise ValueError(f"layer indices start at 0; got {min(self.drop_layers)}")
+            object.__setattr__(self, "drop_layers", tuple(sorted(set(self.drop_layers))))
+            return
+        prune = DEFAULT_PRUNE if self.prune is None else float(self.prune)
+        if not 0.0 < prune < 1.0:
+            raise ValueError(f"--prune must be a fraction strictly between 0 and 1 "
+                             f"(e.g. 0.25 drops a quarter of the layers); got {self.prune}")
+        object.__setattr__(self, "prune", prune)
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    """``"3,7,10-12"`` -> ``(3, 7, 10, 11, 12)``; raises ValueError on anything else."""
+    layers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if part.isdigit():
+            layers.add(int(part))
+        elif m := _RANGE.match(part):
+            lo, hi = int(m[1]), int(m[2])
+            if lo > hi:
+                raise ValueError(f"--drop-layers range {part!r} runs backwards; write {hi}-{lo}")
+            layers.update(range(lo, hi + 1))
+        else:
+            raise ValueError(f"--drop-layers expects indices like '3,7,12' or ranges like "
+                             f"'10-12'; could not read {part!r} in {text!r}")
+    return tuple(sorted(layers))

@@ -1,0 +1,259 @@
+"""``bridge export``: MODEL -> ``<name>-<QUANT>.gguf`` (full) + ``<name>-<QUANT>.draft.gguf``.
+
+The full model comes from one of three routes:
+
+- a Hugging Face checkpoint: converted to F16 (BF16 for bfloat16 weights) by our own
+  gguf-py converter, then quantized by llama.cpp's quantizer;
+- a GGUF whose type is what was asked for (the default for a GGUF, ``--quant keep``):
+  copied unchanged;
+- a GGUF of another type: requantized by llama.cpp (which loses a little more precision).
+
+The draft is then cut from the full file (``exporters.prune``). Everything is written
+under temporary names beside the outputs and renamed into place only when both files are
+complete; on any failure (a bad option, a full disk) the temporary files are removed and
+no output file appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from exporters import hparams as hp
+from exporters import keys
+from exporters.config import DEFAULT_HF_QUANT, KEEP, ExportConfig
+from exporters.layers import LayerChoice, choose_layers
+from exporters.loading import (
+    ModelSource,
+    gguf_arch,
+    gguf_block_count,
+    gguf_quant_name,
+    open_gguf,
+    read_hf_config,
+    resolve_model,
+)
+from exporters.prune import PRUNABLE, DraftInfo, write_draft
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 16 << 20
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    full_path: Path
+    draft_path: Path
+    n_layers: int
+    kept_layers: tuple[int, ...]
+    dropped_layers: tuple[int, ...]
+    quant: str
+    method: str
+    target_sha256: str
+    seconds: float
+
+
+def draft_path_for(full: Path) -> Path:
+    """Where the runtime looks for ``full``'s draft: ``x.gguf`` -> ``x.draft.gguf``."""
+    return full.with_name(full.name.removesuffix(keys.FULL_SUFFIX) + keys.DRAFT_SUFFIX)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A resolved MODEL plus what the export needs to know about it up front."""
+
+    model: ModelSource
+    n_layers: int
+    quant: str  # the full output's type
+    requantize: bool  # a GGUF input that must change type
+    reader: gguf.GGUFReader | None = None  # the GGUF input's, reused for its draft
+
+
+def run_export(cfg: ExportConfig) -> ExportResult:
+    """Write the full GGUF and its draft for ``cfg.model`` into ``cfg.out_dir``.
+
+    Raises:
+        FileNotFoundError: MODEL does not exist.
+        ValueError: MODEL or an option is unusable (the message says why).
+        OSError: the outputs cannot be written (exists without --force, no permission,
+            disk full...).
+    """
+    start = time.perf_counter()
+    source = _inspect(resolve_model(cfg.model), cfg)
+    choice = choose_layers(cfg, source.n_layers)  # checks the options before any work
+    out_dir = _prepare_out_dir(cfg.out_dir)
+    full = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
+    draft = draft_path_for(full)
+    in_place = _same_bytes(source) and full.resolve() == source.model.path
+    _refuse_overwrite([draft] if in_place else [full, draft], cfg.force)
+
+    with _Staging(out_dir) as stage:
+        if in_place:
+            full_bytes, sha = full, sha256_file(full)
+        else:
+            full_bytes = stage.temp(full)
+            sha = _build_full(source, cfg, full_bytes, stage)
+            stage.commit(full_bytes, full)
+        # a byte copy has the input's tensor offsets, so the input's reader serves it
+        reader = source.reader if _same_bytes(source) else None
+        draft_tmp = stage.temp(draft)
+        write_draft(full_bytes, draft_tmp, choice.kept,
+                    DraftInfo(method=choice.method, target_sha256=sha), reader=reader)
+        stage.commit(draft_tmp, draft)
+    result = _result(full, draft, choice, source.quant, sha, time.perf_counter() - start)
+    log.info("wrote %s and %s (%d of %d layers kept) in %.1f s", full.name, draft.name,
+             len(result.kept_layers), result.n_layers, result.seconds)
+    return result
+
+
+def _inspect(model: ModelSource, cfg: ExportConfig) -> _Source:
+    if model.kind == "gguf":
+        reader = open_gguf(model.path)
+        if gguf_arch(reader) not in PRUNABLE:
+            raise ValueError(f"{model.path.name} is a {gguf_arch(reader)!r} model; bridge "
+                             f"exports {', '.join(PRUNABLE)}")
+        own = gguf_quant_name(reader)
+        quant = own if cfg.quant in (None, KEEP) else cfg.quant
+        return _Source(model, gguf_block_count(reader), quant, quant != own, reader)
+    if cfg.quant == KEEP:
+        raise ValueError("--quant keep applies to a GGUF input only; choose a type such as "
+                         f"{DEFAULT_HF_QUANT} for a Hugging Face model")
+    hp.detect_arch(read_hf_config(model.path), model.path)  # fail early if unsupported
+    n_layers = hp.text_config(model.path).num_hidden_layers
+    return _Source(model, n_layers, cfg.quant or DEFAULT_HF_QUANT, False)
+
+
+def _same_bytes(source: _Source) -> bool:
+    """The full output is a byte copy of the GGUF input."""
+    return source.model.kind == "gguf" and not source.requantize
+
+
+def _build_full(source: _Source, cfg: ExportConfig, out: Path, stage: _Staging) -> str:
+    """Write the full model at ``out``; returns its sha256."""
+    if source.model.kind == "hf":
+        _full_from_hf(source, cfg, out, stage)
+    elif source.requantize:
+        from exporters.quantize import quantize
+
+        log.warning("requantizing %s to %s: quantizing already quantized weights loses "
+                    "more precision than quantizing the original checkpoint",
+                    source.model.path.name, source.quant)
+        quantize(source.model.path, out, source.quant, cfg.threads, allow_requantize=True)
+    else:
+        return _copy_and_hash(source.model.path, out)
+    return sha256_file(out)
+
+
+def _full_from_hf(source: _Source, cfg: ExportConfig, out: Path, stage: _Staging) -> None:
+    from exporters.convert import convert_hf, intermediate_type
+    from exporters.tokenizer import verify_tokenizer
+
+    folder = source.model.path
+    if source.quant in _FLOAT_TYPES:
+        convert_hf(folder, out, source.quant, source.model.name)
+        verify_tokenizer(out, folder)
+        return
+    from exporters.quantize import quantize
+
+    floats = stage.temp(out.with_name(f"{source.model.name}-float.gguf"))
+    convert_hf(folder, floats, intermediate_type(folder), source.model.name)
+    verify_tokenizer(floats, folder)
+    quantize(floats, out, source.quant, cfg.threads)
+    stage.discard(floats)  # free the disk space before the draft is written
+
+
+def _prepare_out_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create output folder {path}: {e.strerror or e}") from None
+    if not path.is_dir():
+        raise NotADirectoryError(f"output folder {path} is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to output folder {path}")
+    return path.resolve()
+
+
+def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+    for path in paths:
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+
+
+def _result(full: Path, draft: Path, choice: LayerChoice, quant: str, sha: str,
+            seconds: float) -> ExportResult:
+    return ExportResult(full, draft, choice.n_layers, choice.kept, choice.dropped, quant,
+                        choice.method, sha, seconds)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_and_hash(src: Path, dst: Path) -> str:
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(_CHUNK):
+            digest.update(block)
+            fout.write(block)
+    return digest.hexdigest()
+
+
+class _Staging:
+    """Temporary files beside the outputs: renamed into place together when the block
+    succeeds, all removed when it fails."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self._temps: list[Path] = []
+        self._commits: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def temp(self, final: Path) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.out_dir)
+        os.close(fd)
+        self._temps.append(Path(name))
+        return Path(name)
+
+    def commit(self, tmp: Path, final: Path) -> None:
+        """Rename ``tmp`` to ``final`` when the block ends without error."""
+        self._commits.append((tmp, final))
+
+    def discard(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+        self._temps.remove(tmp)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        placed: list[Path] = []
+        try:
+            if exc_type is None:
+                for tmp, final in self._commits:
+                    _fsync(tmp)
+                    os.chmod(tmp, 0o644)  # mkstemp makes 0600; models are shared files
+                    os.replace(tmp, final)
+                    placed.append(final)
+        except BaseException:
+            for final in placed:  # all or nothing
+                final.unlink(missing_ok=True)
+            raise
+        finally:
+            for tmp in self._temps:
+                tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,148 @@
+"""Resolve ``MODEL`` to something the exporter can read, and open GGUF files safely.
+
+MODEL may be a Hugging Face folder, a hub id already in the local HF cache (never fetched:
+resolution is offline), a ``.gguf`` file, or a bundled short name (``smollm2``, ``gemma3``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gguf
+
+from bridge import testmodels
+from exporters.config import QUANT_TYPES
+
+log = logging.getLogger(__name__)
+
+# A trailing quant tag on a GGUF stem ("...-Q4_K_M", "....q8_0"), matched against
+# llama.cpp's own type names only. It is dropped from the output name, which gets the
+# real type from the file's metadata.
+_QUANT_TAG = re.compile(
+    r"[-._](" + "|".join(sorted(map(re.escape, QUANT_TYPES), key=len, reverse=True)) + r")$",
+    re.IGNORECASE,
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved MODEL: ``kind`` says how to read ``path``; ``name`` names the outputs."""
+
+    kind: Literal["hf", "gguf"]
+    path: Path
+    name: str
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Map MODEL (path, hub id or bundled name) to a ``ModelSource``.
+
+    Raises:
+        FileNotFoundError: nothing by that name exists locally.
+        ValueError: it exists but is not a model bridge can read.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _from_path(path)
+    if spec.lower() in testmodels.BUNDLED:
+        gguf_path = testmodels.resolve_bundled(spec)
+        assert gguf_path is not None
+        return _from_path(gguf_path)
+    if _HUB_ID.match(spec):
+        folder = _hub_snapshot(spec)
+        if folder is not None:
+            return ModelSource("hf", folder, spec.split("/")[-1])
+    raise FileNotFoundError(
+        f"model not found: {spec!r} is not a file, a folder, a bundled name "
+        f"({', '.join(testmodels.BUNDLED)}), or a hub id in the local Hugging Face cache"
+    )
+
+
+def _from_path(path: Path) -> ModelSource:
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json; expected a Hugging Face model folder "
+                             "(config.json, *.safetensors, tokenizer files)")
+        return ModelSource("hf", path.resolve(), path.resolve().name)
+    if path.suffix.lower() == ".gguf":
+        open_gguf(path)  # fail early on a truncated or corrupt file
+        return ModelSource("gguf", path.resolve(), gguf_base_name(path))
+    raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id``, without touching the network."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # any miss (not cached, bad id) means "not available offline"
+        log.debug("%s is not in the local HF cache: %s", repo_id, e)
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def gguf_base_name(path: Path) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``."""
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem
+    return _QUANT_TAG.sub("", stem) or stem
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF for reading; a truncated or corrupt file raises ValueError."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises many kinds on bad input
+        raise ValueError(f"{path} is not a valid GGUF file, or is truncated "
+                         f"({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, "
+                         f"the file has {size}")
+    if gguf.Keys.General.ARCHITECTURE not in reader.fields:
+        raise ValueError(f"{path} has no {gguf.Keys.General.ARCHITECTURE}; not a model GGUF")
+    return reader
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    """A metadata value as a Python scalar/list, or ``default`` when absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_arch(reader: gguf.GGUFReader) -> str:
+    return field_value(reader, gguf.Keys.General.ARCHITECTURE)
+
+
+def gguf_block_count(reader: gguf.GGUFReader) -> int:
+    key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=gguf_arch(reader))
+    n = field_value(reader, key)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{reader.data.filename} has no valid {key}")
+    return n
+
+
+def gguf_quant_name(reader: gguf.GGUFReader) -> str:
+    """The file's ``general.file_type`` as a llama.cpp type name (``Q4_K_M``, ``F16``...)."""
+    ftype = field_value(reader, gguf.Keys.General.FILE_TYPE)
+    for name, value in QUANT_TYPES.items():
+        if value == ftype:
+            return name
+    raise ValueError(f"{reader.data.filename} has general.file_type={ftype!r}, which bridge "
+                     "cannot name; pass --quant explicitly")
+
+
+def read_hf_config(folder: Path) -> dict:
+    """config.json as a dict; ValueError when it is not readable JSON."""
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {folder / 'config.json'}: {e}") from None

@@ -1,0 +1,220 @@
+"""``bridge export`` through click: outputs, and one-line failures that leave no file."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from bridge.cli import cli
+from exporters import keys
+from runtime.context import LlamaModel
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct-Q4_1"
+
+
+def _export(*args: str):
+    return CliRunner().invoke(cli, ["export", *args])
+
+
+def _files(folder) -> list[str]:
+    """Everything in ``folder``, temporary (dot) files included."""
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def _assert_clean_failure(result, out_dir, match: str) -> None:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and match in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert _files(out_dir) == [], "a failed export must leave no file behind"
+
+
+# --- failures ----------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(tmp_path / "nope.gguf"), "-o", str(out)), out,
+                          "model not found")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(tmp_path / "model"), "-o", str(out)), out,
+                          "has no config.json")
+
+
+def test_unsupported_architecture(tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(
+        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 12}))
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(model), "-o", str(out)), out,
+                          "unsupported architecture GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", "truncated"),  # header intact, tensor data cut short
+    ("garbage", "not a valid GGUF"),  # right magic, nonsense after it
+    ("empty", "not a valid GGUF"),
+])
+def test_broken_gguf(smollm2_gguf, tmp_path, damage, match):
+    bad = tmp_path / "broken.gguf"
+    if damage == "truncate":
+        with open(smollm2_gguf, "rb") as f:
+            bad.write_bytes(f.read(4 << 20))
+    elif damage == "garbage":
+        bad.write_bytes(b"GGUF" + os.urandom(4096))
+    else:
+        bad.write_bytes(b"")
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(bad), "-o", str(out)), out, match)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--prune", "0"], "strictly between 0 and 1"),
+    (["--prune", "1"], "strictly between 0 and 1"),
+    (["--prune", "-0.3"], "strictly between 0 and 1"),
+    (["--prune", "1.5"], "strictly between 0 and 1"),
+    (["--prune", "0.99"], "leaves none"),  # rounds to all 30 layers
+    (["--drop-layers", "30"], "out of range"),
+    (["--drop-layers", "3,40-41"], "out of range"),
+    (["--drop-layers", "0-29"], "drops all 30 layers"),
+    (["--drop-layers", "three"], "--drop-layers expects"),
+    (["--prune", "0.2", "--drop-layers", "3"], "not both"),
+    (["--quant", "Q9_9"], "unknown --quant"),
+])
+def test_bad_options(smollm2_gguf, tmp_path, args, match):
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(smollm2_gguf), "-o", str(out), *args), out, match)
+
+
+def test_output_folder_is_a_file(smollm2_gguf, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _export(str(smollm2_gguf), "-o", str(blocker / "out"), "--drop-layers", "3")
+    _assert_clean_failure(result, blocker.parent / "none", "cannot create output folder")
+    assert _files(tmp_path) == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_read_only_output_folder(smollm2_gguf, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        result = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "3")
+        _assert_clean_failure(result, out, "cannot write to output folder")
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.mark.parametrize("target", ["exporters.prune._copy_bytes",
+                                    "exporters.export._copy_and_hash"])
+def test_disk_full_leaves_nothing(smollm2_gguf, tmp_path, monkeypatch, target):
+    """ENOSPC while writing the draft (or the full copy): both temporaries are removed."""
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(target, full_disk)
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "3")
+    _assert_clean_failure(result, out, "No space left on device")
+
+
+# --- successful exports ------------------------------------------------------------------
+
+def test_export_gguf_writes_full_and_draft(smollm2_gguf, tmp_path):
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "5,15,24")
+    assert result.exit_code == 0, result.output
+    full, draft = out / f"{SMOLLM2_NAME}.gguf", out / f"{SMOLLM2_NAME}.draft.gguf"
+    assert _files(out) == sorted([full.name, draft.name])
+    assert full.read_bytes() == smollm2_gguf.read_bytes()  # "keep": the very same file
+    assert str(draft) in result.output
+    with LlamaModel(draft, vocab_only=True) as model:
+        assert model.meta("llama.block_count") == "27"
+        assert model.meta(keys.TARGET_SHA256) == hashlib.sha256(full.read_bytes()).hexdigest()
+        assert model.meta(keys.METHOD) == "manual"
+
+    again = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "5")
+    _assert_exists_error(again)
+    forced = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "5", "--force")
+    assert forced.exit_code == 0, forced.output
+    with LlamaModel(draft, vocab_only=True) as model:
+        assert model.meta("llama.block_count") == "29"
+    assert _files(out) == sorted([full.name, draft.name])
+
+
+def _assert_exists_error(result) -> None:
+    assert result.exit_code == 1
+    assert "already exists; pass --force" in result.output
+
+
+def test_export_in_place_writes_only_the_draft(smollm2_gguf, tmp_path):
+    """Exporting a GGUF into its own folder: it already is the full model."""
+    model = tmp_path / f"{SMOLLM2_NAME}.gguf"
+    shutil.copy(smollm2_gguf, model)
+    before = model.stat().st_mtime_ns
+    result = _export(str(model), "-o", str(tmp_path), "--prune", "0.1")
+    assert result.exit_code == 0, result.output
+    assert model.stat().st_mtime_ns == before
+    assert _files(tmp_path) == sorted([model.name, f"{SMOLLM2_NAME}.draft.gguf"])
+
+
+def test_bundled_name_and_requantize(tmp_path):
+    """``smollm2`` names the bundled GGUF; a different --quant requantizes it."""
+    out = tmp_path / "out"
+    result = _export("smollm2", "-o", str(out), "--quant", "Q8_0", "--prune", "0.1")
+    assert result.exit_code == 0, result.output
+    full = out / "SmolLM2-135M-Instruct-Q8_0.gguf"
+    with LlamaModel(full, vocab_only=True) as model:
+        assert model.meta("general.file_type") == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert (out / "SmolLM2-135M-Instruct-Q8_0.draft.gguf").is_file()
+
+
+@pytest.mark.slow
+def test_export_hf_folder_to_q8_0(smollm2_hf, tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tests.conftest import SAMPLE_TEXT
+
+    out = tmp_path / "out"
+    result = _export(str(smollm2_hf), "-o", str(out), "--quant", "q8_0",
+                     "--drop-layers", "10-12")
+    assert result.exit_code == 0, result.output
+    name = f"{smollm2_hf.name}-Q8_0"
+    assert _files(out) == sorted([f"{name}.gguf", f"{name}.draft.gguf"])
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
+    for path in (out / f"{name}.gguf", out / f"{name}.draft.gguf"):
+        with LlamaModel(path, vocab_only=True) as model:
+            assert model.meta("general.file_type") == "7"
+            assert model.tokenize(SAMPLE_TEXT, True, True) == tok(SAMPLE_TEXT)["input_ids"]
+
+
+def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub id is looked up in the local HF cache, never downloaded."""
+    from huggingface_hub import constants
+
+    from exporters.loading import resolve_model
+
+    repo = tmp_path / "hub" / "models--SomeOrg--tiny-llama"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: no network either way
+
+    source = resolve_model("SomeOrg/tiny-llama")
+    assert (source.kind, source.name, source.path) == ("hf", "tiny-llama", snapshot.resolve())
+    out = tmp_path / "out"
+    _assert_clean_failure(_export("SomeOrg/not-cached", "-o", str(out)), out, "model not found")
