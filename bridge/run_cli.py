@@ -196,6 +196,11 @@ def _answer(session, line: str, gen: GenerationConfig):
     except ValueError as e:  # e.g. a message longer than the whole context
         click.echo(f"error: {e}", err=True)
         return None
+    except RuntimeError as e:  # llama.cpp failed: start the caches afresh, keep the history
+        session.engine.decoder.reset()
+        click.echo(f"error: {e}; the model's cache was reset, the conversation is kept",
+                   err=True)
+        return None
     if session.dropped_turns > dropped:
         click.echo(f"(context full: dropped the {session.dropped_turns - dropped} oldest "
                    "exchange(s))", err=True)

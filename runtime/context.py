@@ -206,10 +206,16 @@ class LlamaContext:
             raise ValueError(f"all_logits over {len(tokens)} tokens exceeds n_batch={self.n_batch}")
         n_rows = 0
         start_time = time.perf_counter()
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last_chunk = start + len(chunk) == len(tokens)
-            n_rows = self._decode(chunk, all_logits, want_last=last_chunk)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                last_chunk = start + len(chunk) == len(tokens)
+                n_rows = self._decode(chunk, all_logits, want_last=last_chunk)
+        except BaseException:
+            # Ctrl-C lands between llama_decode returning and n_past moving on: ask the
+            # cache what it holds, so callers can roll back to a known state.
+            self._resync()
+            raise
         # llama_get_logits waits for the backend, so the timing covers GPU work too
         ptr = llama_cpp.llama_get_logits(self._ctx)
         self.eval_seconds += time.perf_counter() - start_time
@@ -240,11 +246,19 @@ class LlamaContext:
         """Forget every token from position ``n_keep`` on (roll back the KV cache)."""
         if not 0 <= n_keep <= self.n_past:
             raise ValueError(f"truncate({n_keep}) outside 0..{self.n_past}")
-        if n_keep < self.n_past:
-            ok = llama_cpp.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
-            if not ok:
-                raise RuntimeError(f"llama_memory_seq_rm failed at {n_keep} (n_past={self.n_past})")
-        self.n_past = n_keep
+        try:
+            if n_keep < self.n_past:
+                ok = llama_cpp.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+                if not ok:
+                    raise RuntimeError(f"llama_memory_seq_rm failed at {n_keep} "
+                                       f"(n_past={self.n_past})")
+            self.n_past = n_keep
+        except BaseException:
+            self._resync()
+            raise
+
+    def _resync(self) -> None:
+        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(self._mem, 0)) + 1
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)

@@ -191,4 +191,4 @@ class GammaController:
                 f"speculation cannot pay on this device: a draft step costs "
                 f"{c.draft / t1:.2f}x a target step and verifying 2 tokens "
                 f"{c.verify_cost(2) / t1:.2f}x, so even 100% acceptance would be slower")
-            log.info("%s; decoding plainly", self.disabled_reason)
+            log.debug("%s; decoding plainly", self.disabled_reason)

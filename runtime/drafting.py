@@ -109,9 +109,11 @@ class PrunedDrafter:
         assert n == 0 or self._seen[n - 1] == tokens[n - 1], "draft cache diverged"
 
     def rollback(self, n_keep: int) -> None:
-        if n_keep < len(self._seen):
+        n_keep = min(n_keep, len(self._seen))
+        # ctx.n_past can run ahead of _seen when an interrupt lands mid-eval
+        if n_keep < self.ctx.n_past:
             self.ctx.truncate(n_keep)
-            del self._seen[n_keep:]
+        del self._seen[n_keep:]
 
     def reset(self) -> None:
         self.ctx.reset()

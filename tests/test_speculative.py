@@ -163,3 +163,31 @@ def test_sampling_distribution_matches_plain(smollm2_gguf, smollm2_draft_gguf, m
     monkeypatch.setattr(speculative, "verify_stochastic", accept_all)
     broken = _second_tokens(smollm2_gguf, smollm2_draft_gguf, sampling, n, 200_000)
     assert _tv(broken, plain) > 0.2
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which):
+    """Ctrl-C arriving right after llama_decode returns (before Python books the tokens)
+    must leave a state from which the next answer is exactly the plain one."""
+    spec, plain = engines
+    victim = spec.ctx if which == "target" else spec.draft_ctx
+    real_decode = type(victim)._decode
+    calls = {"n": 0}
+
+    def decode_then_interrupt(self, *args, **kwargs):
+        out = real_decode(self, *args, **kwargs)
+        if self is victim:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(type(victim), "_decode", decode_then_interrupt)
+    prompt = chat_prompt(PROMPTS[4])
+    with pytest.raises(KeyboardInterrupt):
+        spec.complete(prompt, GenerationConfig(max_tokens=60))
+    assert calls["n"] == 6
+    monkeypatch.undo()
+    assert spec.ctx.n_past == len(spec.decoder.kv)
+    gen = GenerationConfig(max_tokens=30)
+    assert spec.complete(prompt, gen)[1] == plain.complete(prompt, gen)[1]
