@@ -170,24 +170,28 @@ def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which
     """Ctrl-C arriving right after llama_decode returns (before Python books the tokens)
     must leave a state from which the next answer is exactly the plain one."""
     spec, plain = engines
+    import llama_cpp
+
     victim = spec.ctx if which == "target" else spec.draft_ctx
-    real_decode = type(victim)._decode
+    real_decode = llama_cpp.llama_decode
     calls = {"n": 0}
 
-    def decode_then_interrupt(self, *args, **kwargs):
-        out = real_decode(self, *args, **kwargs)
-        if self is victim:
+    def decode_then_interrupt(ctx, batch):
+        rc = real_decode(ctx, batch)
+        if ctx is victim._ctx:
             calls["n"] += 1
             if calls["n"] == 6:
-                raise KeyboardInterrupt
-        return out
+                raise KeyboardInterrupt  # the decode happened; Python never saw it return
+        return rc
 
-    monkeypatch.setattr(type(victim), "_decode", decode_then_interrupt)
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode_then_interrupt)
     prompt = chat_prompt(PROMPTS[4])
     with pytest.raises(KeyboardInterrupt):
         spec.complete(prompt, GenerationConfig(max_tokens=60))
     assert calls["n"] == 6
     monkeypatch.undo()
     assert spec.ctx.n_past == len(spec.decoder.kv)
+    # continue exactly where the cache ends, as a chat's next turn does
+    follow_up = list(spec.decoder.kv) + spec.model.tokenize(" And then?", False)
     gen = GenerationConfig(max_tokens=30)
-    assert spec.complete(prompt, gen)[1] == plain.complete(prompt, gen)[1]
+    assert spec.complete(follow_up, gen)[1] == plain.complete(follow_up, gen)[1]
