@@ -13,6 +13,9 @@ import sys
 import click
 
 from bridge import __version__
+from bridge.bench_cli import bench_cmd
+from bridge.export_cli import export_cmd
+from bridge.run_cli import chat_cmd, generate_cmd
 
 log = logging.getLogger("bridge")
 
@@ -61,34 +64,9 @@ def fetch_models_cmd(hf_fixture: bool) -> None:
         click.echo(f"{name:12s} {path}")
 
 
-def _not_built(name: str, issue: int, summary: str) -> click.Command:
-    """A placeholder that says plainly the command does not exist yet, and fails."""
-
-    @click.command(
-        name,
-        help=f"{summary} [not built yet: issue {issue}]",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        add_help_option=True,
-    )
-    @click.pass_context
-    def placeholder(ctx: click.Context) -> None:
-        raise click.ClickException(
-            f"'bridge {name}' is not built yet in bridge {__version__} (issue {issue}); "
-            "nothing was run"
-        )
-
-    return placeholder
-
-
-from bridge.export_cli import export_cmd  # noqa: E402
-
 cli.add_command(export_cmd)
-from bridge.run_cli import chat_cmd, generate_cmd  # noqa: E402
-
 cli.add_command(generate_cmd)
 cli.add_command(chat_cmd)
-from bridge.bench_cli import bench_cmd  # noqa: E402
-
 cli.add_command(bench_cmd)
 
 

@@ -23,6 +23,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -96,14 +98,6 @@ def models_dir() -> Path:
     if (checkout / "pyproject.toml").is_file() and (checkout / "models").is_dir():
         return checkout / "models"
     return Path.home() / ".cache" / "bridge" / "models"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_gguf(model: BundledModel, root: Path | None = None) -> Path:

@@ -27,7 +27,6 @@ from pathlib import Path
 import gguf
 
 from exporters import hparams as hp
-from exporters import keys
 from exporters.config import DEFAULT_HF_QUANT, KEEP, ExportConfig
 from exporters.layers import LayerChoice, choose_layers
 from exporters.loading import (
@@ -40,6 +39,8 @@ from exporters.loading import (
     resolve_model,
 )
 from exporters.prune import PRUNABLE, DraftInfo, write_draft
+from runtime import keys
+from runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +192,6 @@ def _result(full: Path, draft: Path, choice: LayerChoice, quant: str, sha: str,
             seconds: float) -> ExportResult:
     return ExportResult(full, draft, choice.n_layers, choice.kept, choice.dropped, quant,
                         choice.method, sha, seconds)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_and_hash(src: Path, dst: Path) -> str:

@@ -25,8 +25,8 @@ from typing import BinaryIO
 import gguf
 
 from bridge import __version__
-from exporters import keys
 from exporters.loading import field_value, gguf_arch, gguf_block_count, open_gguf
+from runtime import keys
 
 log = logging.getLogger(__name__)
 

@@ -13,25 +13,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import keys
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
 from runtime.context import LlamaContext, LlamaModel
 from runtime.controller import GammaController
 from runtime.drafting import PrunedDrafter
+from runtime.files import sha256_file_cached
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
 
 log = logging.getLogger(__name__)
 
-DRAFT_SUFFIX = ".draft.gguf"
-# Keys the exporter writes into a draft (see exporters/keys.py); read here as plain strings
-# so the runtime never imports the exporter.
-KEY_TARGET_LAYERS = "bridge.target_block_count"
-
-
 def draft_path_for(model: Path) -> Path:
     """``name.gguf`` -> ``name.draft.gguf``, where ``bridge export`` writes the draft."""
-    return model.with_name(model.name[: -len(".gguf")] + DRAFT_SUFFIX) \
-        if model.name.endswith(".gguf") else model.with_name(model.name + DRAFT_SUFFIX)
+    stem = model.name[: -len(keys.FULL_SUFFIX)] if model.name.endswith(keys.FULL_SUFFIX) \
+        else model.name
+    return model.with_name(stem + keys.DRAFT_SUFFIX)
 
 
 @dataclass
@@ -200,7 +197,11 @@ def check_draft_matches(target: LlamaModel, draft: LlamaModel) -> None:
     for tok in sorted(set(range(0, n, max(1, n // 2048))) | set(range(max(0, n - 512), n))):
         if draft.token_bytes(tok, special=True) != target.token_bytes(tok, special=True):
             raise ValueError(f"{where}: token {tok} differs{fix}")
-    n_layers = draft.meta(KEY_TARGET_LAYERS)
+    n_layers = draft.meta(keys.TARGET_BLOCK_COUNT)
     if n_layers is not None and int(n_layers) != target.n_layer:
         raise ValueError(f"{where}: it was cut from a {n_layers}-layer model, the target has "
                          f"{target.n_layer} layers{fix}")
+    want = draft.meta(keys.TARGET_SHA256)
+    if want is not None and want != sha256_file_cached(target.path):
+        raise ValueError(f"{where}: it was cut from a file with sha256 {want[:12]}..., "
+                         f"not this one{fix}")

@@ -1,6 +1,8 @@
-"""The click layer: help, version, and honest placeholders for commands not built yet."""
+"""The click layer: help, version, and one-line errors for bad input."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,17 +23,20 @@ def test_version():
     assert out.exit_code == 0 and __version__ in out.output
 
 
-@pytest.mark.parametrize("argv", [
-    ["export", "model.gguf", "--prune", "0.4"],
-    ["generate", "model.gguf", "-p", "hi"],
-    ["chat", "model.gguf"],
-    ["bench", "model.gguf"],
+@pytest.mark.parametrize("argv, message", [
+    # table of user mistakes: each gets one line naming the problem, exit 1, no traceback
+    (["export", "no/such/model"], "not found"),
+    (["generate", "no/such.gguf", "-p", "hi"], "not found"),
+    (["chat", "no/such.gguf"], "not found"),
+    (["bench", "no/such.gguf"], "not found"),
+    (["generate", str(Path(__file__).parents[1] / "README.md"), "-p", "hi"], "is not a GGUF file"),
 ])
-def test_unbuilt_commands_fail_plainly(argv):
+def test_bad_model_paths_fail_in_one_line(argv, message):
     out = CliRunner().invoke(cli, argv)
-    assert out.exit_code == 1
-    assert "not built yet" in out.output
+    assert out.exit_code == 1, out.output
+    assert message in out.output
     assert "Traceback" not in out.output
+    assert len(out.output.strip().splitlines()) == 1
 
 
 def test_fetch_models_lists_paths(smollm2_gguf, gemma3_gguf):

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bridge.cli import cli
-from exporters import keys
+from runtime import keys
 from runtime.context import LlamaModel
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct-Q4_1"

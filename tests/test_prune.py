@@ -9,11 +9,11 @@ import gguf
 import numpy as np
 import pytest
 
-from exporters import keys
 from exporters.config import DEFAULT_PRUNE, ExportConfig, parse_layer_list
 from exporters.export import ExportResult, run_export
 from exporters.layers import choose_layers, drop_evenly
 from exporters.prune import DraftInfo, write_draft
+from runtime import keys
 from runtime.context import LlamaContext, LlamaModel
 
 INFO = DraftInfo(method="manual", target_sha256="0" * 64)

@@ -1,5 +1,7 @@
 """GGUF metadata keys that bridge writes into a draft, and the draft's file suffix.
 
+They live in runtime/ because the runtime reads them and must not import the exporter.
+
 Only string constants live here, so any reader (the runtime included) can import this
 module without pulling in torch, transformers or the rest of the exporter. llama.cpp exposes
 these keys through ``llama_model_meta_val_str`` like any other metadata.
