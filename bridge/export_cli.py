@@ -10,13 +10,34 @@ from pathlib import Path
 
 import click
 
-from exporters.config import DEFAULT_HF_QUANT, DEFAULT_PRUNE, KEEP, ExportConfig, parse_layer_list
+from exporters.config import (
+    AUTO,
+    DEFAULT_HF_QUANT,
+    DEFAULT_METHOD,
+    DEFAULT_PRUNE,
+    DEVICE_PROFILES,
+    KEEP,
+    METHODS,
+    ExportConfig,
+    parse_layer_list,
+)
 
 
 @click.command("export")
 @click.argument("model")
-@click.option("--prune", type=float, metavar="RATIO",
-              help=f"Fraction of layers to drop, between 0 and 1 [default: {DEFAULT_PRUNE}].")
+@click.option("--prune", metavar="RATIO|auto",
+              help=f"Fraction of layers to drop, between 0 and 1, or '{AUTO}' to pick the "
+                   f"ratio by predicted speedup [default: {DEFAULT_PRUNE}].")
+@click.option("--method", metavar="|".join(METHODS),
+              help=f"How --prune chooses layers [default: {DEFAULT_METHOD}].")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration prompts (.txt one per line, or .jsonl with "
+                   "{\"prompt\": ...}) instead of the built-in set.")
+@click.option("--keep-layers", metavar="LIST",
+              help="Layers --prune never drops [default: the first and last].")
+@click.option("--device-profile", metavar="|".join(DEVICE_PROFILES),
+              help="Verify-cost profile for --prune auto [default: gpu when llama.cpp "
+                   "can offload to a GPU, else cpu].")
 @click.option("--drop-layers", metavar="LIST",
               help="Exact layers to drop instead of --prune, e.g. '3,7,12' or '10-12'.")
 @click.option("--quant", metavar="TYPE",
@@ -26,8 +47,9 @@ from exporters.config import DEFAULT_HF_QUANT, DEFAULT_PRUNE, KEEP, ExportConfig
 @click.option("-o", "--outdir", type=click.Path(path_type=Path),
               help="Output folder [default: the current folder].")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def export_cmd(model: str, prune: float | None, drop_layers: str | None, quant: str | None,
-               outdir: Path | None, force: bool) -> None:
+def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | None,
+               keep_layers: str | None, device_profile: str | None, drop_layers: str | None,
+               quant: str | None, outdir: Path | None, force: bool) -> None:
     """Export MODEL to a full GGUF and a layer-pruned draft GGUF beside it.
 
     \b
@@ -37,18 +59,30 @@ def export_cmd(model: str, prune: float | None, drop_layers: str | None, quant: 
     full model's quantized bytes for every layer it keeps.
     """
     from exporters.export import run_export  # the exporter loads only when used
+    from exporters.report import rich_stages
 
     # gguf-py narrates every file it writes at INFO; show that only with -vv
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("gguf").setLevel(logging.WARNING)
     try:
-        given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None}
+        given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
+                 "method": method, "calib": calib, "device_profile": device_profile}
         if drop_layers is not None:
             given["drop_layers"] = parse_layer_list(drop_layers)
+        if keep_layers is not None:
+            given["keep_layers"] = parse_layer_list(keep_layers, "--keep-layers")
         cfg = ExportConfig(model=model, **{k: v for k, v in given.items() if v is not None})
-        result = run_export(cfg)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        result = run_export(cfg, stages=rich_stages)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise click.ClickException(_one_line(e)) from None
+    if result.report is not None:
+        from rich.console import Console
+
+        from exporters.report import table
+
+        Console().print(table(result.report))
+        for path in result.report_paths:
+            click.echo(f"report {path}")
     dropped = ",".join(map(str, result.dropped_layers))
     click.echo(f"full   {result.full_path}")
     click.echo(f"draft  {result.draft_path}  ({len(result.kept_layers)}/{result.n_layers} "

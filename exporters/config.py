@@ -24,10 +24,17 @@ KEEP = "keep"
 DEFAULT_HF_QUANT = "Q4_K_M"
 # Fraction of layers to drop when neither --prune nor --drop-layers is given.
 DEFAULT_PRUNE = 0.25
-# Layer-choice methods. "even" is a placeholder (evenly spaced middle layers) until layer
-# scoring lands; scoring methods will be added to this tuple.
-METHODS = ("even",)
-DEFAULT_METHOD = "even"
+# Layer-choice methods: the four scorers of exporters.scoring (kept in step with its
+# METHODS; torch is not imported here), and "even" (evenly spaced middle layers, no
+# scoring: fast, a baseline).
+METHODS = ("greedy", "bi", "angular", "fit", "even")
+SCORING_METHODS = METHODS[:4]
+DEFAULT_METHOD = "greedy"
+# --prune auto: the ratio is chosen by predicted speedup (exporters.autoprune).
+AUTO = "auto"
+# Verify-cost profiles for --prune auto (exporters.autoprune.PROFILES); None: "gpu" when
+# llama.cpp has GPU offload, else "cpu".
+DEVICE_PROFILES = ("cpu", "gpu")
 # Recorded in the draft when the user listed the layers with --drop-layers.
 MANUAL_METHOD = "manual"
 
@@ -39,22 +46,28 @@ class ExportConfig:
     Args:
         model: HF folder, hub id in the local HF cache, ``.gguf`` file, or a bundled name.
         out_dir: where the full and draft GGUFs are written.
-        prune: fraction of layers to drop, 0 < prune < 1 (default ``DEFAULT_PRUNE`` when
-            ``drop_layers`` is not given).
+        prune: fraction of layers to drop, 0 < prune < 1, or ``"auto"`` (default
+            ``DEFAULT_PRUNE`` when ``drop_layers`` is not given).
         drop_layers: explicit 0-based layer indices to drop; excludes ``prune``.
         quant: llama.cpp type name (``Q4_K_M``, ``Q8_0``, ``F16``...) or ``keep``. None
             means ``DEFAULT_HF_QUANT`` for a Hugging Face input and ``keep`` for a GGUF.
         method: how layers are chosen for ``prune`` (see ``METHODS``).
+        keep_layers: layers never dropped by ``prune`` (default: the first and last).
+        calib: calibration prompts file (.txt or .jsonl) instead of the built-in set.
+        device_profile: verify-cost profile for ``prune="auto"`` (``DEVICE_PROFILES``).
         force: overwrite existing outputs.
         threads: quantizer threads (None: all cores).
     """
 
     model: str
     out_dir: Path = field(default_factory=Path.cwd)
-    prune: float | None = None
+    prune: float | str | None = None
     drop_layers: tuple[int, ...] | None = None
     quant: str | None = None
     method: str = DEFAULT_METHOD
+    keep_layers: tuple[int, ...] | None = None
+    calib: Path | None = None
+    device_profile: str | None = None
     force: bool = False
     threads: int | None = None
 
@@ -73,6 +86,11 @@ class ExportConfig:
             object.__setattr__(self, "quant", q)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.device_profile is not None and self.device_profile not in DEVICE_PROFILES:
+            raise ValueError(f"unknown device profile {self.device_profile!r}; choose one of "
+                             f"{', '.join(DEVICE_PROFILES)}")
+        if self.calib is not None:
+            object.__setattr__(self, "calib", Path(self.calib).expanduser())
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -85,8 +103,25 @@ class ExportConfig:
             if min(self.drop_layers) < 0:
                 raise ValueError(f"layer indices start at 0; got {min(self.drop_layers)}")
             object.__setattr__(self, "drop_layers", tuple(sorted(set(self.drop_layers))))
+            if self.keep_layers is not None:
+                raise ValueError("--keep-layers applies to --prune; with --drop-layers list "
+                                 "only the layers to drop")
             return
-        prune = DEFAULT_PRUNE if self.prune is None else float(self.prune)
+        if self.keep_layers is not None:
+            if min(self.keep_layers, default=0) < 0:
+                raise ValueError(f"layer indices start at 0; got {min(self.keep_layers)}")
+            object.__setattr__(self, "keep_layers", tuple(sorted(set(self.keep_layers))))
+        if isinstance(self.prune, str) and self.prune.strip().lower() == AUTO:
+            if self.method == "even":
+                raise ValueError("--prune auto needs a scoring method (greedy, bi, angular, "
+                                 "fit) to predict acceptance; 'even' does not score")
+            object.__setattr__(self, "prune", AUTO)
+            return
+        try:
+            prune = DEFAULT_PRUNE if self.prune is None else float(self.prune)
+        except ValueError:
+            raise ValueError(f"--prune takes a fraction such as 0.25, or {AUTO}; "
+                             f"got {self.prune!r}") from None
         if not 0.0 < prune < 1.0:
             raise ValueError(f"--prune must be a fraction strictly between 0 and 1 "
                              f"(e.g. 0.25 drops a quarter of the layers); got {self.prune}")
@@ -96,7 +131,7 @@ class ExportConfig:
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
 
-def parse_layer_list(text: str) -> tuple[int, ...]:
+def parse_layer_list(text: str, option: str = "--drop-layers") -> tuple[int, ...]:
     """``"3,7,10-12"`` -> ``(3, 7, 10, 11, 12)``; raises ValueError on anything else."""
     layers: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
@@ -105,9 +140,9 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
         elif m := _RANGE.match(part):
             lo, hi = int(m[1]), int(m[2])
             if lo > hi:
-                raise ValueError(f"--drop-layers range {part!r} runs backwards; write {hi}-{lo}")
+                raise ValueError(f"{option} range {part!r} runs backwards; write {hi}-{lo}")
             layers.update(range(lo, hi + 1))
         else:
-            raise ValueError(f"--drop-layers expects indices like '3,7,12' or ranges like "
+            raise ValueError(f"{option} expects indices like '3,7,12' or ranges like "
                              f"'10-12'; could not read {part!r} in {text!r}")
     return tuple(sorted(layers))

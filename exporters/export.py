@@ -28,7 +28,7 @@ import gguf
 
 from exporters import hparams as hp
 from exporters.config import DEFAULT_HF_QUANT, KEEP, ExportConfig
-from exporters.layers import LayerChoice, choose_layers
+from exporters.layers import LayerChoice, choose_layers, plan_layers, report_paths
 from exporters.loading import (
     ModelSource,
     gguf_arch,
@@ -39,6 +39,7 @@ from exporters.loading import (
     resolve_model,
 )
 from exporters.prune import PRUNABLE, DraftInfo, write_draft
+from exporters.report import LayerReport, Stages, log_stages
 from runtime import keys
 from runtime.files import sha256_file
 
@@ -59,6 +60,8 @@ class ExportResult:
     method: str
     target_sha256: str
     seconds: float
+    report: LayerReport | None = None
+    report_paths: tuple[Path, ...] = ()
 
 
 def draft_path_for(full: Path) -> Path:
@@ -77,8 +80,11 @@ class _Source:
     reader: gguf.GGUFReader | None = None  # the GGUF input's, reused for its draft
 
 
-def run_export(cfg: ExportConfig) -> ExportResult:
+def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
     """Write the full GGUF and its draft for ``cfg.model`` into ``cfg.out_dir``.
+
+    With a scoring method, the layer report (``<name>-<QUANT>.layers.json`` and ``.png``)
+    is written beside them; ``stages`` reports progress of the long scoring stages.
 
     Raises:
         FileNotFoundError: MODEL does not exist.
@@ -88,12 +94,13 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     """
     start = time.perf_counter()
     source = _inspect(resolve_model(cfg.model), cfg)
-    choice = choose_layers(cfg, source.n_layers)  # checks the options before any work
+    plan = plan_layers(cfg, source.n_layers)  # checks the options before any work
     out_dir = _prepare_out_dir(cfg.out_dir)
     full = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
     draft = draft_path_for(full)
+    reports = report_paths(full) if plan.scored else ()
     in_place = _same_bytes(source) and full.resolve() == source.model.path
-    _refuse_overwrite([draft] if in_place else [full, draft], cfg.force)
+    _refuse_overwrite([draft, *reports] if in_place else [full, draft, *reports], cfg.force)
 
     with _Staging(out_dir) as stage:
         if in_place:
@@ -104,11 +111,18 @@ def run_export(cfg: ExportConfig) -> ExportResult:
             stage.commit(full_bytes, full)
         # a byte copy has the input's tensor offsets, so the input's reader serves it
         reader = source.reader if _same_bytes(source) else None
+        if plan.scored and reader is None:
+            reader = open_gguf(full_bytes)
+        # scoring runs after the full GGUF exists: its tensor sizes give the draft's cost
+        choice, report = choose_layers(plan, source.model, reader, stages)
+        if report is not None:
+            _stage_report(report, reports, stage)
         draft_tmp = stage.temp(draft)
         write_draft(full_bytes, draft_tmp, choice.kept,
                     DraftInfo(method=choice.method, target_sha256=sha), reader=reader)
         stage.commit(draft_tmp, draft)
-    result = _result(full, draft, choice, source.quant, sha, time.perf_counter() - start)
+    result = _result(full, draft, choice, source.quant, sha, time.perf_counter() - start,
+                     report, reports)
     log.info("wrote %s and %s (%d of %d layers kept) in %.1f s", full.name, draft.name,
              len(result.kept_layers), result.n_layers, result.seconds)
     return result
@@ -189,9 +203,20 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
 
 
 def _result(full: Path, draft: Path, choice: LayerChoice, quant: str, sha: str,
-            seconds: float) -> ExportResult:
+            seconds: float, report: LayerReport | None, reports: tuple[Path, ...]
+            ) -> ExportResult:
     return ExportResult(full, draft, choice.n_layers, choice.kept, choice.dropped, quant,
-                        choice.method, sha, seconds)
+                        choice.method, sha, seconds, report, reports)
+
+
+def _stage_report(report: LayerReport, paths: tuple[Path, ...], stage: _Staging) -> None:
+    from exporters.report import write_json, write_png
+
+    json_path, png_path = paths
+    for final, write in ((json_path, write_json), (png_path, write_png)):
+        tmp = stage.temp(final)
+        write(report, tmp)
+        stage.commit(tmp, final)
 
 
 def _copy_and_hash(src: Path, dst: Path) -> str:

@@ -1,23 +1,36 @@
 """Which layers the draft drops.
 
-``choose_layers`` turns an ``ExportConfig`` and the model's layer count into a
-``LayerChoice``. With ``--drop-layers`` the user's list is used as given; with ``--prune``
-a chooser from ``make_chooser(method)`` picks the layers. Layer scoring (a later issue)
-plugs in here as more methods; until then the only method is the "even" placeholder.
+Two steps, so that bad options fail before any slow work:
+
+- ``plan_layers(cfg, n_layers)`` validates the request against the model's layer count
+  (protected layers, how many to drop) and returns a ``LayerPlan``;
+- ``choose_layers(plan, ...)`` picks the layers: the user's ``--drop-layers`` as given, the
+  ``even`` placeholder rule, or a scorer from ``exporters.scoring`` run in PyTorch on
+  calibration text, with acceptance measured on held-out prompts and, for ``--prune
+  auto``, the ratio chosen by predicted speedup (``exporters.autoprune``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from exporters.config import MANUAL_METHOD, ExportConfig
+import gguf
+
+from exporters.config import AUTO, MANUAL_METHOD, ExportConfig
+from exporters.loading import ModelSource
+from exporters.report import LayerReport, Stages, log_stages
 
 log = logging.getLogger(__name__)
 
-# (n_layers, n_drop) -> sorted indices of the layers to drop
-Chooser = Callable[[int, int], list[int]]
+# --prune auto considers dropping up to this fraction of the layers...
+AUTO_MAX_FRACTION = 0.5
+# ...and greedy stops once calibration agreement falls below this: at alpha = 0.5 a step
+# yields at most 2 tokens, which cannot pay for a draft plus a verify pass.
+AUTO_STOP_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,36 +49,40 @@ class LayerChoice:
         return len(self.dropped) / self.n_layers
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """A validated request. ``n_drop`` is None for ``--prune auto``."""
+
+    cfg: ExportConfig
+    n_layers: int
+    n_drop: int | None
+    protected: frozenset[int]
+
+    @property
+    def scored(self) -> bool:
+        return self.cfg.drop_layers is None and self.cfg.method != "even"
+
+    @property
+    def droppable(self) -> list[int]:
+        return [i for i in range(self.n_layers) if i not in self.protected]
+
+
 def drop_evenly(n_layers: int, n_drop: int) -> list[int]:
     """Placeholder rule: drop ``n_drop`` evenly spaced layers, never the first or last.
 
     The middle layers 1..n-2 are cut into ``n_drop`` equal stretches and the layer at the
-    centre of each stretch is dropped. The first layer turns token embeddings into the
-    residual stream and the last feeds the output head, so both always stay.
+    centre of each stretch is dropped.
     """
     middle = n_layers - 2
     if not 0 < n_drop <= middle:
         raise ValueError(f"the 'even' rule keeps the first and last layer, so it can drop "
                          f"1 to {max(middle, 0)} of {n_layers} layers; asked for {n_drop}")
-    # centre of stretch i is (i + 0.5) * middle / n_drop; stretches are >= 1 layer wide,
-    # so the picks are distinct
+    # centre of stretch i is (i + 0.5) * middle / n_drop; stretches are >= 1 layer wide
     return [1 + int((i + 0.5) * middle / n_drop) for i in range(n_drop)]
 
 
-_CHOOSERS: dict[str, Chooser] = {"even": drop_evenly}
-
-
-def make_chooser(method: str) -> Chooser:
-    """The layer chooser for ``method`` (see ``exporters.config.METHODS``)."""
-    try:
-        return _CHOOSERS[method]
-    except KeyError:
-        raise ValueError(f"no layer chooser for method {method!r}; "
-                         f"known: {', '.join(_CHOOSERS)}") from None
-
-
-def choose_layers(cfg: ExportConfig, n_layers: int) -> LayerChoice:
-    """Validate the requested pruning against ``n_layers`` and pick the layers to drop."""
+def plan_layers(cfg: ExportConfig, n_layers: int) -> LayerPlan:
+    """Validate the requested pruning against ``n_layers`` (raises ValueError)."""
     if cfg.drop_layers is not None:
         bad = [i for i in cfg.drop_layers if i >= n_layers]
         if bad:
@@ -73,9 +90,18 @@ def choose_layers(cfg: ExportConfig, n_layers: int) -> LayerChoice:
                              f"{n_layers} layers, numbered 0 to {n_layers - 1}")
         if len(cfg.drop_layers) >= n_layers:
             raise ValueError(f"--drop-layers drops all {n_layers} layers; keep at least one")
-        return LayerChoice(n_layers, tuple(cfg.drop_layers), MANUAL_METHOD)
-
-    assert cfg.prune is not None  # ExportConfig fills in the default
+        return LayerPlan(cfg, n_layers, len(cfg.drop_layers), frozenset())
+    protected = _protected(cfg, n_layers)
+    n_free = n_layers - len(protected)
+    if n_free < 1:
+        raise ValueError(f"nothing left to drop: the model has {n_layers} layers and "
+                         f"{len(protected)} are protected ({sorted(protected)}); pass "
+                         "--keep-layers with fewer layers" if cfg.keep_layers is not None else
+                         f"the model has only {n_layers} layers, too few to prune (the first "
+                         "and last are always kept unless --keep-layers says otherwise)")
+    if cfg.prune == AUTO:
+        return LayerPlan(cfg, n_layers, None, protected)
+    assert isinstance(cfg.prune, float)  # ExportConfig fills in the default
     n_drop = round(cfg.prune * n_layers)
     if n_drop == 0:
         raise ValueError(f"--prune {cfg.prune} drops no layer of {n_layers}; "
@@ -83,8 +109,129 @@ def choose_layers(cfg: ExportConfig, n_layers: int) -> LayerChoice:
     if n_drop >= n_layers:
         raise ValueError(f"--prune {cfg.prune} drops {n_drop} of {n_layers} layers and "
                          "leaves none; use a smaller ratio")
-    dropped = make_chooser(cfg.method)(n_layers, n_drop)
-    log.info("dropping %d of %d layers %s by the '%s' placeholder rule (evenly spaced, "
-             "never the first or last); layer scoring will choose them in a later version",
-             n_drop, n_layers, dropped, cfg.method)
-    return LayerChoice(n_layers, tuple(sorted(dropped)), cfg.method)
+    if n_drop > n_free:
+        raise ValueError(f"--prune {cfg.prune} drops {n_drop} layers but only {n_free} of "
+                         f"{n_layers} are not protected; use a smaller ratio or protect "
+                         "fewer layers with --keep-layers")
+    return LayerPlan(cfg, n_layers, n_drop, protected)
+
+
+def _protected(cfg: ExportConfig, n_layers: int) -> frozenset[int]:
+    if cfg.keep_layers is None:
+        return frozenset({0, n_layers - 1})
+    bad = [i for i in cfg.keep_layers if i >= n_layers]
+    if bad:
+        raise ValueError(f"--keep-layers {bad[0]} is out of range: the model has "
+                         f"{n_layers} layers, numbered 0 to {n_layers - 1}")
+    return frozenset(cfg.keep_layers)
+
+
+def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
+                  full: gguf.GGUFReader | None = None,
+                  stages: Stages = log_stages) -> tuple[LayerChoice, LayerReport | None]:
+    """Pick the layers to drop; scoring methods also return their report.
+
+    Args:
+        plan: from ``plan_layers``.
+        source: the model to score (needed by scoring methods).
+        full: reader of the full GGUF (its tensor sizes give the draft's cost).
+        stages: progress reporting for the long stages.
+    """
+    cfg = plan.cfg
+    if cfg.drop_layers is not None:
+        return LayerChoice(plan.n_layers, tuple(cfg.drop_layers), MANUAL_METHOD), None
+    if not plan.scored:
+        assert plan.n_drop is not None
+        dropped = drop_evenly(plan.n_layers, plan.n_drop)
+        log.info("dropping %d of %d layers %s by the 'even' rule (evenly spaced, never the "
+                 "first or last; no scoring)", plan.n_drop, plan.n_layers, dropped)
+        return LayerChoice(plan.n_layers, tuple(sorted(dropped)), cfg.method), None
+    assert source is not None and full is not None
+    report = score_layers(plan, source, full, stages)
+    return LayerChoice(plan.n_layers, tuple(report.dropped), cfg.method), report
+
+
+def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
+                 stages: Stages = log_stages) -> LayerReport:
+    """Run the configured scorer and measure the result on held-out prompts."""
+    import torch
+
+    from exporters import autoprune, calibration
+    from exporters.scoring import ScoringContext, draft_agreement, make_scorer, prepare
+    from exporters.scoring import progress_units as units
+    from exporters.torch_model import LayerRunner, load_for_scoring
+
+    cfg, timings = plan.cfg, {}
+    prompts = (calibration.read_prompts(cfg.calib) if cfg.calib is not None
+               else calibration.builtin_prompts())
+    scorer = make_scorer(cfg.method)
+    profile = cfg.device_profile or autoprune.default_profile()
+    costs = autoprune.byte_profile(full, plan.n_layers)
+
+    t = time.perf_counter()
+    model, tokenizer, _ = load_for_scoring(source)
+    runner = LayerRunner(model)
+    if runner.n_layers != plan.n_layers:
+        raise ValueError(f"{source.path.name} has {runner.n_layers} layers in PyTorch but "
+                         f"{plan.n_layers} in its GGUF; cannot score it")
+    calib_p, held_p = calibration.split_holdout(prompts)
+    with stages("calibration text (full model's own output)", len(prompts)) as advance:
+        calib = prepare(runner, calibration.build_samples(model, tokenizer, runner, calib_p,
+                                                          progress=advance))
+        held = prepare(runner, calibration.build_samples(model, tokenizer, runner, held_p,
+                                                         progress=advance))
+    timings["calibration"] = time.perf_counter() - t
+
+    auto = plan.n_drop is None
+    max_drop = plan.n_drop or min(len(plan.droppable), math.ceil(AUTO_MAX_FRACTION *
+                                                                 plan.n_layers))
+    t = time.perf_counter()
+    with stages(f"scoring layers ({cfg.method})",
+                units(cfg.method, len(calib), max_drop)) as advance:
+        ctx = ScoringContext(runner, calib, plan.protected, advance,
+                             stop_below=AUTO_STOP_ALPHA if auto else 0.0)
+        scores = scorer(ctx, max_drop)
+    timings[cfg.method] = time.perf_counter() - t
+    all_scores = {cfg.method: scores.importance}
+    if cfg.method != "bi":  # BI costs one pass: a cheap reference curve for the chart
+        all_scores["bi"] = make_scorer("bi")(ScoringContext(runner, calib, plan.protected),
+                                             1).importance
+
+    t = time.perf_counter()
+    counts = sorted(scores.drops) if auto else [plan.n_drop]
+    with stages("held-out acceptance", len(counts)) as advance:
+        alphas = {}
+        for n in counts:
+            alphas[n] = draft_agreement(runner, held, scores.drops[n])
+            advance(1)
+    timings["heldout"] = time.perf_counter() - t
+    decision = autoprune.decide(alphas, scores.drops, costs, profile) if auto else None
+    n_drop = decision.chosen.n_drop if decision else plan.n_drop
+    dropped = scores.drops[n_drop]
+    c_draft = costs.draft_fraction(dropped)
+    gamma, speed = autoprune.best_gamma(alphas[n_drop], c_draft, profile)
+    n_tokens = sum(len(p.sample.top1) for p in calib)
+    del model, runner, calib, held  # free the weights before the draft is written
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return LayerReport(
+        model=source.name, n_layers=plan.n_layers, method=cfg.method,
+        protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
+        heldout_alpha=alphas[n_drop], calib_prompts=len(calib_p),
+        heldout_prompts=len(held_p), calib_tokens=n_tokens, device_profile=profile,
+        draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
+        seconds=timings, auto=_auto_dict(decision))
+
+
+def _auto_dict(decision) -> dict | None:
+    if decision is None:
+        return None
+    return {"chosen_n_drop": decision.chosen.n_drop, "pays": decision.pays,
+            "reason": decision.reason,
+            "candidates": [vars(c) for c in decision.candidates]}
+
+
+def report_paths(full: Path) -> tuple[Path, Path]:
+    """``x.gguf`` -> (``x.layers.json``, ``x.layers.png``)."""
+    stem = full.name.removesuffix(".gguf")
+    return full.with_name(f"{stem}.layers.json"), full.with_name(f"{stem}.layers.png")

@@ -144,6 +144,8 @@ class SpeculativeDecoder:
         stats.n_prompt = len(prompt)
         t_start = time.perf_counter()
         llama_start = self._llama_seconds()
+        # the answer may use what the context has left after the prompt, and no more
+        max_tokens = min(max_tokens, self.target.n_ctx - len(prompt))
         try:
             first = self._prefill(prompt, stats)
             stats.n_tokens = 1

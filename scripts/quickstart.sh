@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the built-in default model, from a fresh machine: set up, fetch SmolLM2,
-# export it to a full and a draft GGUF, then answer one chat prompt with speed and
-# acceptance figures.
+# export it to a full and a draft GGUF (plus the layer report), then answer one chat prompt
+# and print its speed and acceptance figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bridge fetch-models --no-hf-fixture
-.venv/bin/bridge export smollm2 --prune 0.1 -o out/smollm2
-.venv/bin/bridge generate out/smollm2/SmolLM2-135M-Instruct-Q4_K_M.gguf --chat \
-  -p "Explain in three sentences why the sky is blue." -n 128
+.venv/bin/bridge export smollm2 --prune 0.1 -o out/smollm2 --force
+.venv/bin/bridge generate out/smollm2/SmolLM2-135M-Instruct-Q4_1.gguf --chat --temp 0 -n 128 \
+  -p "Explain in three sentences why the sky is blue."

@@ -43,3 +43,53 @@ def test_fetch_models_lists_paths(smollm2_gguf, gemma3_gguf):
     out = CliRunner().invoke(cli, ["fetch-models", "--no-hf-fixture"])
     assert out.exit_code == 0, out.output
     assert str(smollm2_gguf) in out.output and str(gemma3_gguf) in out.output
+
+
+def test_draft_from_another_model_is_refused(smollm2_gguf, gemma3_gguf):
+    out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "--draft", str(gemma3_gguf),
+                                   "-p", "hi", "-n", "4"])
+    assert out.exit_code == 1
+    assert "does not belong" in out.output and "--no-draft" in out.output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-n", "0"], "-n must be >= 1"),
+    (["--top-p", "1.5"], "--top-p must be in"),
+    (["--temp", "-1"], "--temp must be in"),
+    (["--draft", "missing.draft.gguf"], "draft file not found"),
+    (["-c", "10"], "-c/--ctx must be"),
+])
+def test_bad_generate_options(smollm2_gguf, argv, message):
+    out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "-p", "hi", *argv])
+    assert out.exit_code == 1 and message in out.output, out.output
+    assert "Traceback" not in out.output
+
+
+def test_generate_json_is_one_object(smollm2_gguf):
+    import json
+
+    out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "--no-draft", "--temp", "0",
+                                   "-p", "The capital of France is", "-n", "8", "--json"])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout)
+    assert len(obj["tokens"]) == 8 and "Paris" in obj["text"]
+    assert set(obj["stats"]) >= {"mode", "tokens_per_s", "n_steps", "n_drafted", "n_accepted",
+                                 "acceptance_rate", "mean_accepted_per_step"}
+    assert obj["stats"]["mode"] == "plain"
+
+
+def test_chat_with_closed_stdin_exits_cleanly(smollm2_gguf):
+    out = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--no-draft"], input="")
+    assert out.exit_code == 0
+    assert "Traceback" not in out.output
+
+
+def test_chat_turns_and_commands(smollm2_gguf):
+    script = "What is 2+2?\n/stats\n/bogus\n/reset\n/exit\n"
+    out = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--no-draft", "--temp", "0",
+                                   "-n", "12"], input=script)
+    assert out.exit_code == 0, out.output
+    assert "4" in out.output                      # the answer
+    assert '"tokens_per_s"' in out.output         # /stats
+    assert "unknown command /bogus" in out.output
+    assert "conversation cleared" in out.output

@@ -90,10 +90,48 @@ def test_broken_gguf(smollm2_gguf, tmp_path, damage, match):
     (["--drop-layers", "three"], "--drop-layers expects"),
     (["--prune", "0.2", "--drop-layers", "3"], "not both"),
     (["--quant", "Q9_9"], "unknown --quant"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--prune", "lots"], "--prune takes a fraction"),
+    (["--prune", "auto", "--method", "even"], "needs a scoring method"),
+    (["--device-profile", "tpu"], "unknown device profile"),
+    (["--keep-layers", "0-29"], "nothing left to drop"),  # every layer protected
+    (["--keep-layers", "0-27", "--prune", "0.1"], "only 2 of 30 are not protected"),
+    (["--keep-layers", "31"], "--keep-layers 31 is out of range"),
+    (["--keep-layers", "x"], "--keep-layers expects"),
+    (["--drop-layers", "3", "--keep-layers", "4"], "--keep-layers applies to --prune"),
 ])
 def test_bad_options(smollm2_gguf, tmp_path, args, match):
     out = tmp_path / "out"
     _assert_clean_failure(_export(str(smollm2_gguf), "-o", str(out), *args), out, match)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("\n\n", "holds no prompt"),
+    (None, "cannot read calibration file"),
+])
+def test_bad_calibration_file(smollm2_gguf, tmp_path, content, match):
+    calib = tmp_path / "calib.txt"
+    if content is not None:
+        calib.write_text(content)
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--method", "bi", "--calib", str(calib))
+    _assert_clean_failure(result, out, match)
+
+
+def test_model_too_big_for_memory(smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setattr("exporters.torch_model._HEADROOM", 1 << 50)  # "needs" a petabyte
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--method", "bi")
+    _assert_clean_failure(result, out, "scoring needs about")
+    assert "--drop-layers" in result.output  # the suggestion
+
+
+def test_too_few_layers_to_prune():
+    from exporters.config import ExportConfig
+    from exporters.layers import plan_layers
+
+    with pytest.raises(ValueError, match="too few to prune"):
+        plan_layers(ExportConfig(model="m.gguf"), 2)
 
 
 def test_output_folder_is_a_file(smollm2_gguf, tmp_path):
@@ -163,7 +201,7 @@ def test_export_in_place_writes_only_the_draft(smollm2_gguf, tmp_path):
     model = tmp_path / f"{SMOLLM2_NAME}.gguf"
     shutil.copy(smollm2_gguf, model)
     before = model.stat().st_mtime_ns
-    result = _export(str(model), "-o", str(tmp_path), "--prune", "0.1")
+    result = _export(str(model), "-o", str(tmp_path), "--prune", "0.1", "--method", "even")
     assert result.exit_code == 0, result.output
     assert model.stat().st_mtime_ns == before
     assert _files(tmp_path) == sorted([model.name, f"{SMOLLM2_NAME}.draft.gguf"])
@@ -172,7 +210,8 @@ def test_export_in_place_writes_only_the_draft(smollm2_gguf, tmp_path):
 def test_bundled_name_and_requantize(tmp_path):
     """``smollm2`` names the bundled GGUF; a different --quant requantizes it."""
     out = tmp_path / "out"
-    result = _export("smollm2", "-o", str(out), "--quant", "Q8_0", "--prune", "0.1")
+    result = _export("smollm2", "-o", str(out), "--quant", "Q8_0", "--prune", "0.1",
+                     "--method", "even")
     assert result.exit_code == 0, result.output
     full = out / "SmolLM2-135M-Instruct-Q8_0.gguf"
     with LlamaModel(full, vocab_only=True) as model:
@@ -218,3 +257,28 @@ def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
     assert (source.kind, source.name, source.path) == ("hf", "tiny-llama", snapshot.resolve())
     out = tmp_path / "out"
     _assert_clean_failure(_export("SomeOrg/not-cached", "-o", str(out)), out, "model not found")
+
+
+@pytest.mark.slow
+def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
+    """End to end on SmolLM2: BI scoring, --prune auto, report files beside the GGUFs."""
+    pytest.importorskip("torch")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (
+        "What is the capital of France?", "Write a haiku about rain.",
+        "Explain recursion briefly.", "Give me a tip for better sleep.")))
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "auto", "--method", "bi",
+                     "--calib", str(calib), "--device-profile", "gpu")
+    assert result.exit_code == 0, result.output
+    names = [f"{SMOLLM2_NAME}{s}" for s in (".gguf", ".draft.gguf", ".layers.json",
+                                            ".layers.png")]
+    assert _files(out) == sorted(names)
+    report = json.loads((out / names[2]).read_text())
+    assert report["auto"]["chosen_n_drop"] == len(report["dropped"]) > 0
+    assert report["auto"]["reason"] and 0 < report["heldout_alpha"] <= 1
+    assert 0 not in report["dropped"] and 29 not in report["dropped"]
+    assert (out / names[3]).read_bytes()[:4] == b"\x89PNG"
+    with LlamaModel(out / names[1], vocab_only=True) as model:
+        assert model.meta(keys.METHOD) == "bi"
+        assert model.meta("llama.block_count") == str(30 - len(report["dropped"]))

@@ -195,3 +195,16 @@ def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which
     follow_up = list(spec.decoder.kv) + spec.model.tokenize(" And then?", False)
     gen = GenerationConfig(max_tokens=30)
     assert spec.complete(follow_up, gen)[1] == plain.complete(follow_up, gen)[1]
+
+
+def test_context_limits(smollm2_gguf, smollm2_draft_gguf):
+    with Engine(smollm2_gguf, draft=smollm2_draft_gguf, runtime=RuntimeConfig(n_ctx=256),
+                sampling=GREEDY, speculative=FORCED) as eng:
+        n_ctx = eng.ctx.n_ctx
+        with pytest.raises(ValueError, match="context holds"):
+            eng.complete("word " * (n_ctx + 10), GenerationConfig(max_tokens=8))
+        prompt = eng.model.tokenize("word " * (n_ctx - 20), False)
+        _, ids, _ = eng.complete(prompt, GenerationConfig(max_tokens=500))
+        assert 0 < len(ids) <= n_ctx - len(prompt)  # stops at the end of the context
+        # and the engine is still usable afterwards
+        assert eng.complete("Hello", GenerationConfig(max_tokens=4))[1]

@@ -1,0 +1,163 @@
+"""Calibration data: prompts, the full model's own continuations, and its cached answers.
+
+A draft is useful when it predicts what the *target* says next, so the calibration text
+is the full model's greedy continuation of each prompt (formatted with its chat template
+when it has one), and the reference at every position is the full model's own top-1 and
+top-k log-probabilities there, computed once per prompt and cached (``Sample``).
+
+Prompts come from ``exporters.calib_prompts`` or ``--calib FILE`` (.txt: one prompt per
+line; .jsonl: one ``{"prompt": ...}`` object per line). Every ``HOLDOUT_EVERY``-th prompt is
+held out: layers are chosen on the rest and acceptance is reported on the held-out part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exporters.calib_prompts import CALIB_PROMPTS
+from exporters.torch_model import LayerRunner
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_EVERY = 4
+# Tokens the full model writes per calibration prompt (held-out prompts get the same).
+DEFAULT_NEW_TOKENS = 64
+# Reference log-probs kept per position for the KL term: top-k of the full model's
+# distribution, so memory is [tokens x k] instead of [tokens x vocab].
+TOP_K = 16
+
+
+@dataclass
+class Sample:
+    """One calibration text and the full model's answers on it.
+
+    ``ids`` [1, T]: prompt + continuation. Scored positions are ``start..T-2`` (they predict
+    the continuation tokens); ``top1`` [n] is the full model's argmax there, ``top_lp`` and
+    ``top_ix`` [n, k] its k largest log-probabilities and their token ids.
+    """
+
+    ids: torch.Tensor
+    start: int
+    top1: torch.Tensor
+    top_lp: torch.Tensor
+    top_ix: torch.Tensor
+
+    @property
+    def positions(self) -> slice:
+        return slice(self.start, self.ids.shape[1] - 1)
+
+
+def builtin_prompts() -> list[str]:
+    return [text for _, text in CALIB_PROMPTS]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt (one per line) or .jsonl (``{"prompt": ...}`` per line) file.
+
+    Raises:
+        ValueError: the file is unreadable, malformed, or holds no prompt.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read calibration file {path}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    if path.suffix.lower() == ".jsonl":
+        prompts = [_jsonl_prompt(line, path, n) for n, line in enumerate(lines, 1)
+                   if line.strip()]
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"calibration file {path} holds no prompt; write one prompt per "
+                         "line (.txt) or one {\"prompt\": ...} object per line (.jsonl)")
+    return prompts
+
+
+def _jsonl_prompt(line: str, path: Path, n: int) -> str:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise ValueError(f"{path} line {n} is not JSON; expected {{\"prompt\": \"...\"}}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise ValueError(f"{path} line {n} has no string \"prompt\" field")
+    return obj["prompt"]
+
+
+def split_holdout(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): every ``HOLDOUT_EVERY``-th prompt is held out.
+
+    With fewer than two prompts nothing can be held out; the one prompt serves both.
+    """
+    if len(prompts) < 2:
+        return list(prompts), list(prompts)
+    held = [p for i, p in enumerate(prompts) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    if not held:  # 2 or 3 prompts: hold out the last one
+        held = [prompts[-1]]
+    calib = [p for p in prompts if p not in held]
+    return calib, held
+
+
+def format_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as a user turn of the model's chat template (raw if none)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+# Prompts generated together: batching makes generation several times faster on any
+# device; 8 bounds the KV cache of a large model.
+GEN_BATCH = 8
+
+
+@torch.no_grad()
+def build_samples(model, tokenizer, runner: LayerRunner, prompts: Sequence[str],
+                  n_new: int = DEFAULT_NEW_TOKENS,
+                  progress: Callable[[int], None] | None = None) -> list[Sample]:
+    """The full model's greedy continuation of each prompt and its answers on it."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = []
+    for b in range(0, len(prompts), GEN_BATCH):
+        encoded = [format_prompt(tokenizer, text) for text in prompts[b:b + GEN_BATCH]]
+        width = max(map(len, encoded))
+        # left padding, so every row's continuation starts at column ``width``
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded],
+                            device=device)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new,
+                             do_sample=False, pad_token_id=pad)
+        for e, row in zip(encoded, out):
+            new = _until_eos(row[width:].tolist(), model.generation_config.eos_token_id)
+            seq = torch.tensor([e + new], device=device)
+            samples.append(reference(runner, seq, len(e) - 1))
+        if progress:
+            progress(len(encoded))
+    return samples
+
+
+def _until_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
+    """Continuation up to and including the first end-of-generation token."""
+    stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i + 1]
+    return tokens
+
+
+def reference(runner: LayerRunner, ids: torch.Tensor, start: int) -> Sample:
+    """A ``Sample`` whose reference answers come from one full pass over ``ids``."""
+    trace = runner.trace(ids, keep_h=False)
+    logp = torch.log_softmax(runner.logits(trace.h_out, slice(start, ids.shape[1] - 1)), -1)
+    top_lp, top_ix = logp.topk(TOP_K, dim=-1)
+    return Sample(ids, start, top_ix[:, 0].clone(), top_lp, top_ix)

@@ -1,0 +1,65 @@
+"""Calibration prompts: files, the held-out split, chat formatting, cached references."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporters import calibration as cal
+from exporters.calib_prompts import CALIB_PROMPTS
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("p.txt", "first\n\n  second  \n", ["first", "second"]),  # blank lines skipped
+    ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": "b", "x": 1}\n', ["a", "b"]),
+])
+def test_read_prompts(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    assert cal.read_prompts(path) == expected
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("empty.txt", "\n  \n", "holds no prompt"),
+    ("bad.jsonl", "not json\n", "line 1 is not JSON"),
+    ("nofield.jsonl", '{"text": "a"}\n', "no string \"prompt\""),
+    ("binary.txt", b"\xff\xfe\x00bad", "cannot read"),  # not UTF-8
+    ("missing.txt", None, "cannot read"),
+])
+def test_bad_prompt_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        cal.read_prompts(path)
+
+
+def test_split_holdout():
+    prompts = [f"p{i}" for i in range(8)]
+    calib, held = cal.split_holdout(prompts)
+    assert held == ["p3", "p7"] and calib == ["p0", "p1", "p2", "p4", "p5", "p6"]
+    assert cal.split_holdout(["a"]) == (["a"], ["a"])  # one prompt serves both
+    assert cal.split_holdout(["a", "b"]) == (["a"], ["b"])
+
+
+def test_builtin_prompts_cover_every_kind_on_both_sides():
+    kinds = {k for k, _ in CALIB_PROMPTS}
+    idx = {k: [i % cal.HOLDOUT_EVERY == cal.HOLDOUT_EVERY - 1
+               for i, (kk, _) in enumerate(CALIB_PROMPTS) if kk == k] for k in kinds}
+    assert kinds >= {"chat", "code", "math", "prose", "languages"}
+    assert all(any(v) and not all(v) for v in idx.values())
+
+
+def test_until_eos():
+    assert cal._until_eos([5, 6, 2, 7], 2) == [5, 6, 2]
+    assert cal._until_eos([5, 6], [2, 3]) == [5, 6]
+
+
+def test_format_prompt_uses_the_chat_template(smollm2_hf):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf)
+    text = tok.decode(cal.format_prompt(tok, "Hello?"))
+    assert "<|im_start|>user\nHello?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")

@@ -1,0 +1,149 @@
+"""Layer scorers and the auto-prune cost model, on hand-made tensors and a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from exporters import autoprune  # noqa: E402
+from exporters.calibration import reference  # noqa: E402
+from exporters.scoring import (  # noqa: E402
+    ScoringContext,
+    angular_distance,
+    best_block,
+    block_influence,
+    draft_agreement,
+    fit_score,
+    make_scorer,
+    pick_candidate,
+    prepare,
+)
+from exporters.torch_model import LayerRunner  # noqa: E402
+
+torch.set_num_threads(1)
+NOOP_LAYERS = (2, 4)  # layers of the tiny model made exact no-ops
+
+
+# --- pure functions -----------------------------------------------------------------------
+
+def test_block_influence_of_identity_is_zero():
+    h = torch.randn(10, 16)
+    assert block_influence(h, h) == pytest.approx(0.0, abs=1e-6)
+    assert block_influence(h, -h) == pytest.approx(2.0, abs=1e-6)  # reversed stream
+    assert block_influence(h, 3 * h) == pytest.approx(0.0, abs=1e-6)  # scale is ignored
+
+
+@pytest.mark.parametrize("b, expected", [
+    (lambda a: a, 0.0),  # same direction
+    (lambda a: -a, 1.0),  # opposite: arccos(-1)/pi
+    (lambda a: torch.stack([-a[:, 1], a[:, 0]], 1), 0.5),  # rotated by 90 degrees
+])
+def test_angular_distance(b, expected):
+    a = torch.randn(8, 2)
+    assert angular_distance(a, b(a)) == pytest.approx(expected, abs=1e-3)
+
+
+def test_best_block_picks_smallest_distance_and_spares_protected():
+    dist = {0: 0.01, 1: 0.5, 2: 0.2, 3: 0.1, 4: 0.3}
+    assert best_block(dist, 2, frozenset()) == (0, 1)
+    assert best_block(dist, 2, frozenset({0})) == (3, 4)  # block 0 touches layer 0
+    with pytest.raises(ValueError, match="contiguous"):
+        best_block({0: 0.1}, 3, frozenset({1}))
+
+
+def test_pick_candidate_uses_kl_within_margin():
+    stats = {1: (100, 5.0), 2: (99, 1.0), 3: (80, 0.1)}
+    assert pick_candidate(stats, 1000, margin=0.0) == 1  # strictly most hits
+    assert pick_candidate(stats, 1000, margin=0.002) == 2  # 99 ties 100; lower KL wins
+    assert pick_candidate(stats, 1000, margin=0.05) == 3  # wide margin: KL decides
+
+
+def test_fit_score_is_trace_times_variance():
+    w = torch.full((4, 4), 2.0)
+    assert fit_score(3.0, [w]) == pytest.approx(12.0)  # tr(F)=3, E[w^2]=4
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        make_scorer("magic")
+
+
+# --- a tiny random Llama with two no-op layers -------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=6, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    for i in NOOP_LAYERS:  # zero projections into the residual stream: layer adds nothing
+        model.model.layers[i].self_attn.o_proj.weight.zero_()
+        model.model.layers[i].mlp.down_proj.weight.zero_()
+    runner = LayerRunner(model)
+    ids = [torch.randint(0, 64, (1, 24)) for _ in range(3)]
+    preps = prepare(runner, [reference(runner, x, 8) for x in ids])
+    return runner, preps
+
+
+def test_replay_without_drops_matches_the_model(tiny):
+    runner, preps = tiny
+    p = preps[0]
+    ours = runner.logits(runner.run(p.trace, p.trace.h_in[0], 0, set()), p.sample.positions)
+    theirs = runner.model(p.sample.ids).logits[0, p.sample.positions]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert draft_agreement(runner, preps, []) == 1.0
+    assert draft_agreement(runner, preps, list(NOOP_LAYERS)) == 1.0  # no-ops change nothing
+
+
+@pytest.mark.parametrize("method", ["greedy", "bi", "fit"])
+def test_scorers_drop_the_noop_layers_first(tiny, method):
+    runner, preps = tiny
+    ctx = ScoringContext(runner, preps, frozenset({0, 5}))
+    scores = make_scorer(method)(ctx, 2)
+    assert scores.drops[2] == NOOP_LAYERS
+    assert len(scores.importance) == 6
+
+
+def test_angular_picks_a_block_of_each_length(tiny):
+    runner, preps = tiny
+    scores = make_scorer("angular")(ScoringContext(runner, preps, frozenset({0, 5})), 3)
+    for n, block in scores.drops.items():
+        assert len(block) == n and block == tuple(range(block[0], block[0] + n))
+        assert 0 not in block and 5 not in block
+    assert scores.importance[2] == pytest.approx(0.0, abs=1e-4)  # no-op layer: no turn
+
+
+# --- auto-prune cost model ----------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha, gamma, expected", [
+    (0.0, 4, 1.0),  # nothing accepted: the verifier's own token only
+    (1.0, 4, 5.0),  # everything accepted
+    (0.5, 1, 1.5),  # 1 + alpha
+    (0.8, 3, (1 - 0.8 ** 4) / 0.2),
+])
+def test_expected_tokens(alpha, gamma, expected):
+    assert autoprune.expected_tokens(alpha, gamma) == pytest.approx(expected)
+
+
+def test_gpu_profile_pays_and_cpu_profile_does_not():
+    costs = autoprune.ByteProfile(shared=10, per_layer=[10] * 10)
+    alphas = {1: 0.95, 5: 0.9, 8: 0.4}
+    drops = {1: [4], 5: [2, 3, 4, 5, 6], 8: list(range(1, 9))}
+    gpu = autoprune.decide(alphas, drops, costs, "gpu")
+    # half the bytes at alpha 0.9 beats 91% of the bytes at 0.95 and a useless 8-layer cut
+    assert gpu.pays and gpu.chosen.n_drop == 5 and gpu.chosen.speedup > 1
+    cpu = autoprune.decide(alphas, drops, costs, "cpu")
+    assert not cpu.pays and "no ratio pays" in cpu.reason
+    assert costs.draft_fraction([0, 1]) == pytest.approx(90 / 110)
+
+
+def test_speedup_formula():
+    # gamma=2, alpha=0.5: E = 1.75; time = 2 * 0.5 + V(3)
+    assert autoprune.speedup(0.5, 0.5, "gpu", 2) == pytest.approx(1.75 / 2.0)
+    assert autoprune.speedup(0.5, 0.5, "cpu", 2) == pytest.approx(1.75 / (1.0 + 2.2))
+    assert math.isclose(autoprune.verify_cost("gpu", 16), 2.0)
