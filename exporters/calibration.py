@@ -137,7 +137,7 @@ def build_samples(model, tokenizer, runner: LayerRunner, prompts: Sequence[str],
                             device=device)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new,
                              do_sample=False, pad_token_id=pad)
-        for e, row in zip(encoded, out):
+        for e, row in zip(encoded, out, strict=True):
             new = _until_eos(row[width:].tolist(), model.generation_config.eos_token_id)
             seq = torch.tensor([e + new], device=device)
             samples.append(reference(runner, seq, len(e) - 1))

@@ -33,8 +33,14 @@ def log_stages(description: str, total: int) -> Iterator[Callable[[int], None]]:
 def rich_stages(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A rich progress bar with ETA on stderr (for the CLI)."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

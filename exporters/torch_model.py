@@ -20,11 +20,11 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
+import gguf
 import torch
 
-from exporters.loading import ModelSource, open_gguf
+from exporters.loading import ModelSource, field_value, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ def load_for_scoring(source: ModelSource):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"transformers cannot load {source.path.name} for scoring: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if source.kind == "gguf" and not getattr(tok, "chat_template", None):
+        # transformers' GGUF tokenizer drops the chat template; the file has it
+        tok.chat_template = field_value(open_gguf(source.path),
+                                        gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tok, device

@@ -89,7 +89,7 @@ def alpha(draft: Path, prompts: list[list[int]], conts: list[list[int]]) -> floa
 
     hits = total = 0
     with LlamaModel(draft) as model, LlamaContext(model, n_ctx=1024, n_threads=1) as ctx:
-        for p, c in zip(prompts, conts):
+        for p, c in zip(prompts, conts, strict=True):
             ctx.reset()
             logits = ctx.eval(p + c[:-1], all_logits=True)
             pred = logits[len(p) - 1:].argmax(-1)

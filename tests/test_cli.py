@@ -23,14 +23,20 @@ def test_version():
     assert out.exit_code == 0 and __version__ in out.output
 
 
-@pytest.mark.parametrize("argv, message", [
-    # table of user mistakes: each gets one line naming the problem, exit 1, no traceback
-    (["export", "no/such/model"], "not found"),
-    (["generate", "no/such.gguf", "-p", "hi"], "not found"),
-    (["chat", "no/such.gguf"], "not found"),
-    (["bench", "no/such.gguf"], "not found"),
-    (["generate", str(Path(__file__).parents[1] / "README.md"), "-p", "hi"], "is not a GGUF file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # table of user mistakes: each gets one line naming the problem, exit 1, no traceback
+        (["export", "no/such/model"], "not found"),
+        (["generate", "no/such.gguf", "-p", "hi"], "not found"),
+        (["chat", "no/such.gguf"], "not found"),
+        (["bench", "no/such.gguf"], "not found"),
+        (
+            ["generate", str(Path(__file__).parents[1] / "README.md"), "-p", "hi"],
+            "is not a GGUF file",
+        ),
+    ],
+)
 def test_bad_model_paths_fail_in_one_line(argv, message):
     out = CliRunner().invoke(cli, argv)
     assert out.exit_code == 1, out.output
@@ -46,19 +52,23 @@ def test_fetch_models_lists_paths(smollm2_gguf, gemma3_gguf):
 
 
 def test_draft_from_another_model_is_refused(smollm2_gguf, gemma3_gguf):
-    out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "--draft", str(gemma3_gguf),
-                                   "-p", "hi", "-n", "4"])
+    out = CliRunner().invoke(
+        cli, ["generate", str(smollm2_gguf), "--draft", str(gemma3_gguf), "-p", "hi", "-n", "4"]
+    )
     assert out.exit_code == 1
     assert "does not belong" in out.output and "--no-draft" in out.output
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-n", "0"], "-n must be >= 1"),
-    (["--top-p", "1.5"], "--top-p must be in"),
-    (["--temp", "-1"], "--temp must be in"),
-    (["--draft", "missing.draft.gguf"], "draft file not found"),
-    (["-c", "10"], "-c/--ctx must be"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-n", "0"], "-n must be >= 1"),
+        (["--top-p", "1.5"], "--top-p must be in"),
+        (["--temp", "-1"], "--temp must be in"),
+        (["--draft", "missing.draft.gguf"], "draft file not found"),
+        (["-c", "10"], "-c/--ctx must be"),
+    ],
+)
 def test_bad_generate_options(smollm2_gguf, argv, message):
     out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "-p", "hi", *argv])
     assert out.exit_code == 1 and message in out.output, out.output
@@ -68,28 +78,55 @@ def test_bad_generate_options(smollm2_gguf, argv, message):
 def test_generate_json_is_one_object(smollm2_gguf):
     import json
 
-    out = CliRunner().invoke(cli, ["generate", str(smollm2_gguf), "--no-draft", "--temp", "0",
-                                   "-p", "The capital of France is", "-n", "8", "--json"])
+    out = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            str(smollm2_gguf),
+            "--no-draft",
+            "--temp",
+            "0",
+            "--threads",
+            "1",
+            "-p",
+            "The capital of France is",
+            "-n",
+            "8",
+            "--json",
+        ],
+    )
     assert out.exit_code == 0, out.output
     obj = json.loads(out.stdout)
     assert len(obj["tokens"]) == 8 and "Paris" in obj["text"]
-    assert set(obj["stats"]) >= {"mode", "tokens_per_s", "n_steps", "n_drafted", "n_accepted",
-                                 "acceptance_rate", "mean_accepted_per_step"}
+    assert set(obj["stats"]) >= {
+        "mode",
+        "tokens_per_s",
+        "n_steps",
+        "n_drafted",
+        "n_accepted",
+        "acceptance_rate",
+        "mean_accepted_per_step",
+    }
     assert obj["stats"]["mode"] == "plain"
 
 
 def test_chat_with_closed_stdin_exits_cleanly(smollm2_gguf):
-    out = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--no-draft"], input="")
+    out = CliRunner().invoke(
+        cli, ["chat", str(smollm2_gguf), "--no-draft", "--threads", "1"], input=""
+    )
     assert out.exit_code == 0
     assert "Traceback" not in out.output
 
 
 def test_chat_turns_and_commands(smollm2_gguf):
     script = "What is 2+2?\n/stats\n/bogus\n/reset\n/exit\n"
-    out = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--no-draft", "--temp", "0",
-                                   "-n", "12"], input=script)
+    out = CliRunner().invoke(
+        cli,
+        ["chat", str(smollm2_gguf), "--no-draft", "--temp", "0", "--threads", "1", "-n", "12"],
+        input=script,
+    )
     assert out.exit_code == 0, out.output
-    assert "4" in out.output                      # the answer
-    assert '"tokens_per_s"' in out.output         # /stats
+    assert "4" in out.output  # the answer
+    assert '"tokens_per_s"' in out.output  # /stats
     assert "unknown command /bogus" in out.output
     assert "conversation cleared" in out.output

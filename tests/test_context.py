@@ -33,13 +33,13 @@ def test_tokenize_roundtrip(smollm2):
 def test_eval_rows_and_rollback_are_consistent(smollm2):
     """Logits after a rollback and re-eval equal those of a fresh context."""
     ids = smollm2.tokenize("Once upon a time, in a land far away,", add_special=False)
-    with LlamaContext(smollm2, n_ctx=256, n_batch=64) as ctx:
+    with LlamaContext(smollm2, n_ctx=256, n_batch=64, n_threads=1) as ctx:
         all_rows = np.array(ctx.eval(ids, all_logits=True))
         assert all_rows.shape == (len(ids), smollm2.n_vocab)
         assert ctx.n_past == len(ids)
         ctx.truncate(len(ids) - 3)
         again = np.array(ctx.eval(ids[-3:], all_logits=True))
-    with LlamaContext(smollm2, n_ctx=256, n_batch=64) as fresh:
+    with LlamaContext(smollm2, n_ctx=256, n_batch=64, n_threads=1) as fresh:
         last = fresh.eval(ids)  # only the last row is computed
         assert last.shape == (1, smollm2.n_vocab)
         assert not last.flags.writeable
@@ -49,10 +49,10 @@ def test_eval_rows_and_rollback_are_consistent(smollm2):
 
 def test_long_input_is_chunked_by_n_batch(smollm2):
     ids = smollm2.tokenize("word " * 150, add_special=False)
-    with LlamaContext(smollm2, n_ctx=512, n_batch=32) as ctx:
+    with LlamaContext(smollm2, n_ctx=512, n_batch=32, n_threads=1) as ctx:
         row = np.array(ctx.eval(ids))
         assert ctx.n_past == len(ids) > 32
-    with LlamaContext(smollm2, n_ctx=512, n_batch=512) as one_shot:
+    with LlamaContext(smollm2, n_ctx=512, n_batch=512, n_threads=1) as one_shot:
         ref = np.array(one_shot.eval(ids))
     # Kernels differ with batch size, so rows are close, not bit-identical.
     assert row.argmax() == ref.argmax()
@@ -60,7 +60,7 @@ def test_long_input_is_chunked_by_n_batch(smollm2):
 
 
 def test_context_full_and_bad_rollback_raise(smollm2):
-    with LlamaContext(smollm2, n_ctx=64, n_batch=64) as ctx:
+    with LlamaContext(smollm2, n_ctx=64, n_batch=64, n_threads=1) as ctx:
         with pytest.raises(ContextFullError, match="exceed the context"):
             ctx.eval([100] * (ctx.n_ctx + 1))
         assert ctx.n_past == 0  # nothing was evaluated

@@ -43,7 +43,7 @@ def test_close_logits(hf_model, smollm2):
 
     tok, model = hf_model
     ids = tok(SAMPLE_TEXT)["input_ids"]
-    with LlamaContext(smollm2, n_ctx=256) as ctx:
+    with LlamaContext(smollm2, n_ctx=256, n_threads=1) as ctx:
         ours = np.array(ctx.eval(ids, all_logits=True), dtype=np.float64)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].double().numpy()

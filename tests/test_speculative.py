@@ -12,7 +12,7 @@ from runtime.engine import Engine
 GREEDY = SamplingConfig(temp=0.0)
 # Fixed gamma (no adaptation) so every step really drafts and verifies.
 FORCED = SpeculativeConfig(draft_max=4, p_min=0.0, adaptive=False)
-RT = RuntimeConfig(n_ctx=1024)
+RT = RuntimeConfig(n_ctx=1024, n_threads=1)  # robust to other load on the machine
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -58,7 +58,7 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
 
 
 def _top2_margin(model, context_tokens: list[int]) -> float:
-    with LlamaContext(model, n_ctx=1024) as ctx:
+    with LlamaContext(model, n_ctx=1024, n_threads=1) as ctx:
         row = np.sort(np.array(ctx.eval(context_tokens)[0]))
     return float(row[-1] - row[-2])
 
@@ -198,8 +198,9 @@ def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which
 
 
 def test_context_limits(smollm2_gguf, smollm2_draft_gguf):
-    with Engine(smollm2_gguf, draft=smollm2_draft_gguf, runtime=RuntimeConfig(n_ctx=256),
-                sampling=GREEDY, speculative=FORCED) as eng:
+    rt = RuntimeConfig(n_ctx=256, n_threads=1)
+    with Engine(smollm2_gguf, draft=smollm2_draft_gguf, runtime=rt, sampling=GREEDY,
+                speculative=FORCED) as eng:
         n_ctx = eng.ctx.n_ctx
         with pytest.raises(ValueError, match="context holds"):
             eng.complete("word " * (n_ctx + 10), GenerationConfig(max_tokens=8))
