@@ -85,9 +85,9 @@ def _print_table(r: dict) -> None:
     c = r["costs"]
     t = Table(title=f"{r['model']} + {r['draft']}  ({r['n_prompts']} prompts x "
                     f"{r['max_tokens']} tokens, {'greedy' if r['greedy'] else 'sampled'})")
-    for col in ("mode", "tok/s", "speedup", "theory", "acceptance", "accepted/step",
-                "identical", "mean gamma", "py overhead"):
-        t.add_column(col, justify="right")
+    for col in ("mode", "tok/s", "speedup", "theory", "accept", "acc/step", "same",
+                "mean γ", "python"):
+        t.add_column(col, justify="right", no_wrap=True)
     for name, m in r["modes"].items():
         t.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x",
                   f"{m['theoretical_speedup']:.2f}x" if "theoretical_speedup" in m else "",
@@ -95,8 +95,11 @@ def _print_table(r: dict) -> None:
                   f"{m['mean_accepted_per_step']:.2f}" if name != "plain" else "",
                   f"{m['identical_to_plain']}/{r['n_prompts']}",
                   f"{m['mean_gamma']:.2f}", f"{m['python_overhead']:.1%}")
-    console = Console()
+    console = Console(width=max(100, Console().width))
     console.print(t)
+    console.print("speedup: against plain in this run; theory: from measured alpha, gamma and "
+                  "costs; same: greedy outputs identical to plain; python: time outside "
+                  "llama_decode")
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
     console.print(f"target step {c['target_step_ms']:.2f} ms; draft step {c['draft_step_ms']} ms"
                   f" (c = {c['c']}); verify k tokens / 1 token: {curve}")
