@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""The whole chain on the bundled models: export at several prune ratios with each scoring
+method, `bridge bench` each draft, and write one markdown summary to bench/results/.
+
+    .venv/bin/python scripts/bench_chain.py                       # defaults below
+    .venv/bin/python scripts/bench_chain.py --models smollm2 --ratios 0.1 --methods bi -n 32
+
+Every step runs the real CLI in a subprocess, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BRIDGE = [sys.executable, "-m", "bridge.cli"]
+
+
+def run(cmd: list[str]) -> str:
+    print("$", " ".join(cmd[2:] if cmd[:3] == BRIDGE else cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def export_methods() -> list[str]:
+    """Scoring methods the exporter offers (read from its --help, so the script follows it)."""
+    help_text = run([*BRIDGE, "export", "--help"])
+    if "--method" not in help_text:
+        return ["even"]
+    return [m for m in ("greedy", "bi", "angular", "fit") if m in help_text]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,gemma3")
+    ap.add_argument("--ratios", default="0.1,0.2,0.4")
+    ap.add_argument("--methods", default=None, help="default: every method export offers")
+    ap.add_argument("-n", "--max-tokens", type=int, default=64)
+    ap.add_argument("--draft-max", default="1,2,4")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    methods = args.methods.split(",") if args.methods else export_methods()
+    rows, machine = [], None
+    for model in args.models.split(","):
+        for method in methods:
+            for ratio in args.ratios.split(","):
+                outdir = args.work / model / f"{method}-{ratio}"
+                export = [*BRIDGE, "export", model, "--prune", ratio, "-o", str(outdir),
+                          "--force"]
+                if method != "even":
+                    export += ["--method", method]
+                run(export)
+                full = next(p for p in outdir.glob("*.gguf") if not p.name.endswith(".draft.gguf"))
+                result_json = outdir / "bench.json"
+                bench = [*BRIDGE, "bench", str(full), "-n", str(args.max_tokens),
+                         "--draft-max", args.draft_max, "--json", str(result_json)]
+                if args.threads:
+                    bench += ["--threads", str(args.threads)]
+                run(bench)
+                r = json.loads(result_json.read_text())
+                machine = r["machine"]
+                rows.append((model, method, ratio, r))
+    write_summary(rows, machine, args)
+
+
+def write_summary(rows, machine: dict, args) -> None:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    out = args.out or ROOT / "bench" / "results" / f"{stamp}-cpu-{machine['cores']}core.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# bridge whole-chain benchmark, {stamp}",
+        "",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, "
+        f"GPU offload: {'yes' if machine['gpu_offload'] else 'no (CPU build)'}",
+        f"- llama.cpp: llama-cpp-python {machine['llama_cpp_python']}; "
+        f"Python {machine['python']} on {platform.platform()}",
+        f"- {args.max_tokens} tokens per prompt, greedy, the default prompt set "
+        "(chat, code, math, summarization, creative); modes interleaved in one process",
+        "",
+        "| model | method | prune | plain tok/s | adaptive | best fixed γ | α (γ=1) | c | "
+        "theory (best γ) | identical |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, method, ratio, r in rows:
+        modes = r["modes"]
+        fixed = {k: v for k, v in modes.items() if k.startswith("gamma=")}
+        best = max(fixed, key=lambda k: fixed[k]["speedup"]) if fixed else None
+        alpha = modes.get("gamma=1", {}).get("alpha", float("nan"))
+        same = min(m["identical_to_plain"] for m in modes.values())
+        lines.append(
+            f"| {model} | {method} | {ratio} | {modes['plain']['tokens_per_s']:.1f} | "
+            f"{modes['adaptive']['speedup']:.2f}x | "
+            + (f"{best}: {fixed[best]['speedup']:.2f}x | " if best else "| ")
+            + f"{alpha:.2f} | {r['costs']['c']} | "
+            + (f"{fixed[best].get('theoretical_speedup', float('nan')):.2f}x | " if best
+               else "| ")
+            + f"{same}/{r['n_prompts']} |")
+    note = next((m.get("note") for _, _, _, r in rows for m in r["modes"].values()
+                 if m.get("note")), None)
+    if note:
+        lines += ["", f"Adaptive mode's verdict: {note}."]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
