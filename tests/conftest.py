@@ -29,6 +29,16 @@ def smollm2_hf(smollm2_gguf: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_model(smollm2_hf: Path):
+    """The HF fixture loaded in PyTorch (float32): (tokenizer, model)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+    return tok, model.eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf: Path):
     """SmolLM2 loaded in llama.cpp once per test run."""
     from runtime.context import LlamaModel

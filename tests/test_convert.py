@@ -21,13 +21,6 @@ from exporters.tokenizer import pre_tokenizer_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_hf):
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
-    return tok, model.eval()
-
-
-@pytest.fixture(scope="module")
 def smollm2_f32(smollm2_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "smollm2-F32.gguf"
     assert convert_hf(smollm2_hf, out, "F32", "smollm2") == 30

@@ -13,13 +13,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def hf_model(smollm2_hf):
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
-    return tok, model.eval()
-
-
 def test_fixture_is_a_real_hf_checkpoint(smollm2_hf):
     config = json.loads((smollm2_hf / "config.json").read_text())
     assert config["model_type"] == "llama"

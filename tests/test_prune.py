@@ -11,7 +11,7 @@ import pytest
 
 from exporters.config import DEFAULT_PRUNE, ExportConfig, parse_layer_list
 from exporters.export import ExportResult, run_export
-from exporters.layers import choose_layers, drop_evenly
+from exporters.layers import choose_layers, drop_evenly, plan_layers
 from exporters.prune import DraftInfo, write_draft
 from runtime import keys
 from runtime.context import LlamaContext, LlamaModel
@@ -91,14 +91,16 @@ def test_config_defaults_and_normalization(tmp_path):
 ])
 def test_choose_layers_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        choose_layers(ExportConfig(model="m", **kwargs), 30)
+        plan_layers(ExportConfig(model="m", **kwargs), 30)
 
 
 def test_choose_layers():
-    choice = choose_layers(ExportConfig(model="m", prune=0.1), 30)
+    choice, report = choose_layers(plan_layers(ExportConfig(model="m", prune=0.1,
+                                                            method="even"), 30))
+    assert report is None
     assert choice.dropped == (5, 15, 24) and choice.method == "even"
     assert len(choice.kept) == 27 and abs(choice.ratio - 0.1) < 1e-9
-    manual = choose_layers(ExportConfig(model="m", drop_layers=(0, 29)), 30)
+    manual, _ = choose_layers(plan_layers(ExportConfig(model="m", drop_layers=(0, 29)), 30))
     assert manual.kept == tuple(range(1, 29)) and manual.method == "manual"
 
 
