@@ -43,33 +43,40 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--ratios", default="0.1,0.2,0.4")
     ap.add_argument("--methods", default=None, help="default: every method export offers")
+    ap.add_argument("--plan", default=None,
+                    help="explicit MODEL:METHOD:RATIO list instead of the full product, "
+                         "e.g. smollm2:greedy:0.1,gemma3:bi:0.1")
     ap.add_argument("-n", "--max-tokens", type=int, default=64)
     ap.add_argument("--draft-max", default="1,2,4")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    methods = args.methods.split(",") if args.methods else export_methods()
+    if args.plan:
+        plan = [tuple(item.split(":")) for item in args.plan.split(",")]
+    else:
+        methods = args.methods.split(",") if args.methods else export_methods()
+        plan = [(m, meth, r) for m in args.models.split(",") for meth in methods
+                for r in args.ratios.split(",")]
     rows, machine = [], None
-    for model in args.models.split(","):
-        for method in methods:
-            for ratio in args.ratios.split(","):
-                outdir = args.work / model / f"{method}-{ratio}"
-                export = [*BRIDGE, "export", model, "--prune", ratio, "-o", str(outdir),
-                          "--force"]
-                if method != "even":
-                    export += ["--method", method]
-                run(export)
-                full = next(p for p in outdir.glob("*.gguf") if not p.name.endswith(".draft.gguf"))
-                result_json = outdir / "bench.json"
-                bench = [*BRIDGE, "bench", str(full), "-n", str(args.max_tokens),
-                         "--draft-max", args.draft_max, "--json", str(result_json)]
-                if args.threads:
-                    bench += ["--threads", str(args.threads)]
-                run(bench)
-                r = json.loads(result_json.read_text())
-                machine = r["machine"]
-                rows.append((model, method, ratio, r))
+    for model, method, ratio in plan:
+        outdir = args.work / model / f"{method}-{ratio}"
+        export = [*BRIDGE, "export", model, "--prune", ratio, "-o", str(outdir), "--force"]
+        if method != "even":
+            export += ["--method", method]
+        run(export)
+        full = next(p for p in outdir.glob("*.gguf") if not p.name.endswith(".draft.gguf"))
+        result_json = outdir / "bench.json"
+        bench = [*BRIDGE, "bench", str(full), "-n", str(args.max_tokens),
+                 "--draft-max", args.draft_max, "--json", str(result_json)]
+        if args.threads:
+            bench += ["--threads", str(args.threads)]
+        run(bench)
+        r = json.loads(result_json.read_text())
+        r["dropped"] = json.loads(full.with_name(full.name[:-5] + ".layers.json").read_text()
+                                  ).get("dropped") if method != "even" else None
+        machine = r["machine"]
+        rows.append((model, method, ratio, r))
     write_summary(rows, machine, args)
 
 
@@ -87,9 +94,9 @@ def write_summary(rows, machine: dict, args) -> None:
         f"- {args.max_tokens} tokens per prompt, greedy, the default prompt set "
         "(chat, code, math, summarization, creative); modes interleaved in one process",
         "",
-        "| model | method | prune | plain tok/s | adaptive | best fixed γ | α (γ=1) | c | "
-        "theory (best γ) | identical |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | prune | dropped | plain tok/s | adaptive | best fixed γ | α (γ=1) | "
+        "c | theory (best γ) | identical |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, method, ratio, r in rows:
         modes = r["modes"]
@@ -98,7 +105,8 @@ def write_summary(rows, machine: dict, args) -> None:
         alpha = modes.get("gamma=1", {}).get("alpha", float("nan"))
         same = min(m["identical_to_plain"] for m in modes.values())
         lines.append(
-            f"| {model} | {method} | {ratio} | {modes['plain']['tokens_per_s']:.1f} | "
+            f"| {model} | {method} | {ratio} | {r.get('dropped') or ''} | "
+            f"{modes['plain']['tokens_per_s']:.1f} | "
             f"{modes['adaptive']['speedup']:.2f}x | "
             + (f"{best}: {fixed[best]['speedup']:.2f}x | " if best else "| ")
             + f"{alpha:.2f} | {r['costs']['c']} | "

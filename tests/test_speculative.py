@@ -63,6 +63,17 @@ def _top2_margin(model, context_tokens: list[int]) -> float:
     return float(row[-1] - row[-2])
 
 
+def _same_or_near_tie(model, prompt: str, ids_spec: list[int], ids_plain: list[int]) -> bool:
+    """True when identical; otherwise assert that the first divergence is a near-tie of the
+    full model (top-2 logits within 0.1), as batched and single-token kernels may differ."""
+    if ids_spec == ids_plain:
+        return True
+    i = _first_divergence(ids_spec, ids_plain)
+    margin = _top2_margin(model, model.tokenize(prompt, True, True) + ids_plain[:i])
+    assert margin < 0.1, f"{prompt!r}: diverged at token {i} with top-2 margin {margin:.3f}"
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n_tokens", [256])
 def test_greedy_speculative_equals_plain(engines, n_tokens):
@@ -77,13 +88,7 @@ def test_greedy_speculative_equals_plain(engines, n_tokens):
         _, ids_plain, _ = plain.complete(prompt, gen)
         drafted, accepted = drafted + st.n_drafted, accepted + st.n_accepted
         assert st.n_drafted > 0
-        if ids_spec == ids_plain:
-            n_identical += 1
-            continue
-        i = _first_divergence(ids_spec, ids_plain)
-        ctx_tokens = spec.model.tokenize(prompt, True, True) + ids_plain[:i]
-        margin = _top2_margin(plain.model, ctx_tokens)
-        assert margin < 0.1, f"{text!r}: diverged at token {i} with top-2 margin {margin:.3f}"
+        n_identical += _same_or_near_tie(plain.model, prompt, ids_spec, ids_plain)
     assert n_identical >= len(PROMPTS) - 2, f"only {n_identical}/{len(PROMPTS)} identical"
     assert 0.3 < accepted / drafted <= 1.0
 
@@ -209,3 +214,31 @@ def test_context_limits(smollm2_gguf, smollm2_draft_gguf):
         assert 0 < len(ids) <= n_ctx - len(prompt)  # stops at the end of the context
         # and the engine is still usable afterwards
         assert eng.complete("Hello", GenerationConfig(max_tokens=4))[1]
+
+
+@pytest.mark.slow
+def test_gemma3_greedy_speculative_equals_plain(gemma3_gguf, tmp_path):
+    """Gemma 3 (sliding-window attention, 262k vocabulary) with an exported 17-layer draft.
+    Gemma 3 270M is fragile: dropping layer 16 keeps ~50% top-1 agreement, dropping layers
+    3 and 8 only ~16% (in PyTorch and llama.cpp alike), so acceptance is only checked to be
+    real, not high."""
+    from exporters.prune import DraftInfo, write_draft
+    from runtime.files import sha256_file_cached
+
+    draft = tmp_path / "gemma.draft.gguf"
+    write_draft(gemma3_gguf, draft, [i for i in range(18) if i != 16],
+                DraftInfo("manual", sha256_file_cached(gemma3_gguf)))
+    gen = GenerationConfig(max_tokens=64)
+    prompts = ["The history of the Roman Empire began", "def quicksort(arr):",
+               "Water boils at 100 degrees Celsius because", "My favourite recipe is"]
+    with Engine(gemma3_gguf, draft=draft, runtime=RT, speculative=FORCED,
+                sampling=GREEDY) as spec, \
+            Engine(gemma3_gguf, draft=None, runtime=RT, sampling=GREEDY) as plain:
+        same, drafted, accepted = 0, 0, 0
+        for prompt in prompts:
+            _, ids_spec, st = spec.complete(prompt, gen)
+            _, ids_plain, _ = plain.complete(prompt, gen)
+            drafted, accepted = drafted + st.n_drafted, accepted + st.n_accepted
+            same += _same_or_near_tie(plain.model, prompt, ids_spec, ids_plain)
+    assert same >= len(prompts) - 1
+    assert drafted > 0 and accepted / drafted > 0.15
