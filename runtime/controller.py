@@ -30,8 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _EMA = 0.15          # weight of a new cost sample
-_ALPHA_DECAY = 0.97  # per drafted token: acceptance forgets over ~30 drafts
-_PROBE_GAMMA = 1
+_ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it follows the text
+_PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 
 
@@ -152,7 +152,7 @@ class GammaController:
         if self._since_probe >= self._backoff:
             self._since_probe = 0
             self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
-            return _PROBE_GAMMA
+            return min(_PROBE_GAMMA, self.draft_max)
         return 0
 
     def best_gamma(self, alpha: float) -> int:
@@ -170,6 +170,8 @@ class GammaController:
         if n_drafted:
             c.add_draft(draft_seconds / max(draft_evals, 1))
             c.add_acceptance(n_accepted + int(rejected), n_accepted)
+            if not rejected and gamma == min(_PROBE_GAMMA, self.draft_max):
+                self._backoff = _FIRST_BACKOFF  # a clean probe: look again soon
         if gamma:
             c.overhead_spec += _EMA * (overhead_seconds - c.overhead_spec)
         else:
