@@ -53,8 +53,12 @@ class BenchConfig:
 
 @dataclass
 class ModeResult:
+    """One mode's runs. Its controller lives across prompts, as in a chat session or a
+    server, so adaptive mode pays its few calibration steps once per run, not per prompt."""
+
     name: str
     gamma: int | None  # None: adaptive; 0: plain
+    controller: GammaController
     stats: list[Stats] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -107,8 +111,11 @@ def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
     if engine.draft_path is None:
         raise ValueError("bench needs a draft: put MODEL.draft.gguf beside the model or "
                          "pass --draft")
-    modes = [ModeResult("plain", 0), ModeResult("adaptive", None)]
-    modes += [ModeResult(f"gamma={g}", g) for g in cfg.fixed_gammas]
+    draft_max = engine.spec_cfg.draft_max
+    modes = [ModeResult("plain", 0, GammaController(draft_max, adaptive=False)),
+             ModeResult("adaptive", None, GammaController(draft_max))]
+    modes += [ModeResult(f"gamma={g}", g, GammaController(g, adaptive=False))
+              for g in cfg.fixed_gammas]
     session = ChatSession(engine) if cfg.chat else None
     for i, prompt in enumerate(cfg.prompts):
         ids = (session.render([{"role": "user", "content": prompt}]) if session
@@ -125,9 +132,7 @@ def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
 
 def _run_mode(engine: Engine, mode: ModeResult, ids: list[int], max_tokens: int):
     drafter = engine.decoder.drafter if mode.gamma != 0 else None
-    controller = GammaController(mode.gamma or engine.spec_cfg.draft_max,
-                                 adaptive=mode.gamma is None)
-    decoder = SpeculativeDecoder(engine.ctx, drafter, engine.sampler, controller,
+    decoder = SpeculativeDecoder(engine.ctx, drafter, engine.sampler, mode.controller,
                                  engine.spec_cfg.p_min if mode.gamma is None else 0.0)
     decoder.reset()
     if engine.decoder.drafter:

@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse-exports", action="store_true",
+                    help="bench drafts already exported in --work instead of exporting again")
     args = ap.parse_args()
     if args.plan:
         plan = [tuple(item.split(":")) for item in args.plan.split(",")]
@@ -64,7 +66,8 @@ def main() -> None:
         export = [*BRIDGE, "export", model, "--prune", ratio, "-o", str(outdir), "--force"]
         if method != "even":
             export += ["--method", method]
-        run(export)
+        if not (args.reuse_exports and list(outdir.glob("*.draft.gguf"))):
+            run(export)
         full = next(p for p in outdir.glob("*.gguf") if not p.name.endswith(".draft.gguf"))
         result_json = outdir / "bench.json"
         bench = [*BRIDGE, "bench", str(full), "-n", str(args.max_tokens),
