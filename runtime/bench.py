@@ -116,7 +116,8 @@ def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
              ModeResult("adaptive", None, GammaController(draft_max))]
     modes += [ModeResult(f"gamma={g}", g, GammaController(g, adaptive=False))
               for g in cfg.fixed_gammas]
-    session = ChatSession(engine) if cfg.chat else None
+    # chat models get their template; a base model (no template) gets the raw prompt
+    session = ChatSession(engine) if cfg.chat and engine.model.chat_template() else None
     for i, prompt in enumerate(cfg.prompts):
         ids = (session.render([{"role": "user", "content": prompt}]) if session
                else engine.model.tokenize(prompt, True, True))
