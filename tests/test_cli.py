@@ -130,3 +130,33 @@ def test_chat_turns_and_commands(smollm2_gguf):
     assert '"tokens_per_s"' in out.output  # /stats
     assert "unknown command /bogus" in out.output
     assert "conversation cleared" in out.output
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_bench_json(which, smollm2_gguf, smollm2_draft_gguf, gemma3_gguf, tmp_path):
+    """`bridge bench --json -` on a chat model and on a base model without a template."""
+    import json
+    import shutil
+
+    if which == "smollm2":
+        model, draft = smollm2_gguf, smollm2_draft_gguf
+    else:
+        from exporters.prune import DraftInfo, write_draft
+        from runtime.files import sha256_file_cached
+
+        model = tmp_path / "g.gguf"
+        shutil.copy(gemma3_gguf, model)
+        draft = tmp_path / "g.draft.gguf"
+        write_draft(model, draft, [i for i in range(18) if i != 16],
+                    DraftInfo("manual", sha256_file_cached(model)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Why is the sky blue?\nWrite a haiku about rain.\n")
+    out = CliRunner().invoke(cli, ["bench", str(model), "--draft", str(draft), "--prompts",
+                                   str(prompts), "-n", "6", "--draft-max", "2", "--threads",
+                                   "1", "--json", "-"])
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert set(r["modes"]) == {"plain", "adaptive", "gamma=2"}
+    assert r["modes"]["gamma=2"]["identical_to_plain"] >= 1
+    assert r["costs"]["verify_curve"]["1"] == 1.0 and len(r["costs"]["verify_curve"]) == 16
+    assert r["modes"]["plain"]["tokens_per_s"] > 0
