@@ -65,7 +65,8 @@ class PrunedDrafter:
         start = time.perf_counter()
         self._sync(tokens)
         pending = tokens[len(self._seen):]  # at least the last token: see _sync
-        history = list(tokens)
+        w = self.sampler.history_window
+        history = list(tokens[-w:]) if w else []
         greedy = self.sampler.cfg.greedy
         try:
             while len(draft.tokens) < n_max:

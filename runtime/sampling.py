@@ -33,6 +33,12 @@ class Sampler:
         self.cfg = cfg
         self.rng = rng or np.random.default_rng(cfg.seed)
 
+    @property
+    def history_window(self) -> int:
+        """How many recent tokens the filters look at (only the repeat penalty does), so
+        callers pass that tail rather than copy the whole sequence every step."""
+        return self.cfg.repeat_last_n if self.cfg.repeat_penalty != 1.0 else 0
+
     def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """A float64 copy of one logits row with the repeat penalty applied (llama.cpp's
         rule: divide positive logits by the penalty, multiply negative ones)."""

@@ -197,7 +197,8 @@ class SpeculativeDecoder:
         self.kv.extend(prompt[n:])
         stats.n_prompt_new = len(prompt) - n
         stats.prompt_seconds = time.perf_counter() - start
-        first = self._pick(rows[-1], self.kv)
+        w = self.sampler.history_window
+        first = self._pick(rows[-1], self.kv[-w:] if w else [])
         self.pending = first
         return first
 
@@ -215,9 +216,11 @@ class SpeculativeDecoder:
         need = self.controller.calibration_need() if self.drafter else None
         if need == "draft":
             self.controller.observe_draft(self.drafter.time_step())
-        seq = self.kv + [self.pending]
-        draft = self.drafter.propose(seq, gamma, self.p_min) if gamma > 0 and self.drafter \
-            else Draft()
+        # the whole sequence is built only when drafting; filters need just a short tail
+        draft = self.drafter.propose(self.kv + [self.pending], gamma, self.p_min) \
+            if gamma > 0 and self.drafter else Draft()
+        w = self.sampler.history_window
+        history = (self.kv[-w:] if w else []) + [self.pending]
         # Calibration: a plain step run as a 2-token batch (the pending token twice) times
         # t_verify(2); row 0 is the plain step's answer and the padding is dropped below.
         batch = [self.pending, self.pending] if need == "batch" and self.target.n_ctx > \
@@ -227,9 +230,10 @@ class SpeculativeDecoder:
         verify_seconds = time.perf_counter() - t_verify
         rows = rows[: len(draft.tokens) + 1]
         if self.sampler.cfg.greedy:
-            n_acc, nxt = verify_greedy(self.sampler, rows, draft.tokens, seq)
+            n_acc, nxt = verify_greedy(self.sampler, rows, draft.tokens, history)
         else:
-            n_acc, nxt = verify_stochastic(self.sampler, rows, draft.tokens, draft.probs, seq)
+            n_acc, nxt = verify_stochastic(self.sampler, rows, draft.tokens, draft.probs,
+                                         history)
         emitted = [*draft.tokens[:n_acc], nxt]
         emitted = _cut(emitted, budget, is_eog)
         # roll back: the cache keeps pending + the accepted drafts that were emitted
