@@ -3,7 +3,8 @@
 Two passes keep memory flat: the first reads only safetensors headers and plans every
 output tensor (name, shape, type); the header and tensor index are written from that plan;
 the second pass loads, converts and writes one tensor at a time. So at most one tensor is
-in memory (plus its converted copy), never a second copy of the model.
+in memory (plus its converted copy), never a second copy of the model. Tensors are read
+with numpy (``exporters.checkpoint``): torch is never imported here.
 
 The layout follows llama.cpp's own converter (convert_hf_to_gguf.py):
 - llama-family Q/K rows are permuted from HF's rotate-half RoPE layout to llama.cpp's;
@@ -15,7 +16,6 @@ The layout follows llama.cpp's own converter (convert_hf_to_gguf.py):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
-from safetensors import safe_open
+from gguf.quants import quantize
 
 from exporters import hparams as hp
+from exporters.checkpoint import TensorEntry, tensor_index
 from exporters.loading import read_hf_config
 from exporters.tokenizer import load_vocab, write_vocab
 
@@ -40,9 +40,8 @@ OUT_TYPES: dict[str, tuple[QT, int]] = {
     "F16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
     "BF16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
-# ggml type -> numpy dtype of the written array (numpy has no bfloat16: raw 16-bit pattern)
-_NP_DTYPE = {QT.F32: np.dtype(np.float32), QT.F16: np.dtype(np.float16),
-             QT.BF16: np.dtype(np.int16)}
+# ggml type -> bytes per element of the written array
+_ITEMSIZE = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}
 # Checkpoint tensors with no place in a text GGUF.
 _SKIP_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                   "model.multi_modal_projector.")
@@ -56,7 +55,7 @@ class _Planned:
     name: str
     shape: tuple[int, ...]  # numpy order
     qtype: QT
-    load: Callable[[], torch.Tensor]  # float32 tensor, already transformed
+    load: Callable[[], np.ndarray]  # float32 array, already transformed
 
 
 def convert_hf(folder: Path, out: Path, out_type: str, name: str) -> int:
@@ -75,7 +74,7 @@ def convert_hf(folder: Path, out: Path, out_type: str, name: str) -> int:
     arch = hp.detect_arch(read_hf_config(folder), folder)
     cfg = hp.text_config(folder)
     shape = hp.model_shape(arch, cfg)
-    files = _tensor_files(folder)
+    files = tensor_index(folder)
     n_vocab = _embedding_rows(files)
     vocab = load_vocab(folder, n_vocab, sentencepiece_space_prefix=arch != hp.A.GEMMA3)
     plan = _plan(files, shape, len(vocab.tokens), qtype)
@@ -85,9 +84,9 @@ def convert_hf(folder: Path, out: Path, out_type: str, name: str) -> int:
     write_vocab(writer, vocab)
     del vocab  # the token lists are in the writer now
     for p in plan:
-        dtype = _NP_DTYPE[p.qtype]
-        nbytes = int(np.prod(p.shape)) * dtype.itemsize
-        writer.add_tensor_info(p.name, p.shape, dtype, nbytes, raw_dtype=p.qtype)
+        nbytes = int(np.prod(p.shape)) * _ITEMSIZE[p.qtype]
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes,
+                               raw_dtype=p.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -102,43 +101,19 @@ def convert_hf(folder: Path, out: Path, out_type: str, name: str) -> int:
 def intermediate_type(folder: Path) -> str:
     """The float type to convert to before quantizing: BF16 for a bfloat16 checkpoint
     (F16 could overflow its range), else F16."""
-    files = _tensor_files(folder)
+    files = tensor_index(folder)
     name = next((n for n in files if n.endswith("embed_tokens.weight")), next(iter(files)))
-    with safe_open(files[name], framework="pt") as f:
-        dtype = f.get_slice(name).get_dtype()
-    return "BF16" if dtype == "BF16" else "F16"
+    return "BF16" if files[name].dtype == "BF16" else "F16"
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> the safetensors file holding it."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    parts = sorted(folder.glob("*.safetensors"))
-    if not parts:
-        raise ValueError(f"{folder} has no *.safetensors weights (bridge reads safetensors "
-                         "checkpoints only, not pytorch_model.bin)")
-    files: dict[str, Path] = {}
-    for part in parts:
-        with safe_open(part, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), part))
-    return files
-
-
-def _embedding_rows(files: dict[str, Path]) -> int:
+def _embedding_rows(files: dict[str, TensorEntry]) -> int:
     name = next((n for n in files if n.endswith("embed_tokens.weight")), None)
     if name is None:
         raise ValueError("the checkpoint has no embed_tokens.weight tensor")
-    return _shape(files, name)[0]
+    return files[name].shape[0]
 
 
-def _shape(files: dict[str, Path], name: str) -> tuple[int, ...]:
-    with safe_open(files[name], framework="pt") as f:
-        return tuple(f.get_slice(name).get_shape())
-
-
-def _plan(files: dict[str, Path], shape: hp.ModelShape, n_vocab: int, qtype: QT
+def _plan(files: dict[str, TensorEntry], shape: hp.ModelShape, n_vocab: int, qtype: QT
           ) -> list[_Planned]:
     names = gguf.get_tensor_name_map(shape.arch, shape.n_layers)
     plan: list[_Planned] = []
@@ -151,16 +126,16 @@ def _plan(files: dict[str, Path], shape: hp.ModelShape, n_vocab: int, qtype: QT
             raise ValueError(f"cannot map checkpoint tensor {src!r} to a llama.cpp "
                              f"{shape.arch.name} tensor")
         kind, gguf_name = mapped
-        dims = _shape(files, src)
+        dims = files[src].shape
         if kind in (T.TOKEN_EMBD, T.OUTPUT):  # rows beyond the vocabulary are never used
             dims = (min(dims[0], n_vocab), *dims[1:])
         transform = _transform(shape, kind, key, dims)
         plan.append(_Planned(gguf_name, dims, QT.F32 if len(dims) == 1 else qtype,
-                             _loader(files[src], src, transform)))
+                             _loader(files[src], transform)))
     factors = hp.llama3_rope_factors(shape.rope, shape.head_dim)
     if factors is not None:
         plan.append(_Planned(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", factors.shape,
-                             QT.F32, lambda: torch.from_numpy(factors)))
+                             QT.F32, lambda: factors))
     plan.sort(key=lambda p: _order(p.name))
     return plan
 
@@ -181,8 +156,8 @@ def _order(name: str) -> tuple[int, int, str]:
 
 
 def _transform(shape: hp.ModelShape, kind: T, key: str, dims: tuple[int, ...]
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    steps: list[Callable[[np.ndarray], np.ndarray]] = []
     if kind in (T.TOKEN_EMBD, T.OUTPUT):
         steps.append(lambda t: t[: dims[0]])
     if shape.arch == hp.A.LLAMA and kind == T.ATTN_Q:
@@ -192,7 +167,7 @@ def _transform(shape: hp.ModelShape, kind: T, key: str, dims: tuple[int, ...]
     if shape.arch == hp.A.GEMMA3 and key.endswith("norm.weight"):
         steps.append(lambda t: t + 1.0)
 
-    def apply(t: torch.Tensor) -> torch.Tensor:
+    def apply(t: np.ndarray) -> np.ndarray:
         for step in steps:
             t = step(t)
         return t
@@ -200,7 +175,7 @@ def _transform(shape: hp.ModelShape, kind: T, key: str, dims: tuple[int, ...]
     return apply
 
 
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half row order -> llama.cpp's interleaved RoPE pairs, per head.
 
     Within each head, HF keeps the first halves of all RoPE pairs, then the second halves;
@@ -211,21 +186,15 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .reshape(w.shape))
 
 
-def _loader(path: Path, name: str, transform: Callable[[torch.Tensor], torch.Tensor]
-            ) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
-        # open per tensor: the mapping (and its resident pages) is released right after
-        with safe_open(path, framework="pt") as f:
-            t = f.get_tensor(name)
-        return transform(t.float())
-
-    return load
+def _loader(entry: TensorEntry, transform: Callable[[np.ndarray], np.ndarray]
+            ) -> Callable[[], np.ndarray]:
+    return lambda: transform(entry.load())
 
 
-def _encode(t: torch.Tensor, qtype: QT) -> np.ndarray:
-    t = t.contiguous()
-    if qtype == QT.BF16:
-        return t.to(torch.bfloat16).view(torch.int16).numpy()
+def _encode(t: np.ndarray, qtype: QT) -> np.ndarray:
+    t = np.ascontiguousarray(t, dtype=np.float32)
+    if qtype == QT.BF16:  # round to nearest even, as ggml does
+        return quantize(t, QT.BF16)
     if qtype == QT.F16:
-        return t.to(torch.float16).numpy()
-    return t.to(torch.float32).numpy()
+        return t.astype(np.float16)
+    return t

@@ -121,12 +121,32 @@ def verify_tokenizer(gguf_path: Path, folder: Path) -> bool:
 
 
 def _hf_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    """The folder's tokenizer, as ``AutoTokenizer`` would build it.
 
+    The class named in tokenizer_config.json is loaded directly when transformers has it:
+    that is the class ``AutoTokenizer`` picks, and going through ``AutoTokenizer`` itself
+    imports torch (~330 MiB resident) into a conversion that never needs it.
+    """
+    import transformers
+
+    name = _tokenizer_config(folder).get("tokenizer_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the tokenizer in {folder}: {e}") from None
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
 
 
 def pre_tokenizer_name(tokenizer) -> str:
@@ -233,10 +253,7 @@ def _is_byte_fallback_bpe(folder: Path) -> bool:
 
 
 def _added_tokens_decoder(folder: Path) -> dict[int, dict]:
-    path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    decoder = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+    decoder = _tokenizer_config(folder).get("added_tokens_decoder", {})
     return {int(i): entry for i, entry in decoder.items()}
 
 

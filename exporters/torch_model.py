@@ -2,9 +2,10 @@
 
 Loading: a Hugging Face folder through ``AutoModelForCausalLM``; a GGUF through
 transformers' ``gguf_file=`` dequantization. Device and dtype are chosen automatically:
-CUDA or MPS with bf16 (fp16 on MPS), else CPU with fp32. Before loading, the weights'
-size (parameter count x dtype bytes) is checked against free memory, so a model that
-cannot fit fails in a second with a suggestion instead of swapping for an hour.
+CUDA with bf16, MPS with fp16, else CPU with fp32, or bf16 when fp32 would not fit in
+RAM. Before loading, the weights' size (parameter count x dtype bytes) is checked against
+free memory, so a model that cannot fit fails in a second with a suggestion instead of
+swapping for an hour.
 
 Skipping layers never copies weights: ``LayerRunner`` records, in one full forward pass,
 the keyword arguments each decoder layer receives (attention mask, rotary embeddings:
@@ -16,78 +17,80 @@ norm, head", without re-implementing the model's masks or rotary tables.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from dataclasses import dataclass
 
 import gguf
 import torch
 
+from exporters.checkpoint import tensor_index
 from exporters.loading import ModelSource, field_value, open_gguf
 
 log = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-_ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 # Scoring holds the weights plus a few [tokens x hidden] activations and a
 # [tokens x vocab] logits block; 15% + 1 GiB covers that for calibration-sized inputs.
 _OVERHEAD = 1.15
 _HEADROOM = 1 << 30
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA (bf16), MPS (fp16) or CPU (fp32)."""
+def pick_device(n_params: int) -> tuple[torch.device, torch.dtype]:
+    """CUDA (bf16), MPS (fp16), or CPU: fp32 when it fits in RAM, else bf16.
+
+    fp32 is exact and fast on every CPU, so it is preferred; an 8B model needs 32 GiB in
+    fp32 but 16 GiB in bf16, so on a 24 GiB machine bf16 is what makes scoring possible.
+    """
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps"), torch.float16
-    return torch.device("cpu"), torch.float32
+    cpu = torch.device("cpu")
+    if _need(n_params, torch.float32) <= _free(cpu):
+        return cpu, torch.float32
+    log.info("float32 weights (%.1f GiB) would not fit in RAM; scoring in bfloat16",
+             n_params * 4 / 2**30)
+    return cpu, torch.bfloat16
+
+
+def _need(n_params: int, dtype: torch.dtype) -> int:
+    return int(n_params * _DTYPE_BYTES[dtype] * _OVERHEAD) + _HEADROOM
+
+
+def _free(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def count_params(source: ModelSource) -> int:
     """Parameter count from tensor shapes in the file headers (nothing is loaded)."""
     if source.kind == "gguf":
         return sum(int(t.n_elements) for t in open_gguf(source.path).tensors)
-    total = 0
-    for f in sorted(source.path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                size = 1
-                for d in meta["shape"]:
-                    size *= d
-                total += size
-    return total
+    return sum(t.n_elements for t in tensor_index(source.path).values())
 
 
 def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
     """Raise ValueError when ``n_params`` weights in ``dtype`` cannot fit on ``device``."""
-    need = int(n_params * _DTYPE_BYTES[dtype] * _OVERHEAD) + _HEADROOM
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info()[0]
-        where = "GPU memory"
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-        where = "RAM"
+    need, free = _need(n_params, dtype), _free(device)
+    where = "GPU memory" if device.type == "cuda" else "RAM"
     if need > free:
         raise ValueError(
             f"scoring needs about {need / 2**30:.1f} GiB ({n_params / 1e9:.2f} B parameters "
             f"as {str(dtype).removeprefix('torch.')}) but only {free / 2**30:.1f} GiB of {where} "
-            "is free; use --drop-layers to skip scoring, or score on a machine with a GPU "
-            "(bf16 halves the size)")
+            "is free; use --drop-layers to skip scoring, close other programs, or score on "
+            "a machine with more memory")
 
 
 def load_for_scoring(source: ModelSource):
     """(model, tokenizer, device) ready for inference, with no gradient by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = pick_device()
-    check_fits(count_params(source), dtype, device)
+    n_params = count_params(source)
+    device, dtype = pick_device(n_params)
+    check_fits(n_params, dtype, device)
     if source.kind == "gguf":
         kw = {"gguf_file": source.path.name}
         folder = source.path.parent

@@ -146,10 +146,10 @@ def test_tiny_models_match_pytorch(family, smollm2_hf, tmp_path, monkeypatch):
 
 def test_permute_qk_interleaves_rope_pairs():
     # one head of dim 4: HF rows (x0, x1, y0, y1) -> llama.cpp rows (x0, y0, x1, y1)
-    w = torch.arange(8.0).reshape(4, 2)
+    w = np.arange(8.0).reshape(4, 2)
     assert permute_qk(w, 1)[:, 0].tolist() == [0.0, 4.0, 2.0, 6.0]
     # two heads permute independently
-    assert permute_qk(torch.arange(8.0), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert permute_qk(np.arange(8.0), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_llama3_rope_factors():

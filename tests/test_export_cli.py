@@ -282,3 +282,21 @@ def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
     with LlamaModel(out / names[1], vocab_only=True) as model:
         assert model.meta(keys.METHOD) == "bi"
         assert model.meta("llama.block_count") == str(30 - len(report["dropped"]))
+
+
+def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
+    """An 8B model (32 GiB in fp32) on a 24 GiB machine is scored in bf16 (16 GiB)."""
+    torch = pytest.importorskip("torch")
+    from exporters import torch_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch_model, "_free", lambda device: 22 * 2**30)
+    assert torch_model.pick_device(135_000_000)[1] == torch.float32
+    device, dtype = torch_model.pick_device(8_000_000_000)
+    assert (device.type, dtype) == ("cpu", torch.bfloat16)
+    torch_model.check_fits(8_000_000_000, dtype, device)  # fits: no error
+    # 16B parameters fit in neither dtype: a clear error with a way out
+    assert torch_model.pick_device(16_000_000_000)[1] == torch.bfloat16
+    with pytest.raises(ValueError, match=r"needs about 35\.\d GiB .* 22\.0 GiB .*--drop-layers"):
+        torch_model.check_fits(16_000_000_000, torch.bfloat16, device)
