@@ -67,6 +67,7 @@ class Vocab:
     special: gguf.SpecialVocab
     scores: list[float] | None = None
     add_space_prefix: bool | None = None
+    remove_extra_whitespaces: bool | None = None
 
 
 def load_vocab(folder: Path, n_vocab: int, sentencepiece_space_prefix: bool = True) -> Vocab:
@@ -80,7 +81,8 @@ def load_vocab(folder: Path, n_vocab: int, sentencepiece_space_prefix: bool = Tr
     tok = _hf_tokenizer(folder)
     if (folder / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(folder, n_vocab)
-        vocab.add_space_prefix = sentencepiece_space_prefix
+        if vocab.add_space_prefix is None:  # the model file did not say
+            vocab.add_space_prefix = sentencepiece_space_prefix
     elif _is_byte_fallback_bpe(folder):
         vocab = _llama_hf_vocab(folder)
     else:
@@ -98,6 +100,8 @@ def write_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_token_types(vocab.toktypes)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.remove_extra_whitespaces is not None:
+        writer.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
     vocab.special.add_to_gguf(writer, quiet=True)
 
 
@@ -202,10 +206,14 @@ def _sentencepiece_vocab(folder: Path, n_vocab: int) -> Vocab:
     tokens: list[str | bytes] = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     toktypes = [int(gguf.TokenType.UNUSED)] * n_vocab
+    proto = _sp_proto(folder / "tokenizer.model")
     for i in range(size):
         tokens[i] = sp.IdToPiece(i).encode()
         scores[i] = sp.GetScore(i)
-        toktypes[i] = _sp_type(sp, i)
+        # the model file's own piece types (they include USER_DEFINED: pieces matched whole
+        # before the merges, like Gemma's turn markers); without protobuf, the processor's
+        toktypes[i] = (_SP_TYPES.get(proto.pieces[i].type, gguf.TokenType.NORMAL)
+                       if proto is not None else _sp_type(sp, i))
     for i, entry in _added_tokens_decoder(folder).items():
         if i >= n_vocab:
             continue
@@ -218,7 +226,28 @@ def _sentencepiece_vocab(folder: Path, n_vocab: int) -> Vocab:
         tokens[i] = text.encode()
         scores[i] = -1000.0
     special = gguf.SpecialVocab(folder, n_vocab=n_vocab)
-    return Vocab("llama", "default", tokens, toktypes, special, scores=scores)
+    vocab = Vocab("llama", "default", tokens, toktypes, special, scores=scores)
+    if proto is not None:  # llama.cpp must prepend a space and squeeze runs as SP does
+        vocab.add_space_prefix = proto.normalizer_spec.add_dummy_prefix
+        vocab.remove_extra_whitespaces = proto.normalizer_spec.remove_extra_whitespaces
+    return vocab
+
+
+# SentencePiece ModelProto.SentencePiece.Type -> llama.cpp token type
+_SP_TYPES = {1: gguf.TokenType.NORMAL, 2: gguf.TokenType.UNKNOWN, 3: gguf.TokenType.CONTROL,
+             4: gguf.TokenType.USER_DEFINED, 5: gguf.TokenType.UNUSED, 6: gguf.TokenType.BYTE}
+
+
+def _sp_proto(path: Path):
+    """The parsed tokenizer.model, or None without protobuf (then the normalizer settings
+    fall back to the architecture's convention)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except (ImportError, TypeError):  # no protobuf, or one too old for the generated code
+        return None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto
 
 
 def _sp_type(sp, i: int) -> int:
