@@ -18,6 +18,7 @@ from exporters.config import (
     DEVICE_PROFILES,
     KEEP,
     METHODS,
+    SCORE_DTYPES,
     ExportConfig,
     parse_layer_list,
 )
@@ -38,6 +39,9 @@ from exporters.config import (
 @click.option("--device-profile", metavar="|".join(DEVICE_PROFILES),
               help="Verify-cost profile for --prune auto [default: gpu when llama.cpp "
                    "can offload to a GPU, else cpu].")
+@click.option("--score-dtype", metavar="|".join(SCORE_DTYPES),
+              help="Weight dtype for scoring [default: auto: bfloat16 on a GPU; float32 on "
+                   "a CPU, or bfloat16 when float32 would not fit in RAM].")
 @click.option("--drop-layers", metavar="LIST",
               help="Exact layers to drop instead of --prune, e.g. '3,7,12' or '10-12'.")
 @click.option("--quant", metavar="TYPE",
@@ -48,7 +52,8 @@ from exporters.config import (
               help="Output folder [default: the current folder].")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | None,
-               keep_layers: str | None, device_profile: str | None, drop_layers: str | None,
+               keep_layers: str | None, device_profile: str | None, score_dtype: str | None,
+               drop_layers: str | None,
                quant: str | None, outdir: Path | None, force: bool) -> None:
     """Export MODEL to a full GGUF and a layer-pruned draft GGUF beside it.
 
@@ -66,7 +71,8 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
         logging.getLogger("gguf").setLevel(logging.WARNING)
     try:
         given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
-                 "method": method, "calib": calib, "device_profile": device_profile}
+                 "method": method, "calib": calib, "device_profile": device_profile,
+                 "score_dtype": score_dtype}
         if drop_layers is not None:
             given["drop_layers"] = parse_layer_list(drop_layers)
         if keep_layers is not None:

@@ -35,6 +35,9 @@ AUTO = "auto"
 # Verify-cost profiles for --prune auto (exporters.autoprune.PROFILES); None: "gpu" when
 # llama.cpp has GPU offload, else "cpu".
 DEVICE_PROFILES = ("cpu", "gpu")
+# Weight dtype for scoring in PyTorch; "auto": bf16 on CUDA, fp16 on MPS, fp32 on a CPU
+# unless fp32 would not fit in RAM (then bf16).
+SCORE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Recorded in the draft when the user listed the layers with --drop-layers.
 MANUAL_METHOD = "manual"
 
@@ -55,6 +58,7 @@ class ExportConfig:
         keep_layers: layers never dropped by ``prune`` (default: the first and last).
         calib: calibration prompts file (.txt or .jsonl) instead of the built-in set.
         device_profile: verify-cost profile for ``prune="auto"`` (``DEVICE_PROFILES``).
+        score_dtype: weight dtype for scoring (``SCORE_DTYPES``).
         force: overwrite existing outputs.
         threads: quantizer threads (None: all cores).
     """
@@ -68,6 +72,7 @@ class ExportConfig:
     keep_layers: tuple[int, ...] | None = None
     calib: Path | None = None
     device_profile: str | None = None
+    score_dtype: str = "auto"
     force: bool = False
     threads: int | None = None
 
@@ -89,6 +94,9 @@ class ExportConfig:
         if self.device_profile is not None and self.device_profile not in DEVICE_PROFILES:
             raise ValueError(f"unknown device profile {self.device_profile!r}; choose one of "
                              f"{', '.join(DEVICE_PROFILES)}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"unknown --score-dtype {self.score_dtype!r}; choose one of "
+                             f"{', '.join(SCORE_DTYPES)}")
         if self.calib is not None:
             object.__setattr__(self, "calib", Path(self.calib).expanduser())
         if self.threads is not None and self.threads < 1:

@@ -169,7 +169,7 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     costs = autoprune.byte_profile(full, plan.n_layers)
 
     t = time.perf_counter()
-    model, tokenizer, _ = load_for_scoring(source)
+    model, tokenizer, _ = load_for_scoring(source, cfg.score_dtype)
     runner = LayerRunner(model)
     if runner.n_layers != plan.n_layers:
         raise ValueError(f"{source.path.name} has {runner.n_layers} layers in PyTorch but "

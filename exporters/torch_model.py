@@ -84,12 +84,19 @@ def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
             "a machine with more memory")
 
 
-def load_for_scoring(source: ModelSource):
-    """(model, tokenizer, device) ready for inference, with no gradient by default."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_for_scoring(source: ModelSource, dtype_name: str = "auto"):
+    """(model, tokenizer, device) ready for inference, with no gradient by default.
+
+    ``dtype_name``: "auto" (``pick_device``) or a weight dtype to use on the picked device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     n_params = count_params(source)
     device, dtype = pick_device(n_params)
+    dtype = _DTYPES.get(dtype_name, dtype)
     check_fits(n_params, dtype, device)
     if source.kind == "gguf":
         kw = {"gguf_file": source.path.name}

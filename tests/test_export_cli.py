@@ -91,6 +91,7 @@ def test_broken_gguf(smollm2_gguf, tmp_path, damage, match):
     (["--prune", "0.2", "--drop-layers", "3"], "not both"),
     (["--quant", "Q9_9"], "unknown --quant"),
     (["--method", "magic"], "unknown method 'magic'"),
+    (["--score-dtype", "fp8"], "unknown --score-dtype 'fp8'"),
     (["--prune", "lots"], "--prune takes a fraction"),
     (["--prune", "auto", "--method", "even"], "needs a scoring method"),
     (["--device-profile", "tpu"], "unknown device profile"),
