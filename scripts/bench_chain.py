@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reuse-exports", action="store_true",
                     help="bench drafts already exported in --work instead of exporting again")
+    ap.add_argument("--reuse-bench", action="store_true",
+                    help="with --reuse-exports: keep a draft's earlier bench.json too (the "
+                         "summary marks such rows)")
     args = ap.parse_args()
     if args.plan:
         plan = [tuple(item.split(":")) for item in args.plan.split(",")]
@@ -74,8 +77,11 @@ def main() -> None:
                  "--draft-max", args.draft_max, "--json", str(result_json)]
         if args.threads:
             bench += ["--threads", str(args.threads)]
-        run(bench)
+        reused = args.reuse_exports and args.reuse_bench and result_json.is_file()
+        if not reused:
+            run(bench)
         r = json.loads(result_json.read_text())
+        r["reused"] = reused
         r["dropped"] = json.loads(full.with_name(full.name[:-5] + ".layers.json").read_text()
                                   ).get("dropped") if method != "even" else None
         machine = r["machine"]
@@ -108,7 +114,8 @@ def write_summary(rows, machine: dict, args) -> None:
         alpha = modes.get("gamma=1", {}).get("alpha", float("nan"))
         same = min(m["identical_to_plain"] for m in modes.values())
         lines.append(
-            f"| {model} | {method} | {ratio} | {r.get('dropped') or ''} | "
+            f"| {model} | {method}{' *' if r.get('reused') else ''} | {ratio} | "
+            f"{r.get('dropped') or ''} | "
             f"{modes['plain']['tokens_per_s']:.1f} | "
             f"{modes['adaptive']['speedup']:.2f}x | "
             + (f"{best}: {fixed[best]['speedup']:.2f}x | " if best else "| ")
@@ -120,6 +127,9 @@ def write_summary(rows, machine: dict, args) -> None:
                  if m.get("note")), None)
     if note:
         lines += ["", f"Adaptive mode's verdict: {note}."]
+    if any(r.get("reused") for *_, r in rows):
+        lines += ["", "\\* benchmarked in an earlier run of this script (--reuse-bench); "
+                  "other rows in this run."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

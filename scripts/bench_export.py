@@ -15,7 +15,10 @@ reflects the streaming itself; (c) then scores in bfloat16 (``--score-dtype``), 
 does for a model whose float32 weights would not fit in RAM (an 8B model on 24 GiB).
 
 Each export runs as its own ``bridge export`` process, so every peak RSS is that run's
-alone (read with os.wait4). Run from the checkout: ``.venv/bin/python scripts/bench_export.py``.
+alone (read with os.wait4); its anonymous part (memory that must fit in RAM, as opposed to
+file pages of mapped model files) is sampled from /proc (Linux).
+
+    .venv/bin/python scripts/bench_export.py [--synthetic 1]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +43,12 @@ def run(label: str, args: list[str], out_dir: Path, f16_mib: float) -> None:
     cmd = [sys.executable, "-m", "bridge.cli", "export", *args, "-o", str(out_dir), "--force"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    anon = [0]
+    watcher = threading.Thread(target=_watch_anon, args=(proc.pid, anon), daemon=True)
+    watcher.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    watcher.join()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{label}: export failed:\n{err}")
@@ -49,7 +57,27 @@ def run(label: str, args: list[str], out_dir: Path, f16_mib: float) -> None:
     # ru_maxrss is in KiB on Linux
     rss = usage.ru_maxrss / 1024
     print(f"{label:36s} wall {wall:6.1f} s   peak RSS {rss:6.0f} MiB = {rss / f16_mib:.2f}x F16"
-          f"   ({sizes})")
+          f", anonymous {anon[0]:6.0f} MiB = {anon[0] / f16_mib:.2f}x   ({sizes})")
+
+
+def _watch_anon(pid: int, peak: list[float]) -> None:
+    """Peak anonymous resident memory (MiB) of ``pid``, sampled every 50 ms.
+
+    RSS also counts file pages mapped from the model files (safetensors, the GGUF being
+    quantized); the kernel drops those under pressure, so anonymous memory is what must
+    fit in RAM.
+    """
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        if "RssAnon" not in text:  # a zombie: the process has exited
+            return
+        kib = int(text.split("RssAnon:")[1].split()[0])
+        peak[0] = max(peak[0], kib / 1024)
+        time.sleep(0.05)
 
 
 def synthetic_model(billions: float, tokenizer_from: Path) -> Path:
