@@ -42,14 +42,11 @@ class TensorEntry:
             raise ValueError(f"{self.path.name}: tensor dtype {self.dtype} is not supported")
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.begin,
                         shape=(self.end - self.begin,))
-        try:
-            if self.dtype == "BF16":
-                bits = raw.view("<u2").astype(np.uint32) << 16
-                out = bits.view(np.float32)
-            else:
-                out = raw.view(np.dtype(_NP[self.dtype]).newbyteorder("<")).astype(np.float32)
-        finally:
-            del raw
+        # both branches copy, so the mapping is released when ``raw`` goes out of scope
+        if self.dtype == "BF16":
+            out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.view(np.dtype(_NP[self.dtype]).newbyteorder("<")).astype(np.float32)
         return out.reshape(self.shape)
 
 

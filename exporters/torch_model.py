@@ -35,22 +35,28 @@ _OVERHEAD = 1.15
 _HEADROOM = 1 << 30
 
 
-def pick_device(n_params: int) -> tuple[torch.device, torch.dtype]:
+def pick_device(n_params: int, dtype_name: str = "auto") -> tuple[torch.device, torch.dtype]:
     """CUDA (bf16), MPS (fp16), or CPU: fp32 when it fits in RAM, else bf16.
 
     fp32 is exact and fast on every CPU, so it is preferred; an 8B model needs 32 GiB in
     fp32 but 16 GiB in bf16, so on a 24 GiB machine bf16 is what makes scoring possible.
+    ``dtype_name`` other than "auto" (``SCORE_DTYPES``) fixes the dtype on that device.
     """
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps"), torch.float16
-    cpu = torch.device("cpu")
-    if _need(n_params, torch.float32) <= _free(cpu):
-        return cpu, torch.float32
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device, dtype = torch.device("mps"), torch.float16
+    else:
+        device, dtype = torch.device("cpu"), None
+    if dtype_name != "auto":
+        return device, getattr(torch, dtype_name)
+    if dtype is not None:
+        return device, dtype
+    if _need(n_params, torch.float32) <= _free(device):
+        return device, torch.float32
     log.info("float32 weights (%.1f GiB) would not fit in RAM; scoring in bfloat16",
              n_params * 4 / 2**30)
-    return cpu, torch.bfloat16
+    return device, torch.bfloat16
 
 
 def _need(n_params: int, dtype: torch.dtype) -> int:
@@ -84,19 +90,15 @@ def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
             "a machine with more memory")
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_for_scoring(source: ModelSource, dtype_name: str = "auto"):
     """(model, tokenizer, device) ready for inference, with no gradient by default.
 
-    ``dtype_name``: "auto" (``pick_device``) or a weight dtype to use on the picked device.
+    ``dtype_name``: see ``pick_device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     n_params = count_params(source)
-    device, dtype = pick_device(n_params)
-    dtype = _DTYPES.get(dtype_name, dtype)
+    device, dtype = pick_device(n_params, dtype_name)
     check_fits(n_params, dtype, device)
     if source.kind == "gguf":
         kw = {"gguf_file": source.path.name}

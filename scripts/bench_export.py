@@ -85,14 +85,16 @@ def synthetic_model(billions: float, tokenizer_from: Path) -> Path:
     import torch
     import transformers
 
-    hidden, ffn, per_layer = 2048, 5632, 4 * 2048 * 2048 * 5 // 8 + 3 * 2048 * 5632
-    n_layers = max(2, round((billions * 1e9 - 2 * 49152 * hidden) / per_layer))
+    hidden, ffn, vocab = 2048, 5632, 49152
+    kv = hidden // 4  # 8 of 32 heads for keys and values
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn  # q, o; k, v; MLP
+    n_layers = max(2, round((billions * 1e9 - 2 * vocab * hidden) / per_layer))
     folder = ROOT / "bench" / "work" / f"synthetic-{n_layers}L"
     if (folder / "model.safetensors.index.json").is_file() or \
             (folder / "model.safetensors").is_file():
         return folder
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layers,
         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
