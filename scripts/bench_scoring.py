@@ -1,10 +1,10 @@
-"""Time ``bridge export`` per layer-scoring method on SmolLM2 (one CPU thread).
+"""Time ``bridge export`` per layer-scoring method on SmolLM2.
 
 Each run is a whole export (calibration text, scoring, held-out acceptance, report,
 draft) into a temporary folder, so the time is what a user waits.
 
     .venv/bin/python scripts/bench_scoring.py [--model PATH] [--methods bi,angular,fit,greedy]
-        [--prune 0.1]
+        [--prune 0.1] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ def main() -> None:
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--methods", default="bi,angular,fit,greedy")
     ap.add_argument("--prune", default="0.1")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default, all cores)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
 
     from exporters.config import ExportConfig
     from exporters.export import run_export
