@@ -84,9 +84,10 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
     if result.report is not None:
         from rich.console import Console
 
-        from exporters.report import table
+        from exporters.report import summary, table
 
         Console().print(table(result.report))
+        click.echo(summary(result.report))
         for path in result.report_paths:
             click.echo(f"report {path}")
     dropped = ",".join(map(str, result.dropped_layers))

@@ -109,7 +109,7 @@ def write_png(report: LayerReport, path: Path) -> None:
 
 
 def table(report: LayerReport):
-    """A rich Table summarizing the decision (the CLI prints it)."""
+    """A rich Table of the per-layer scores, dropped layers marked (the CLI prints it)."""
     from rich.table import Table
 
     t = Table(title=f"layer choice for {report.model}")
@@ -120,8 +120,13 @@ def table(report: LayerReport):
     for i in range(report.n_layers):
         mark = "dropped" if i in report.dropped else ("kept*" if i in report.protected else "")
         t.add_row(str(i), *(f"{v[i]:.4f}" for v in report.scores.values()), mark)
-    t.caption = (f"dropped {report.dropped} by {report.method}; held-out acceptance "
-                 f"{report.heldout_alpha:.3f}; predicted {report.predicted_speedup:.2f}x "
-                 f"(gamma {report.gamma}, '{report.device_profile}' profile)"
-                 + (f"\n{report.auto['reason']}" if report.auto else ""))
     return t
+
+
+def summary(report: LayerReport) -> str:
+    """The decision in a line (two with --prune auto), printed under the table: a table
+    caption would be wrapped to the table's narrow width."""
+    return (f"dropped {report.dropped} by {report.method}; held-out acceptance "
+            f"{report.heldout_alpha:.3f}; predicted {report.predicted_speedup:.2f}x "
+            f"(gamma {report.gamma}, '{report.device_profile}' profile)"
+            + (f"\n{report.auto['reason']}" if report.auto else ""))
