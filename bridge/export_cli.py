@@ -6,6 +6,7 @@ Defaults live in ``exporters.config``; only options the user gave are passed on.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -66,6 +67,9 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
     from exporters.export import run_export  # the exporter loads only when used
     from exporters.report import rich_stages
 
+    # `kill` (SIGTERM) must clean up like Ctrl-C: as an exception, the exporter's
+    # staging removes its temporary files on the way out instead of leaving them behind
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     # gguf-py narrates every file it writes at INFO; show that only with -vv
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -99,3 +103,7 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
