@@ -20,13 +20,23 @@ from runtime.sampling import Sampler, top1_prob
 
 @dataclass
 class Draft:
-    """Tokens proposed for the positions after the sequence; ``probs[i]`` is q for
-    ``tokens[i]`` (empty under greedy decoding), ``seconds`` the time spent drafting."""
+    """Tokens proposed for the positions after the sequence.
+
+    ``probs[i]`` is q for ``tokens[i]`` (empty when the proposal is deterministic: greedy,
+    or a lookup, where q is one-hot). ``seconds`` is the time spent drafting proper and
+    ``catchup_seconds`` / ``n_catchup`` the time and tokens spent first reading what the
+    drafter had not seen, kept apart so catch-up never poses as draft cost. ``match_len``
+    is the length of the context match a lookup drafter found (acceptance grows with it).
+    """
 
     tokens: list[int] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     n_evals: int = 0
+    catchup_seconds: float = 0.0
+    n_catchup: int = 0
+    source: str = "pruned"
+    match_len: int = 0
 
 
 class Drafter(Protocol):
