@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv with bridge and its extras (default: export,dev). Idempotent: when nothing
+# Creates .venv with bridge and its extras (default: export,dev,serve). Idempotent: when nothing
 # changed since the last successful run, it checks the venv and exits in seconds.
 #
 #   BRIDGE_EXTRAS=""        runtime only (no torch): enough for `bridge chat`
+#   BRIDGE_EXTRAS=serve     runtime and `bridge serve` (still no torch)
 #   BRIDGE_TORCH=...        override the torch requirement (default: CPU build on Linux
 #                           without CUDA, pinned to the local wheel torch==2.13.0)
 #   BRIDGE_ACCEL=...        cuda | metal | cpu (default: cuda when nvcc and a GPU are present,
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
-EXTRAS="${BRIDGE_EXTRAS-export,dev}"
+EXTRAS="${BRIDGE_EXTRAS-export,dev,serve}"
 VENV=.venv
 die() { echo "setup: $*" >&2; exit 1; }
 
