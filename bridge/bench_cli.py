@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from bridge.run_cli import user_errors
+from runtime.bench_prompts import PROMPT_SETS
+from runtime.config import DRAFTERS
 
 
 def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
@@ -20,27 +22,23 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
                                  ) from None
 
 
-def _read_prompts(path: Path) -> tuple[str, ...]:
-    """One prompt per line (.txt) or per {"prompt": ...} object (.jsonl)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        try:
-            return tuple(json.loads(ln)["prompt"] for ln in text.splitlines() if ln.strip())
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: each line must be a JSON object with a 'prompt' "
-                             f"field ({e})") from None
-    return tuple(ln.strip() for ln in text.splitlines() if ln.strip())
-
-
 @click.command("bench")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--draft", type=click.Path(path_type=Path),
               help="Draft GGUF (default: MODEL.draft.gguf beside the model).")
+@click.option("--drafter", type=click.Choice(DRAFTERS),
+              help="Sources to compare: auto (lookup, plus the pruned draft when there is "
+                   "one), lookup or pruned [default: auto].")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
-              help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")
+              help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}); "
+                   "replaces the built-in sets.")
+@click.option("--set", "prompt_sets", multiple=True, type=click.Choice(list(PROMPT_SETS)),
+              help="Built-in prompt set (repeatable): open-ended or copy-heavy "
+                   "[default: both].")
 @click.option("-n", "--max-tokens", type=int, help="Tokens generated per prompt.")
-@click.option("--draft-max", "gammas", callback=_int_list,
-              help="Fixed gammas to run besides plain and adaptive, e.g. 2,4,8.")
+@click.option("--gammas", "gammas", callback=_int_list,
+              help="Fixed pruned-draft gammas to run besides the adaptive modes, e.g. 2,4,8.")
+@click.option("--lookup-gamma", type=int, help="Forced lookup mode's gamma (0: none).")
 @click.option("--temp", type=float, default=0.0, show_default=True,
               help="Sampling temperature (greedy by default, so outputs can be compared).")
 @click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens.")
@@ -51,21 +49,29 @@ def _read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path),
               help="Write a PNG chart of speed and the verify-cost curve.")
 @user_errors
-def bench_cmd(model, draft, prompts_file, max_tokens, gammas, temp, n_ctx, n_gpu_layers,
-              n_threads, json_out, plot_out) -> None:
-    """Compare plain and speculative decoding side by side on this machine."""
+def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
+              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, json_out, plot_out) -> None:
+    """Compare plain decoding and each draft source side by side on this machine."""
     from runtime.bench import BenchConfig, run_bench
-    from runtime.config import RuntimeConfig, SamplingConfig
+    from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
     from runtime.engine import Engine
+    from runtime.prompts_file import read_prompts
 
-    given = {k: v for k, v in dict(max_tokens=max_tokens, fixed_gammas=gammas).items()
-             if v is not None}
+    given = {k: v for k, v in dict(max_tokens=max_tokens, fixed_gammas=gammas,
+                                   lookup_gamma=lookup_gamma).items() if v is not None}
     if prompts_file:
-        given["prompts"] = _read_prompts(prompts_file)
+        given["prompts"] = tuple(read_prompts(prompts_file))
+    if prompt_sets:
+        given["prompt_sets"] = tuple(prompt_sets)
     cfg = BenchConfig(**given)
+    if drafter == "none":
+        raise ValueError("bench compares draft sources; --drafter none leaves nothing to "
+                         "compare (plain decoding is always one of the modes)")
     runtime = RuntimeConfig(**{k: v for k, v in dict(
         n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads).items() if v is not None})
-    with Engine(model, draft=draft or "auto", runtime=runtime,
+    spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
+    use_draft = None if drafter == "lookup" else (draft or "auto")
+    with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,
                 sampling=SamplingConfig(temp=temp)) as engine:
         result = run_bench(engine, cfg)
     if json_out and str(json_out) == "-":
@@ -73,39 +79,46 @@ def bench_cmd(model, draft, prompts_file, max_tokens, gammas, temp, n_ctx, n_gpu
         return
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
-    _print_table(result)
+    _print_tables(result)
     if plot_out:
         _plot(result, plot_out)
 
 
-def _print_table(r: dict) -> None:
+def _print_tables(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=max(110, Console().width))
+    greedy = "greedy" if r["greedy"] else "sampled"
+    for set_name, res in r["sets"].items():
+        t = Table(title=f"{r['model']}: '{set_name}' prompts ({res['n_prompts']} x "
+                        f"{r['max_tokens']} tokens, {greedy})")
+        for col in ("mode", "tok/s", "speedup", "theory", "tok/step", "accept", "by source",
+                    "same", "margins", "mean γ", "python"):
+            t.add_column(col, justify="right", no_wrap=col != "by source")
+        for name, m in res["modes"].items():
+            by = " ".join(f"{s} {v['accepted']}/{v['drafted']}" for s, v in m["sources"].items())
+            t.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x",
+                      f"{m['theoretical_speedup']:.2f}x" if "theoretical_speedup" in m else "",
+                      f"{m['tokens_per_step']:.2f}",
+                      f"{m['acceptance_rate']:.0%}" if name != "plain" else "", by,
+                      f"{m['identical_to_plain']}/{res['n_prompts']}",
+                      " ".join(f"{x:.2f}" for x in m["divergence_margins"]),
+                      f"{m['mean_gamma']:.2f}", f"{m['python_overhead']:.1%}")
+        console.print(t)
+        for name, m in res["modes"].items():
+            if m.get("note"):
+                console.print(f"{set_name} / {name}: {m['note']}")
+    console.print("speedup: against plain in the same run; theory: the cost model from "
+                  "measured alpha and costs; tok/step: tokens per target evaluation; same: "
+                  "outputs identical to plain; margins: the full model's top-2 logit gap "
+                  "where an output first differs (small = a near-tie); python: time "
+                  "outside llama_decode")
     c = r["costs"]
-    t = Table(title=f"{r['model']} + {r['draft']}  ({r['n_prompts']} prompts x "
-                    f"{r['max_tokens']} tokens, {'greedy' if r['greedy'] else 'sampled'})")
-    for col in ("mode", "tok/s", "speedup", "theory", "accept", "acc/step", "same",
-                "mean γ", "python"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for name, m in r["modes"].items():
-        t.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x",
-                  f"{m['theoretical_speedup']:.2f}x" if "theoretical_speedup" in m else "",
-                  f"{m['acceptance_rate']:.0%}" if name != "plain" else "",
-                  f"{m['mean_accepted_per_step']:.2f}" if name != "plain" else "",
-                  f"{m['identical_to_plain']}/{r['n_prompts']}",
-                  f"{m['mean_gamma']:.2f}", f"{m['python_overhead']:.1%}")
-    console = Console(width=max(100, Console().width))
-    console.print(t)
-    console.print("speedup: against plain in this run; theory: from measured alpha, gamma and "
-                  "costs; same: greedy outputs identical to plain; python: time outside "
-                  "llama_decode")
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
-    console.print(f"target step {c['target_step_ms']:.2f} ms; draft step {c['draft_step_ms']} ms"
-                  f" (c = {c['c']}); verify k tokens / 1 token: {curve}")
-    for name, m in r["modes"].items():
-        if m.get("note"):
-            console.print(f"{name}: {m['note']}")
+    console.print(f"cpu: {r['machine']['cpu']}; target step {c['target_step_ms']:.2f} ms; "
+                  f"draft step {c['draft_step_ms']} ms (c = {c['c']}); verify k tokens / "
+                  f"1 token: {curve}")
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -118,8 +131,10 @@ def _plot(r: dict, path: Path) -> None:
         raise ValueError("--plot needs matplotlib (the export extra): pip install matplotlib"
                          ) from None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(r["modes"])
-    a.bar(names, [r["modes"][n]["tokens_per_s"] for n in names], color="#4a7")
+    modes = next(iter(r["sets"].values()))["modes"]
+    names = list(modes)
+    a.bar(names, [modes[n]["tokens_per_s"] for n in names], color="#4a7")
+    a.tick_params(axis="x", rotation=30)
     a.set_ylabel("tokens/s")
     a.set_title("decode speed")
     ks = [int(k) for k in r["costs"]["verify_curve"]]

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import click
 
-from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
+from runtime.config import (
+    DRAFTERS,
+    GenerationConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    SpeculativeConfig,
+)
 
 log = logging.getLogger("bridge")
 
@@ -25,11 +31,19 @@ def engine_options(f: Callable) -> Callable:
         click.argument("model", type=click.Path(path_type=Path)),
         click.option("--draft", "draft", type=click.Path(path_type=Path),
                      help="Draft GGUF (default: MODEL.draft.gguf beside the model, if any)."),
-        click.option("--no-draft", is_flag=True, help="Plain decoding, same code path."),
-        click.option("--draft-max", type=int, help="Most tokens drafted per step."),
+        click.option("--drafter", type=click.Choice(DRAFTERS),
+                     help="Draft source: auto (context lookup, plus the pruned draft when "
+                          "there is one), lookup, pruned or none [default: auto]."),
+        click.option("--no-draft", is_flag=True, help="Same as --drafter none: plain "
+                     "decoding, same code path."),
+        click.option("--draft-max", type=int,
+                     help="Most tokens drafted per step (the adaptive upper bound)."),
         click.option("--p-min", type=float, help="Stop drafting below this draft confidence."),
         click.option("--fixed-gamma", is_flag=True,
                      help="Always draft --draft-max tokens (no adaptation; for benchmarks)."),
+        click.option("--recalibrate", is_flag=True,
+                     help="Measure this device's costs afresh instead of reusing the "
+                          "profile stored by an earlier run."),
         click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens."),
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int,
                      help="Layers offloaded to the GPU (-1: all)."),
@@ -57,12 +71,16 @@ def build_engine(o: dict):
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
                                      n_threads=o["n_threads"]))
-    spec = SpeculativeConfig(**_given(draft_max=o["draft_max"], p_min=o["p_min"]),
-                             adaptive=not o["fixed_gamma"])
+    drafter = "none" if o["no_draft"] else o["drafter"]
+    if o["no_draft"] and o["drafter"] not in (None, "none"):
+        raise ValueError(f"--no-draft contradicts --drafter {o['drafter']}; give one of them")
+    spec = SpeculativeConfig(**_given(draft_max=o["draft_max"], p_min=o["p_min"],
+                                      drafter=drafter),
+                             adaptive=not o["fixed_gamma"], recalibrate=o["recalibrate"])
     sampling = SamplingConfig(**_given(temp=o["temp"], top_k=o["top_k"], top_p=o["top_p"],
                                        min_p=o["min_p"], repeat_penalty=o["repeat_penalty"],
                                        seed=o["seed"]))
-    draft = None if o["no_draft"] else (o["draft"] or "auto")
+    draft = None if drafter in ("none", "lookup") else (o["draft"] or "auto")
     return Engine(o["model"], draft=draft, runtime=runtime, speculative=spec,
                   sampling=sampling)
 
@@ -85,13 +103,17 @@ def user_errors(f: Callable) -> Callable:
 
 
 def stats_line(stats) -> str:
-    s = f"{stats.n_tokens} tokens, {stats.tokens_per_s:.1f} tok/s ({stats.mode}"
+    """One line: speed, and what drafting did (or why it was off)."""
+    s = f"{stats.n_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {stats.mode}"
     if stats.n_drafted:
-        s += (f"; acceptance {stats.acceptance_rate:.0%}, "
-              f"{stats.mean_accepted_per_step:.2f} drafts accepted/step")
-    s += ")"
+        per = ", ".join(f"{name} {v['accepted']}/{v['drafted']}"
+                        for name, v in stats.sources.items())
+        s += (f" (drafts carried by {stats.main_source or 'none'}; accepted {per}; "
+              f"{stats.tokens_per_step:.2f} tokens per target step)")
     if stats.note:
         s += f"; {stats.note}"
+    if stats.finish_reason == "context":
+        s += "; stopped: the context is full (raise -c/--ctx)"
     return s
 
 
@@ -126,6 +148,7 @@ def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, 
                 click.echo(chunk.text, nl=False)
         if as_json:
             click.echo(json.dumps({"text": "".join(text), "tokens": tokens,
+                                   "finish_reason": stats.finish_reason,
                                    "stats": stats.as_dict()}, ensure_ascii=False))
         else:
             click.echo()
@@ -147,8 +170,9 @@ def chat_cmd(system: str | None, **o) -> None:
     gen = generation(o)
     with build_engine(o) as engine:
         session = ChatSession(engine, system)
-        draft = engine.draft_path.name if engine.draft_path else "none (plain decoding)"
-        click.echo(f"bridge chat: {engine.model.path.name}, draft: {draft}", err=True)
+        sources = ", ".join(s if s != "pruned" else f"pruned ({engine.draft_path.name})"
+                            for s in engine.sources) or "none (plain decoding)"
+        click.echo(f"bridge chat: {engine.model.path.name}, drafts: {sources}", err=True)
         click.echo(CHAT_HELP, err=True)
         last: Stats | None = None
         while True:
@@ -197,7 +221,7 @@ def _answer(session, line: str, gen: GenerationConfig):
         click.echo(f"error: {e}", err=True)
         return None
     except RuntimeError as e:  # llama.cpp failed: start the caches afresh, keep the history
-        session.engine.decoder.reset()
+        session.engine.reset()
         click.echo(f"error: {e}; the model's cache was reset, the conversation is kept",
                    err=True)
         return None

@@ -1,13 +1,17 @@
-"""Side-by-side speed of plain and speculative decoding, in one process, interleaved.
+"""Side-by-side speed of plain decoding and each way of drafting, in one process, interleaved.
 
-Every mode (plain, adaptive gamma, fixed gammas) decodes every prompt from an empty cache,
-and the order of modes rotates from prompt to prompt so that all of them share the
-machine's noise. Next to the measured speedup sits the one the cost model predicts from the
-measured acceptance alpha, gamma and step costs:
+Every mode (plain; adaptive over all sources; adaptive with one source; fixed gammas)
+decodes every prompt from an empty cache, and the order of modes rotates from prompt to
+prompt so that all of them share the machine's noise. Two prompt sets are run: open-ended
+prompts, and copy-heavy ones where lookups in the context pay. Next to the measured speedup
+of a fixed-gamma mode sits the one the cost model predicts from its measured acceptance
+alpha and the measured costs (``runtime.costmodel.speedup``), so a gap between the two
+points at overhead rather than at the draft.
 
-    S(gamma) = E(gamma, alpha) * t_verify(1) / (gamma * t_draft + t_verify(gamma + 1))
-
-so a gap between the two points at overhead rather than at the draft.
+Exactness is reported, not assumed: for each mode, how many greedy outputs were identical
+to plain decoding, and, where one differs, the full model's top-2 logit margin at the first
+difference (llama.cpp's logits depend on the batch size, so a verify batch and a one-token
+step may order a near-tie differently).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 
-from runtime.bench_prompts import BENCH_PROMPTS
+from runtime import costmodel
+from runtime.bench_prompts import PROMPT_SETS
 from runtime.chat import ChatSession
 from runtime.context import LlamaContext, gpu_offload_supported
-from runtime.controller import CostModel, GammaController
+from runtime.controller import PRUNED, GammaController
 from runtime.engine import Engine
 from runtime.speculative import SpeculativeDecoder, Stats
 
@@ -33,31 +39,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to run. ``fixed_gammas`` adds one fixed-gamma mode each."""
+    """What to run. ``fixed_gammas`` adds one fixed-gamma pruned-draft mode each;
+    ``lookup_gamma`` one forced lookup mode (0: none)."""
 
-    prompts: tuple[str, ...] = tuple(p for _, p in BENCH_PROMPTS)
+    prompt_sets: tuple[str, ...] = ("open", "copy")
+    prompts: tuple[str, ...] | None = None  # a user's prompt file replaces the sets
     max_tokens: int = 128
     fixed_gammas: tuple[int, ...] = (2, 4)
+    lookup_gamma: int = 8
     verify_k_max: int = 16
     chat: bool = True
 
     def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("the prompt set is empty; give --prompts a file with one prompt "
-                             "per line")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("the prompt file is empty; give --prompts a file with one "
+                             "prompt per line")
+        bad = [s for s in self.prompt_sets if s not in PROMPT_SETS]
+        if bad or not self.prompt_sets:
+            raise ValueError(f"unknown prompt set {bad}; choose from {', '.join(PROMPT_SETS)}")
         if self.max_tokens < 1:
             raise ValueError(f"-n must be >= 1, got {self.max_tokens}")
         if any(g < 1 or g > 32 for g in self.fixed_gammas):
-            raise ValueError(f"--draft-max values must be in 1..32, got {self.fixed_gammas}")
+            raise ValueError(f"--gammas values must be in 1..32, got {self.fixed_gammas}")
+        if not 0 <= self.lookup_gamma <= 32:
+            raise ValueError(f"--lookup-gamma must be in 0..32, got {self.lookup_gamma}")
+
+    def sets(self) -> dict[str, tuple[str, ...]]:
+        if self.prompts is not None:
+            return {"prompts": self.prompts}
+        return {name: tuple(p for _, p in PROMPT_SETS[name]) for name in self.prompt_sets}
 
 
 @dataclass
 class ModeResult:
-    """One mode's runs. Its controller lives across prompts, as in a chat session or a
-    server, so adaptive mode pays its few calibration steps once per run, not per prompt."""
+    """One mode's runs on one prompt set. Its controller lives across prompts, as in a chat
+    session or a server, so adaptive modes pay their calibration once per run."""
 
     name: str
-    gamma: int | None  # None: adaptive; 0: plain
+    sources: tuple[str, ...]      # () is plain decoding
     controller: GammaController
     stats: list[Stats] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
@@ -69,6 +88,27 @@ class ModeResult:
 
     def total(self, attr: str) -> int:
         return sum(getattr(s, attr) for s in self.stats)
+
+
+def make_modes(engine: Engine, cfg: BenchConfig) -> list[ModeResult]:
+    """plain, auto, one adaptive mode per source, forced lookup, fixed pruned gammas."""
+    dm = engine.spec_cfg.draft_max
+    have = engine.sources
+    has_pruned = PRUNED in have
+
+    def mode(name, sources, adaptive=True, gamma=dm):
+        return ModeResult(name, tuple(sources),
+                          GammaController(gamma, adaptive, has_pruned=PRUNED in sources))
+
+    modes = [mode("plain", (), adaptive=False), mode("auto", have)]
+    if len(have) > 1:
+        modes += [mode(src, (src,)) for src in have]
+    if "lookup" in have and cfg.lookup_gamma:
+        modes.append(mode(f"lookup γ={cfg.lookup_gamma}", ("lookup",), False,
+                          cfg.lookup_gamma))
+    if has_pruned:
+        modes += [mode(f"pruned γ={g}", (PRUNED,), False, g) for g in cfg.fixed_gammas]
+    return modes
 
 
 def measure_costs(engine: Engine, k_max: int, reps: int = 5, n_context: int = 64) -> dict:
@@ -98,62 +138,73 @@ def measure_costs(engine: Engine, k_max: int, reps: int = 5, n_context: int = 64
     return {"verify": verify, "draft": draft}
 
 
-def theoretical_speedup(costs: dict, gamma: int, alpha: float) -> float:
+def theoretical_speedup(costs: dict, source: str, gamma: int, alpha: float) -> float:
+    """The cost model's speedup for ``gamma`` drafts from ``source`` at acceptance alpha."""
     verify = costs["verify"]
-    if gamma == 0 or costs["draft"] is None or gamma + 1 not in verify:
+    c = costs["draft"] if source == PRUNED else 0.0
+    if gamma == 0 or c is None or gamma + 1 not in verify:
         return 1.0
-    step = gamma * costs["draft"] + verify[gamma + 1]
-    return CostModel.expected_tokens(gamma, alpha) * verify[1] / step
+    return costmodel.speedup(gamma, alpha, c, verify.__getitem__)
 
 
 def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
-    """Run every mode on every prompt; return the figures as a JSON-ready dict."""
-    if engine.draft_path is None:
-        raise ValueError("bench needs a draft: put MODEL.draft.gguf beside the model or "
-                         "pass --draft")
-    draft_max = engine.spec_cfg.draft_max
-    modes = [ModeResult("plain", 0, GammaController(draft_max, adaptive=False)),
-             ModeResult("adaptive", None, GammaController(draft_max))]
-    modes += [ModeResult(f"gamma={g}", g, GammaController(g, adaptive=False))
-              for g in cfg.fixed_gammas]
+    """Run every mode on every prompt of every set; return the figures as a JSON-ready dict."""
+    if not engine.sources:
+        raise ValueError("bench needs a draft source; drop --drafter none")
     # chat models get their template; a base model (no template) gets the raw prompt
     session = ChatSession(engine) if cfg.chat and engine.model.chat_template() else None
-    for i, prompt in enumerate(cfg.prompts):
-        ids = (session.render([{"role": "user", "content": prompt}]) if session
-               else engine.model.tokenize(prompt, True, True))
-        for j in range(len(modes)):
-            mode = modes[(i + j) % len(modes)]  # rotate the order: shared noise
-            stats, tokens = _run_mode(engine, mode, ids, cfg.max_tokens)
-            mode.stats.append(stats)
-            mode.outputs.append(tokens)
-        log.info("prompt %d/%d done", i + 1, len(cfg.prompts))
+    results = {}
+    for set_name, prompts in cfg.sets().items():
+        modes = make_modes(engine, cfg)
+        all_ids = []
+        for i, prompt in enumerate(prompts):
+            ids = (session.render([{"role": "user", "content": prompt}]) if session
+                   else engine.model.tokenize(prompt, True, True))
+            all_ids.append(ids)
+            for j in range(len(modes)):
+                mode = modes[(i + j) % len(modes)]  # rotate the order: shared noise
+                stats, tokens = _run_mode(engine, mode, ids, cfg.max_tokens)
+                mode.stats.append(stats)
+                mode.outputs.append(tokens)
+            log.info("%s: prompt %d/%d done", set_name, i + 1, len(prompts))
+        results[set_name] = (modes, all_ids)
     costs = measure_costs(engine, cfg.verify_k_max)
-    return _report(engine, cfg, modes, costs)
+    return _report(engine, cfg, results, costs)
 
 
 def _run_mode(engine: Engine, mode: ModeResult, ids: list[int], max_tokens: int):
-    drafter = engine.decoder.drafter if mode.gamma != 0 else None
-    decoder = SpeculativeDecoder(engine.ctx, drafter, engine.sampler, mode.controller,
-                                 engine.spec_cfg.p_min if mode.gamma is None else 0.0)
-    decoder.reset()
-    if engine.decoder.drafter:
-        engine.decoder.drafter.reset()
+    drafters = [engine.drafters[s] for s in mode.sources]
+    decoder = SpeculativeDecoder(engine.ctx, drafters, engine.sampler, mode.controller,
+                                 engine.spec_cfg.p_min if mode.controller.adaptive else 0.0)
+    engine.reset()
     stats = Stats()
     tokens: list[int] = []
     for step in decoder.generate(ids, max_tokens, engine.model.is_eog, stats):
         tokens.extend(step.tokens)
-    decoder.reset()
+    engine.reset()
     return stats, tokens
 
 
-def _report(engine: Engine, cfg: BenchConfig, modes: list[ModeResult], costs: dict) -> dict:
-    plain = modes[0]
+def divergence_margin(engine: Engine, prompt: list[int], plain: list[int],
+                      other: list[int]) -> float | None:
+    """The full model's top-2 logit margin where ``other`` first leaves ``plain`` (None
+    when they agree): small means a near-tie that batch-size rounding may flip."""
+    i = next((i for i, (a, b) in enumerate(zip(plain, other, strict=False)) if a != b), None)
+    if i is None:
+        return None
+    engine.reset()
+    row = np.sort(np.array(engine.ctx.eval(prompt + plain[:i])[0], dtype=np.float64))
+    engine.reset()
+    return float(row[-1] - row[-2])
+
+
+def _report(engine: Engine, cfg: BenchConfig, results: dict, costs: dict) -> dict:
     t1 = costs["verify"][1]
     out = {
         "machine": machine_info(),
         "model": engine.model.path.name,
         "draft": engine.draft_path.name if engine.draft_path else None,
-        "n_prompts": len(cfg.prompts),
+        "sources": engine.sources,
         "max_tokens": cfg.max_tokens,
         "greedy": engine.sampling.greedy,
         "costs": {
@@ -162,33 +213,53 @@ def _report(engine: Engine, cfg: BenchConfig, modes: list[ModeResult], costs: di
             "c": round(costs["draft"] / t1, 3) if costs["draft"] else None,
             "verify_curve": {k: round(v / t1, 3) for k, v in costs["verify"].items()},
         },
-        "modes": {},
+        "sets": {},
     }
-    for m in modes:
-        n_drafted, n_acc = m.total("n_drafted"), m.total("n_accepted")
-        judged = n_acc + m.total("n_rejections")
-        alpha = n_acc / judged if judged else 0.0
-        gammas = [g for s in m.stats for g in s.gamma_history]
-        row = {
-            "tokens_per_s": round(m.tokens_per_s, 2),
-            "speedup": round(m.tokens_per_s / plain.tokens_per_s, 3) if plain.tokens_per_s
-            else None,
-            "acceptance_rate": round(n_acc / n_drafted, 4) if n_drafted else 0.0,
-            "alpha": round(alpha, 4),
-            "mean_accepted_per_step": round(n_acc / max(m.total("n_steps"), 1), 3),
-            "identical_to_plain": sum(a == b for a, b in zip(m.outputs, plain.outputs,
-                                                              strict=True)),
-            "python_overhead": round(statistics.mean(s.python_overhead for s in m.stats), 4),
-            "mean_gamma": round(statistics.mean(gammas), 3) if gammas else 0.0,
-            "gamma_over_time": gammas[:64],
-        }
-        if m.gamma:
-            row["theoretical_speedup"] = round(theoretical_speedup(costs, m.gamma, alpha), 3)
-        notes = {s.note for s in m.stats if s.note}
-        if notes:
-            row["note"] = sorted(notes)[0]
-        out["modes"][m.name] = row
+    for set_name, (modes, prompts) in results.items():
+        rows = {m.name: _mode_row(engine, m, modes[0], prompts, costs) for m in modes}
+        out["sets"][set_name] = {"n_prompts": len(prompts), "modes": rows}
     return out
+
+
+def _mode_row(engine: Engine, m: ModeResult, plain: ModeResult, prompts: list[list[int]],
+              costs: dict) -> dict:
+    n_drafted, n_acc = m.total("n_drafted"), m.total("n_accepted")
+    judged = n_acc + m.total("n_rejections")
+    alpha = n_acc / judged if judged else 0.0
+    gammas = [g for s in m.stats for g in s.gamma_history]
+    sources: dict[str, dict[str, int]] = {}
+    for s in m.stats:
+        for name, v in s.sources.items():
+            agg = sources.setdefault(name, {"steps": 0, "drafted": 0, "accepted": 0})
+            for k in agg:
+                agg[k] += v[k]
+    margins = [] if m is plain or not engine.sampling.greedy else [
+        divergence_margin(engine, p, a, b)
+        for p, a, b in zip(prompts, plain.outputs, m.outputs, strict=True) if a != b]
+    n_steps = m.total("n_steps")
+    row = {
+        "tokens_per_s": round(m.tokens_per_s, 2),
+        "speedup": round(m.tokens_per_s / plain.tokens_per_s, 3) if plain.tokens_per_s
+        else None,
+        "tokens_per_step": round((m.total("n_tokens") - len(m.stats)) / n_steps, 3)
+        if n_steps else 1.0,
+        "acceptance_rate": round(n_acc / n_drafted, 4) if n_drafted else 0.0,
+        "alpha": round(alpha, 4),
+        "sources": sources,
+        "identical_to_plain": sum(a == b for a, b in zip(m.outputs, plain.outputs,
+                                                          strict=True)),
+        "divergence_margins": [round(x, 4) for x in margins if x is not None],
+        "python_overhead": round(statistics.mean(s.python_overhead for s in m.stats), 4),
+        "mean_gamma": round(statistics.mean(gammas), 3) if gammas else 0.0,
+        "gamma_over_time": gammas[:64],
+    }
+    if not m.controller.adaptive and m.sources:
+        row["theoretical_speedup"] = round(theoretical_speedup(
+            costs, m.sources[0], m.controller.draft_max, alpha), 3)
+    notes = {s.note for s in m.stats if s.note}
+    if notes:
+        row["note"] = sorted(notes)[0]
+    return row
 
 
 def machine_info() -> dict:

@@ -22,3 +22,38 @@ BENCH_PROMPTS: tuple[tuple[str, str], ...] = (
                  "in a bottle."),
     ("creative", "Write a poem about the first snow of winter in a quiet town."),
 )
+
+# Copy-heavy work, where much of the answer repeats the input: drafts looked up in the
+# context pay here even on CPUs.
+COPY_PROMPTS: tuple[tuple[str, str], ...] = (
+    ("code edit", "Rename the variable `total` to `running_sum` in this function and "
+                  "return the whole function:\n\ndef average(values):\n    total = 0\n"
+                  "    count = 0\n    for v in values:\n        total += v\n"
+                  "        count += 1\n    if count == 0:\n        return 0.0\n"
+                  "    return total / count\n"),
+    ("spelling", "Fix the spelling mistakes in this paragraph and write it out in full:\n\n"
+                 "The comittee met on tuesday to discus the new libary budjet. Most members "
+                 "agreed that the curent funding is not enough to mantain the building, and "
+                 "they recomended a smal increase for next year."),
+    ("to json", "Turn this list into a JSON array of objects with the keys name, city and "
+                "age:\n\nAlice Martin, Paris, 34\nBob Chen, Toronto, 29\n"
+                "Carla Diaz, Madrid, 41\nDavid Okafor, Lagos, 38\nEva Novak, Prague, 25"),
+    ("extraction", "Copy every sentence of this notice that mentions a date, word for "
+                   "word:\n\nThe pool closes for cleaning on 3 March. Swimming lessons "
+                   "continue as usual. The sauna reopens on 10 March after repairs. "
+                   "Members can renew their passes online. The summer timetable starts "
+                   "on 1 June and runs until 31 August."),
+    ("quoting", "Repeat the following text exactly, then add one sentence that summarizes "
+                "it:\n\nThe quick brown fox jumps over the lazy dog. The dog does not "
+                "move. The fox runs into the forest and the dog goes back to sleep."),
+    ("code comments", "Add a short comment above each line of this code and return the "
+                      "code:\n\nimport os\nfiles = os.listdir('.')\n"
+                      "sizes = [os.path.getsize(f) for f in files]\nprint(max(sizes))"),
+    ("reformat", "Rewrite this as a Markdown bullet list, one item per line, keeping the "
+                 "words:\n\nmilk; eggs; two loaves of bread; a bag of apples; coffee beans; "
+                 "olive oil; a jar of honey"),
+    ("chat repeat", "Here is my shopping list: apples, pears, bananas, oranges, grapes. "
+                    "Please write it again in alphabetical order, comma separated."),
+)
+
+PROMPT_SETS = {"open": BENCH_PROMPTS, "copy": COPY_PROMPTS}

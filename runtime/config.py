@@ -39,22 +39,33 @@ class SamplingConfig:
         return self.temp == 0.0
 
 
+DRAFTERS = ("auto", "lookup", "pruned", "none")
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Draft-then-verify settings.
 
     Args:
+        drafter: where drafts come from: ``auto`` (lookups in the context, plus the pruned
+            draft GGUF when there is one), ``lookup``, ``pruned`` or ``none`` (plain).
         draft_max: most tokens drafted per step (gamma's upper bound).
-        p_min: stop drafting once the draft's top-1 probability falls below this.
-        adaptive: choose gamma online from measured costs and acceptance (gamma 0 means
-            plain decoding); off means always draft ``draft_max`` tokens.
+        p_min: stop the pruned draft once its top-1 probability falls below this.
+        adaptive: choose the source and gamma online from measured costs and acceptance
+            (gamma 0 is plain decoding); off means always draft ``draft_max`` tokens.
+        recalibrate: measure this device's costs afresh instead of reusing the profile
+            stored by an earlier run with the same files and settings.
     """
 
+    drafter: str = "auto"
     draft_max: int = 8
     p_min: float = 0.5
     adaptive: bool = True
+    recalibrate: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.drafter in DRAFTERS,
+               f"--drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
         _check(1 <= self.draft_max <= 32, f"--draft-max must be in 1..32, got {self.draft_max}")
         _check(0.0 <= self.p_min < 1.0, f"--p-min must be in [0, 1), got {self.p_min}")
 

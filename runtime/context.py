@@ -57,6 +57,11 @@ def _cpu_has_amx() -> bool:
 _USE_EXTRA_BUFTS = not _cpu_has_amx()
 
 
+def llama_cpp_version() -> str:
+    """The llama-cpp-python version (it pins the llama.cpp build it bundles)."""
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
 def gpu_offload_supported() -> bool:
     """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
     return bool(llama_cpp.llama_supports_gpu_offload())
@@ -182,9 +187,12 @@ class LlamaContext:
         if not self._ctx:
             raise RuntimeError(f"llama_init_from_model failed for {model.path} (n_ctx={n_ctx})")
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+        # llama.cpp may lower the batch sizes (n_batch is capped at the context size) and
+        # asserts that no llama_decode exceeds them, so chunk by what it really uses.
+        self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self._ctx),
+                           llama_cpp.llama_n_ubatch(self._ctx))
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._batch_live = True
         self.n_past = 0
         self.eval_seconds = 0.0  # cumulative time inside llama_decode (+ logits sync)

@@ -1,22 +1,26 @@
-"""Choosing how many tokens to draft (gamma) from what this machine actually measures.
+"""Choosing, before every step, a draft source and how many tokens to draft (gamma), from
+what this machine actually measures.
 
-Cost model, per step, in seconds:
+Cost model (``runtime.costmodel``), per step, in seconds:
 
-    T(g) = g * t_draft + t_verify(g + 1) + t_overhead        (g = 0: a plain step)
+    T(g) = g * c_source + t_verify(g + 1) + t_overhead        (g = 0: a plain step)
 
 where t_verify(k) is the target's cost to evaluate k tokens in one batch, fitted as
-a + b * (k - 1) from measured steps. With per-token acceptance alpha (drafts accepted
-independently until the first rejection), a step emits in expectation
+a + b * (k - 1) through the measured batch sizes, c_source is a draft token's cost (the
+pruned draft's measured step; about 0 for a lookup), and E(g) = (1 - alpha^(g+1)) / (1 -
+alpha) tokens are emitted per step at per-token acceptance alpha. Each step the controller
+takes the (source, g) with the best E(g) / T(g); plain decoding is g = 0.
 
-    E(g) = 1 + alpha + ... + alpha^g = (1 - alpha^(g + 1)) / (1 - alpha)
+Acceptance is tracked per source, and for lookup sources per match length (a 6-token
+match predicts far better than a 1-token one). Costs are learnt from every step; the time
+a drafter spends catching up on tokens it had not seen is charged per token, apart from
+drafting, so a long prompt can never pose as an expensive draft.
 
-tokens, so the controller picks g maximizing E(g) / T(g). g = 0 is plain decoding.
-
-Speculation can only pay if, at alpha = 1, some g beats a plain step:
-(g + 1) / T(g) > 1 / T(0). When the measured costs rule that out (as on small CPUs, where
-b and t_draft / t_verify(1) are both large), the controller switches speculation off for
-good instead of paying for probes it already knows cannot win. Otherwise, while gamma is 0,
-it re-probes now and then (backing off exponentially) so it recovers when the text becomes
+The pruned draft is left out of the choice while, on the current costs, even 100%
+acceptance could not beat a plain step (as on small CPUs). That verdict is recomputed
+from the costs at every step, never stored, and the draft's step is re-timed now and then,
+so a wrong early measurement cannot switch it off for good. While plain decoding wins,
+the controller re-probes with exponential back-off, so it recovers when the text becomes
 predictable.
 """
 
@@ -27,30 +31,77 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime import costmodel
+
 log = logging.getLogger(__name__)
 
 _EMA = 0.15          # weight of a new cost sample
 _ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it follows the text
 _PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
+_MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
+PRUNED = "pruned"
 
 
-@dataclass
-class CostModel:
-    """Running estimates of step costs (seconds) and acceptance."""
+@dataclass(frozen=True)
+class Offer:
+    """What a source can draft this step: up to ``n_max`` tokens; ``match_len`` is the
+    context match a lookup found (0 for a model draft)."""
 
-    verify: dict[int, float] = field(default_factory=dict)  # k -> t_verify(k)
-    n_verify: dict[int, int] = field(default_factory=dict)  # k -> samples seen
-    draft: float | None = None          # one draft decode
-    n_draft: int = 0
-    overhead_spec: float = 0.0          # Python time per speculative step
-    overhead_plain: float = 0.0         # Python time per plain step
-    acc: float = 1.4                    # accepted drafts (decayed count)
-    tried: float = 2.0                  # drafts the target judged (decayed count)
+    n_max: int
+    match_len: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step's measurements, as the decode loop hands them over."""
+
+    source: str | None       # who drafted (None: a plain step)
+    gamma: int               # tokens the controller asked for
+    n_verified: int          # tokens the target evaluated in its one batch
+    n_drafted: int
+    n_accepted: int
+    match_len: int = 0
+    draft_seconds: float = 0.0   # drafting proper (catch-up excluded)
+    draft_evals: int = 0
+    catchup_seconds: float = 0.0  # reading tokens the drafter had not seen
+    n_catchup: int = 0
+    verify_seconds: float = 0.0
+    overhead_seconds: float = 0.0  # Python time outside llama_decode
+
+    @property
+    def rejected(self) -> bool:
+        return self.n_accepted < self.n_drafted
+
+
+class Acceptance:
+    """Decayed counts of accepted and judged drafts, so alpha follows the text."""
+
+    def __init__(self, prior: float, weight: float = 2.0):
+        self.acc, self.tried, self.n = prior * weight, weight, 0
 
     @property
     def alpha(self) -> float:
         return self.acc / self.tried
+
+    def add(self, n_judged: int, n_accepted: int) -> None:
+        decay = _ALPHA_DECAY ** n_judged
+        self.acc = self.acc * decay + n_accepted
+        self.tried = self.tried * decay + n_judged
+        self.n += 1
+
+
+@dataclass
+class CostModel:
+    """Running estimates of step costs (seconds)."""
+
+    verify: dict[int, float] = field(default_factory=dict)  # k -> t_verify(k)
+    n_verify: dict[int, int] = field(default_factory=dict)  # k -> samples seen
+    draft: float | None = None          # one pruned-draft decode
+    n_draft: int = 0
+    catchup_per_token: float | None = None
+    overhead_spec: float = 0.0          # Python time per speculative step
+    overhead_plain: float = 0.0         # Python time per plain step
 
     def add_verify(self, k: int, seconds: float) -> None:
         n = self.n_verify.get(k, 0)
@@ -66,25 +117,26 @@ class CostModel:
         self.draft = seconds_per_eval if self.n_draft <= 2 or d is None \
             else d + _EMA * (seconds_per_eval - d)
 
-    def calibration_need(self) -> str | None:
-        """What to measure next before the model can judge gamma: two samples each of a
-        plain step ("plain"), a 2-token batch ("batch") and a draft step ("draft")."""
+    def add_catchup(self, seconds: float, n_tokens: int) -> None:
+        per = seconds / n_tokens
+        old = self.catchup_per_token
+        self.catchup_per_token = per if old is None else old + _EMA * (per - old)
+
+    def calibration_need(self, with_draft: bool) -> str | None:
+        """What to measure next before gamma can be judged: two samples each of a plain
+        step ("plain"), a 2-token batch ("batch") and, with a pruned draft, a draft step
+        ("draft")."""
         if self.n_verify.get(1, 0) < 2:
             return "plain"
         if self.n_verify.get(2, 0) < 2:
             return "batch"
-        if self.n_draft < 2:
+        if with_draft and self.n_draft < 2:
             return "draft"
         return None
 
-    def add_acceptance(self, n_judged: int, n_accepted: int) -> None:
-        decay = _ALPHA_DECAY ** n_judged
-        self.acc = self.acc * decay + n_accepted
-        self.tried = self.tried * decay + n_judged
-
     def verify_cost(self, k: int) -> float:
         """t_verify(k): measured, or a least-squares line through the measured points."""
-        if k in self.verify:
+        if k in self.verify and self.n_verify.get(k, 0) >= 2:
             return self.verify[k]
         ks = np.fromiter(self.verify.keys(), dtype=np.float64)
         ts = np.fromiter(self.verify.values(), dtype=np.float64)
@@ -93,104 +145,203 @@ class CostModel:
         b, a = np.polyfit(ks - 1, ts, 1)
         return float(max(a + b * (k - 1), ts.min()))
 
-    def step_time(self, gamma: int) -> float:
-        if gamma == 0:
-            return self.verify_cost(1) + self.overhead_plain
-        assert self.draft is not None
-        return gamma * self.draft + self.verify_cost(gamma + 1) + self.overhead_spec
+    def relative(self) -> dict:
+        """The costs in units of one plain step: c and the verify curve V(k)."""
+        t1 = self.verify_cost(1)
+        return {"c": self.draft / t1 if self.draft else None,
+                "verify": {k: v / t1 for k, v in sorted(self.verify.items())}}
 
-    @staticmethod
-    def expected_tokens(gamma: int, alpha: float) -> float:
-        if alpha >= 1.0:
-            return gamma + 1.0
-        return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    # -- persistence (runtime.profiles stores these) --------------------------------------
+
+    def to_profile(self) -> dict:
+        return {"verify": {str(k): v for k, v in self.verify.items()
+                           if self.n_verify.get(k, 0) >= 2},
+                "draft": self.draft if self.n_draft >= 2 else None,
+                "overhead_spec": self.overhead_spec, "overhead_plain": self.overhead_plain}
+
+    @classmethod
+    def from_profile(cls, profile: dict) -> CostModel:
+        """Costs measured by an earlier run on the same files and settings: counted as two
+        samples each, so calibration is already done but new steps still refine them."""
+        c = cls()
+        for k, v in profile.get("verify", {}).items():
+            c.verify[int(k)], c.n_verify[int(k)] = float(v), 2
+        if profile.get("draft") is not None:
+            c.draft, c.n_draft = float(profile["draft"]), 2
+        c.overhead_spec = float(profile.get("overhead_spec", 0.0))
+        c.overhead_plain = float(profile.get("overhead_plain", 0.0))
+        return c
 
 
 class GammaController:
-    """Decides gamma before every step and learns from the step's measurements.
+    """Decides (source, gamma) before every step and learns from the step's record.
 
     Args:
         draft_max: the largest gamma it may choose.
-        adaptive: False pins gamma to ``draft_max`` (for benchmarks of fixed gamma).
+        adaptive: False drafts ``draft_max`` tokens (or all a lookup offers, if fewer)
+            every step, from the pruned draft when there is one (for fixed-gamma benchmarks).
+        has_pruned: whether a pruned draft is among the sources (it needs a draft timing).
+        costs: costs from a stored profile; None measures them in the first steps.
     """
 
-    def __init__(self, draft_max: int, adaptive: bool = True):
+    def __init__(self, draft_max: int, adaptive: bool = True, has_pruned: bool = True,
+                 costs: CostModel | None = None):
         self.draft_max = draft_max
         self.adaptive = adaptive
-        self.costs = CostModel()
-        self.disabled_reason: str | None = None
+        self.has_pruned = has_pruned
+        self.costs = costs or CostModel()
+        self.calibrated_from_profile = costs is not None
+        self._acc: dict[tuple[str, int], Acceptance] = {}
         self._since_probe = 0
         self._backoff = _FIRST_BACKOFF
-        self.history: list[int] = []  # gamma chosen at each step
+        self._probe_turn = 0
+        self._retime_draft = False
+        self.history: list[int] = []           # gamma chosen at each step
+        self.source_history: list[str | None] = []
+
+    # -- acceptance ---------------------------------------------------------------------
+
+    def acceptance(self, source: str, match_len: int = 0) -> Acceptance:
+        key = (source, 0 if source == PRUNED else min(max(match_len, 1), _MATCH_BUCKETS))
+        if key not in self._acc:
+            # priors: a pruned draft of a good layer choice keeps ~0.7; a lookup match
+            # starts neutral. Two pseudo-drafts: the first real drafts dominate quickly.
+            self._acc[key] = Acceptance(0.7 if source == PRUNED else 0.5)
+        return self._acc[key]
+
+    @property
+    def alpha(self) -> float:
+        """The pruned draft's current acceptance estimate."""
+        return self.acceptance(PRUNED).alpha
+
+    # -- decisions ----------------------------------------------------------------------
 
     def calibration_need(self) -> str | None:
-        """The measurement the next step should make, while calibrating (else None)."""
-        if not self.adaptive or self.disabled_reason is not None:
-            return None
-        return self.costs.calibration_need()
-
-    def choose(self) -> int:
-        gamma = self._choose()
-        self.history.append(gamma)
-        return gamma
-
-    def _choose(self) -> int:
-        c = self.costs
+        """The measurement the next step should make (else None)."""
         if not self.adaptive:
-            return self.draft_max
-        if self.disabled_reason is not None:
-            return 0
-        if c.calibration_need() is not None:
-            # measured without the draft ever reading the prompt (see SpeculativeDecoder),
-            # so a device where speculation cannot pay finds out for almost nothing
-            return 0
-        best = self.best_gamma(c.alpha)
-        if best > 0:
-            self._since_probe, self._backoff = 0, _FIRST_BACKOFF
-            return best
-        self._since_probe += 1
-        if self._since_probe >= self._backoff:
-            self._since_probe = 0
-            self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
-            return min(_PROBE_GAMMA, self.draft_max)
-        return 0
+            return None
+        if self._retime_draft:
+            return "draft"
+        return self.costs.calibration_need(self.has_pruned)
 
-    def best_gamma(self, alpha: float) -> int:
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why the pruned draft is out of the choice, from the costs as they are now."""
         c = self.costs
-        speeds = [c.expected_tokens(g, alpha) / c.step_time(g) for g in range(self.draft_max + 1)]
-        return int(np.argmax(speeds))
-
-    def observe(self, gamma: int, n_extra: int, n_drafted: int, n_accepted: int,
-                draft_seconds: float, draft_evals: int, verify_seconds: float,
-                overhead_seconds: float, rejected: bool) -> None:
-        """Record one step: the target evaluated 1 + ``n_extra`` tokens, ``n_drafted`` of
-        them proposed by the draft (<= gamma), of which ``n_accepted`` were kept."""
-        c = self.costs
-        c.add_verify(n_extra + 1, verify_seconds)
-        if n_drafted:
-            c.add_draft(draft_seconds / max(draft_evals, 1))
-            c.add_acceptance(n_accepted + int(rejected), n_accepted)
-            if not rejected and gamma == min(_PROBE_GAMMA, self.draft_max):
-                self._backoff = _FIRST_BACKOFF  # a clean probe: look again soon
-        if gamma:
-            c.overhead_spec += _EMA * (overhead_seconds - c.overhead_spec)
-        else:
-            c.overhead_plain += _EMA * (overhead_seconds - c.overhead_plain)
-        self._judge()
-
-    def observe_draft(self, seconds: float) -> None:
-        """A draft step timed outside the decode loop (calibration)."""
-        self.costs.add_draft(seconds)
-        self._judge()
-
-    def _judge(self) -> None:
-        """Switch speculation off for good once even 100% acceptance could not pay."""
-        c = self.costs
-        if self.adaptive and self.disabled_reason is None and c.calibration_need() is None \
-                and self.best_gamma(1.0) == 0:
-            t1 = c.verify_cost(1)
-            self.disabled_reason = (
-                f"speculation cannot pay on this device: a draft step costs "
+        if not (self.adaptive and self.has_pruned) or c.calibration_need(True) is not None:
+            return None
+        if self._best(1.0, c.draft, self.draft_max)[0] > 0:
+            return None
+        t1 = c.verify_cost(1)
+        return (f"the pruned draft cannot pay on this device: a draft step costs "
                 f"{c.draft / t1:.2f}x a target step and verifying 2 tokens "
                 f"{c.verify_cost(2) / t1:.2f}x, so even 100% acceptance would be slower")
-            log.debug("%s; decoding plainly", self.disabled_reason)
+
+    def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
+        """(source, gamma) for the next step; (None, 0) is a plain step."""
+        source, gamma = self._choose(offers)
+        self.history.append(gamma)
+        self.source_history.append(source)
+        return source, gamma
+
+    def _choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
+        live = {n: o for n, o in offers.items() if o.n_max > 0}
+        if not self.adaptive:
+            if not live:
+                return None, 0
+            name = PRUNED if PRUNED in live else max(live, key=lambda n: live[n].n_max)
+            return name, min(self.draft_max, live[name].n_max)
+        if self.costs.calibration_need(self.has_pruned) is not None:
+            # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
+            # a device where speculation cannot pay finds out for almost nothing
+            return None, 0
+        pruned_off = self.disabled_reason is not None
+        best: tuple[str | None, int, float] = (None, 0, self._rate(0, 0.0, 0.0))
+        for name, offer in live.items():
+            if name == PRUNED and pruned_off:
+                continue
+            c = self.costs.draft if name == PRUNED else 0.0
+            alpha = self.acceptance(name, offer.match_len).alpha
+            g, rate = self._best(alpha, c, min(offer.n_max, self.draft_max), gamma_min=1)
+            if rate > best[2]:
+                best = (name, g, rate)
+        if best[0] is not None:
+            self._since_probe, self._backoff = 0, _FIRST_BACKOFF
+            return best[0], best[1]
+        return self._maybe_probe(live, pruned_off)
+
+    def _maybe_probe(self, live: dict[str, Offer], pruned_off: bool) -> tuple[str | None, int]:
+        """While plain decoding wins, draft now and then anyway (with back-off), taking
+        the sources in turn, so acceptance estimates stay current."""
+        self._since_probe += 1
+        if self._since_probe < self._backoff:
+            return None, 0
+        self._since_probe = 0
+        self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
+        if pruned_off and PRUNED in live:
+            self._retime_draft = True  # is the verdict still true? re-time the draft step
+        names = sorted(n for n in live if not (n == PRUNED and pruned_off))
+        if not names:
+            return None, 0
+        name = names[self._probe_turn % len(names)]
+        self._probe_turn += 1
+        return name, self._probe_gamma(live[name].n_max)
+
+    def _probe_gamma(self, n_max: int) -> int:
+        """Up to _PROBE_GAMMA drafts, but no more than a batch costing at most two plain
+        steps buys: on a CPU where batching buys nothing a probe then costs under one
+        extra step, on a GPU it drafts the full _PROBE_GAMMA."""
+        t1 = self.costs.verify_cost(1)
+        g = 1
+        while g < min(_PROBE_GAMMA, self.draft_max, n_max) and \
+                self.costs.verify_cost(g + 2) <= 2.0 * t1:
+            g += 1
+        return g
+
+    def _rate(self, gamma: int, alpha: float, c: float) -> float:
+        k = self.costs
+        return costmodel.expected_tokens(gamma, alpha) / costmodel.step_cost(
+            gamma, c, k.verify_cost, k.overhead_spec if gamma else k.overhead_plain)
+
+    def _best(self, alpha: float, c: float | None, gamma_max: int, gamma_min: int = 0
+              ) -> tuple[int, float]:
+        k = self.costs
+        return costmodel.best_gamma(alpha, c or 0.0, k.verify_cost, gamma_max, gamma_min,
+                                    (k.overhead_plain, k.overhead_spec))
+
+    def best_gamma(self, alpha: float) -> int:
+        """The pruned draft's best gamma at acceptance ``alpha`` on the current costs."""
+        return self._best(alpha, self.costs.draft, self.draft_max)[0]
+
+    # -- learning -----------------------------------------------------------------------
+
+    def observe(self, rec: StepRecord) -> None:
+        """Record one step."""
+        c = self.costs
+        c.add_verify(rec.n_verified, rec.verify_seconds)
+        if rec.n_catchup:
+            c.add_catchup(rec.catchup_seconds, rec.n_catchup)
+        if rec.n_drafted and rec.source is not None:
+            if rec.source == PRUNED and rec.draft_evals:
+                c.add_draft(rec.draft_seconds / rec.draft_evals)
+            self.acceptance(rec.source, rec.match_len).add(
+                rec.n_accepted + int(rec.rejected), rec.n_accepted)
+            if not rec.rejected and self._since_probe == 0 and self._backoff > _FIRST_BACKOFF:
+                self._backoff = _FIRST_BACKOFF  # a clean probe: look again soon
+        if rec.gamma:
+            c.overhead_spec += _EMA * (rec.overhead_seconds - c.overhead_spec)
+        else:
+            c.overhead_plain += _EMA * (rec.overhead_seconds - c.overhead_plain)
+
+    def observe_draft(self, seconds: float) -> None:
+        """A draft step timed outside the decode loop (calibration or a re-check). A
+        re-check that comes in cheaper replaces the estimate: a busy machine only ever
+        inflates timings, so the cheaper figure is the better evidence of the real cost."""
+        c = self.costs
+        if self._retime_draft and c.draft is not None and seconds < c.draft:
+            c.draft = seconds
+        else:
+            c.add_draft(seconds)
+        self._retime_draft = False
+        if self.disabled_reason:
+            log.debug("%s; decoding without it", self.disabled_reason)

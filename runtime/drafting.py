@@ -2,14 +2,15 @@
 
 ``PrunedDrafter`` runs a layer-pruned GGUF in its own llama.cpp context. It keeps its KV
 cache as a prefix of the real token sequence: after each step it forgets what the target
-rejected and, on the next proposal, catches up on the tokens it has not seen in the same
-``llama_decode`` that yields its first draft.
+rejected and, on the next proposal, first catches up on the tokens it has not seen (timed
+apart from drafting). ``runtime.lookup`` has the drafters that look up the context itself.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -40,6 +41,8 @@ class Draft:
 
 
 class Drafter(Protocol):
+    source: str  # "pruned", "lookup", "memory": the name stats and the controller use
+
     def propose(self, tokens: list[int], n_max: int, p_min: float) -> Draft:
         """Up to ``n_max`` tokens to follow ``tokens`` (the whole sequence so far)."""
         ...
@@ -60,24 +63,37 @@ class PrunedDrafter:
 
     Args:
         ctx: the draft's context; this object drives it but does not own it.
-        sampler: shared with the verifier so both see the same filters and random stream.
+        sampler: shared with the verifier: the same filters and the same coupled noise, so
+            a sampled draft is the target's draw whenever the two models agree.
+        clock: seconds now (injectable so tests can simulate costs).
     """
 
-    def __init__(self, ctx: LlamaContext, sampler: Sampler):
+    source = "pruned"
+
+    def __init__(self, ctx: LlamaContext, sampler: Sampler,
+                 clock: Callable[[], float] = time.perf_counter):
         self.ctx = ctx
         self.sampler = sampler
+        self.clock = clock
         self._seen: list[int] = []  # tokens in the draft's KV cache, in order
 
     def propose(self, tokens: list[int], n_max: int, p_min: float) -> Draft:
-        draft = Draft()
+        draft = Draft(source=self.source)
         if n_max <= 0:
             return draft
-        start = time.perf_counter()
         self._sync(tokens)
         pending = tokens[len(self._seen):]  # at least the last token: see _sync
+        if len(pending) > 1:
+            # Catch-up (the prompt, a chat turn, tokens emitted while gamma was 0): one
+            # batch, timed apart from drafting and charged per token by the controller.
+            start = self.clock()
+            self.ctx.eval(pending[:-1])
+            self._seen.extend(pending[:-1])
+            draft.catchup_seconds, draft.n_catchup = self.clock() - start, len(pending) - 1
+            pending = pending[-1:]
         w = self.sampler.history_window
         history = list(tokens[-w:]) if w else []
-        greedy = self.sampler.cfg.greedy
+        start = self.clock()
         try:
             while len(draft.tokens) < n_max:
                 row = self.ctx.eval(pending)[0]
@@ -86,26 +102,21 @@ class PrunedDrafter:
                 # llama.cpp's rule: stop before a token the draft is unsure of
                 if p_min > 0 and top1_prob(row) < p_min:
                     break
-                if greedy:
-                    tok = self.sampler.argmax(row, history)
-                else:
-                    q = self.sampler.probs(row, history)
-                    tok = self.sampler.draw(q)
-                    draft.probs.append(q)
+                tok = self.sampler.choose(row, history, len(tokens) + len(draft.tokens))
                 draft.tokens.append(tok)
                 history.append(tok)
                 pending = [tok]
         finally:
-            draft.seconds = time.perf_counter() - start
+            draft.seconds = self.clock() - start
         return draft
 
     def time_step(self) -> float:
         """Seconds for one single-token draft decode, measured on scratch space past the
         cached tokens and then forgotten (the draft need not have read the prompt)."""
         n = len(self._seen)
-        start = time.perf_counter()
+        start = self.clock()
         self.ctx.eval([self._seen[-1] if self._seen else 0])
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         self.ctx.truncate(n)
         return seconds
 

@@ -7,6 +7,7 @@ the token-level decode loop into streamed text with stop strings and chat templa
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import logging
 from collections.abc import Iterator
@@ -15,39 +16,38 @@ from pathlib import Path
 
 from runtime import keys
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
-from runtime.context import LlamaContext, LlamaModel
-from runtime.controller import GammaController
+from runtime.context import LlamaContext, LlamaModel, llama_cpp_version
+from runtime.controller import CostModel, GammaController
 from runtime.drafting import PrunedDrafter
-from runtime.files import sha256_file_cached
+from runtime.files import draft_path_for, sha256_file_cached
+from runtime.lookup import LookupDrafter
+from runtime.profiles import load_profile, save_profile
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
 
 log = logging.getLogger(__name__)
 
-def draft_path_for(model: Path) -> Path:
-    """``name.gguf`` -> ``name.draft.gguf``, where ``bridge export`` writes the draft."""
-    stem = model.name[: -len(keys.FULL_SUFFIX)] if model.name.endswith(keys.FULL_SUFFIX) \
-        else model.name
-    return model.with_name(stem + keys.DRAFT_SUFFIX)
-
-
 @dataclass
 class Chunk:
     """A piece of streamed output: ``text`` (possibly empty while a multi-byte character
-    or a possible stop string is held back) and the token ids it came from."""
+    or a possible stop string is held back), the token ids it came from, and on the last
+    chunk why generation ended (``eog``, ``stop``, ``length`` or ``context``)."""
 
     text: str
     tokens: list[int]
+    finish_reason: str | None = None
 
 
 class Engine:
-    """A target model plus an optional draft, ready to generate.
+    """A target model plus its draft sources, ready to generate.
 
     Args:
         model: path of the full GGUF.
         draft: path of the draft GGUF; ``"auto"`` looks for ``MODEL.draft.gguf`` beside the
-            model (and runs plainly if there is none); ``None`` disables drafting.
+            model (and runs without it if there is none); ``None`` disables it.
         runtime: llama.cpp resources; speculative / sampling: see their dataclasses.
+            ``speculative.drafter`` picks the sources: ``auto`` (lookup, plus the pruned
+            draft when one was found), ``lookup``, ``pruned`` or ``none``.
     """
 
     def __init__(self, model: str | Path, draft: str | Path | None = "auto",
@@ -59,27 +59,40 @@ class Engine:
         self.sampling = sampling or SamplingConfig()
         model = Path(model)
         _check_gguf(model, "model")
-        self.draft_path = self._resolve_draft(model, draft)
+        use_pruned = self.spec_cfg.drafter in ("auto", "pruned")
+        self.draft_path = self._resolve_draft(model, draft) if use_pruned else None
+        if self.spec_cfg.drafter == "pruned" and self.draft_path is None:
+            raise ValueError(f"--drafter pruned needs a draft GGUF, and none was found at "
+                             f"{draft_path_for(model)}; make one with `bridge export "
+                             f"{model} --prune 0.25`, pass --draft PATH, or use "
+                             f"--drafter lookup")
         self._owned: list = []
+        self.last_stats: Stats | None = None
         try:
             self.model = self._own(LlamaModel(model, self.runtime.n_gpu_layers))
             self.ctx = self._own(self._context(self.model))
-            drafter = None
+            self.sampler = Sampler(self.sampling)
+            drafters: list = []
+            if self.spec_cfg.drafter in ("auto", "lookup"):
+                drafters.append(LookupDrafter())
             if self.draft_path is not None:
                 self.draft_model = self._own(LlamaModel(self.draft_path,
                                                         self.runtime.n_gpu_layers))
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
-            self.sampler = Sampler(self.sampling)
-            if self.draft_path is not None:
-                drafter = PrunedDrafter(self.draft_ctx, self.sampler)
-            self.controller = GammaController(self.spec_cfg.draft_max, self.spec_cfg.adaptive)
-            self.decoder = SpeculativeDecoder(self.ctx, drafter, self.sampler,
+                drafters.append(PrunedDrafter(self.draft_ctx, self.sampler))
+            self._profile_key = self._profile_key_for(drafters)
+            stored = None if self.spec_cfg.recalibrate or not drafters \
+                else load_profile(self._profile_key)
+            self.controller = GammaController(
+                self.spec_cfg.draft_max, self.spec_cfg.adaptive,
+                has_pruned=self.draft_path is not None,
+                costs=CostModel.from_profile(stored) if stored else None)
+            self.decoder = SpeculativeDecoder(self.ctx, drafters, self.sampler,
                                               self.controller, self.spec_cfg.p_min)
         except BaseException:
             self.close()
             raise
-        self.last_stats: Stats | None = None
 
     def _own(self, obj):
         self._owned.append(obj)
@@ -88,6 +101,14 @@ class Engine:
     def _context(self, model: LlamaModel) -> LlamaContext:
         return LlamaContext(model, self.runtime.n_ctx, self.runtime.n_batch,
                             self.runtime.n_threads)
+
+    def _profile_key_for(self, drafters: list) -> str:
+        """Which stored device profile applies: same files, threads, offload and build."""
+        draft = sha256_file_cached(self.draft_path) if self.draft_path else "none"
+        rt = self.runtime
+        return (f"{sha256_file_cached(self.model.path)}:{draft}:"
+                f"{'+'.join(sorted(d.source for d in drafters))}:t{rt.n_threads or 'all'}:"
+                f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:llama-cpp-python{llama_cpp_version()}")
 
     @staticmethod
     def _resolve_draft(model: Path, draft: str | Path | None) -> Path | None:
@@ -98,51 +119,96 @@ class Engine:
             if found.is_file():
                 log.info("using the draft beside the model: %s", found)
                 return found
-            log.info("no draft at %s; decoding plainly", found)
+            log.info("no draft at %s; drafting by lookup only", found)
             return None
         path = Path(draft)
         _check_gguf(path, "draft")
         return path
 
+    @property
+    def sources(self) -> list[str]:
+        """The draft sources this engine can choose from."""
+        return list(self.decoder.drafters)
+
+    @property
+    def drafters(self) -> dict:
+        """The draft sources by name (for benchmarks that run one source at a time)."""
+        return dict(self.decoder.drafters)
+
     # -- generation -------------------------------------------------------------------
 
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
-                 stats: Stats | None = None) -> Iterator[Chunk]:
+                 stats: Stats | None = None, sampling: SamplingConfig | None = None,
+                 draft_max: int | None = None) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt`` (text, tokenized with special tokens parsed,
-        or token ids). The figures land in ``stats`` (and ``self.last_stats``)."""
+        or token ids). The last chunk carries ``finish_reason`` (``eog``, ``stop``,
+        ``length`` or ``context``). The tokens returned and the KV cache end where the
+        text ends, stop strings included. ``sampling`` and ``draft_max`` override the
+        engine's settings for this call only. Figures land in ``stats``."""
         gen = gen or GenerationConfig()
-        if isinstance(prompt, str):
-            ids = self.model.tokenize(prompt, add_special=True, parse_special=True)
-        else:
-            ids = list(prompt)
+        ids = self.model.tokenize(prompt, add_special=True, parse_special=True) \
+            if isinstance(prompt, str) else list(prompt)
         stats = stats if stats is not None else Stats()
         self.last_stats = stats
+        saved = self.sampler.cfg, self.controller.draft_max
+        if sampling is not None:
+            self.sampler.reconfigure(sampling)
+        if draft_max is not None:
+            self.controller.draft_max = draft_max
+        try:
+            yield from self._stream(ids, gen, stats)
+        finally:
+            self.sampler.reconfigure(saved[0])
+            self.controller.draft_max = saved[1]
+            if self.decoder.drafters and self.spec_cfg.adaptive:
+                save_profile(self._profile_key, self.controller.costs.to_profile())
+
+    def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats) -> Iterator[Chunk]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held = ""  # text held back because it may be the start of a stop string
+        held = ""      # text held back because it may be the start of a stop string
+        shown = 0      # characters yielded so far
+        ends: list[int] = []  # text length after each generated token
         steps = self.decoder.generate(ids, gen.max_tokens, self.model.is_eog, stats)
         try:
             for step in steps:
-                toks = [t for t in step.tokens if not self.model.is_eog(t)]
-                held += decoder.decode(b"".join(self.model.token_bytes(t) for t in toks))
-                out, held, stopped = _split_stop(held, gen.stop)
-                yield Chunk(out, step.tokens)
-                if stopped:
-                    return
+                for t in step.tokens:
+                    if not self.model.is_eog(t):
+                        held += decoder.decode(self.model.token_bytes(t))
+                    ends.append(shown + len(held))
+                out, held, cut = _split_stop(held, gen.stop)
+                if cut is None:
+                    shown += len(out)
+                    yield Chunk(out, step.tokens, stats.finish_reason)
+                    continue
+                # a stop string: keep the tokens whose text ends before it, and no more
+                n_keep = bisect.bisect_right(ends, shown + cut)
+                text_end = ends[n_keep - 1] if n_keep else 0
+                n_step = n_keep - (len(ends) - len(step.tokens))
+                steps.close()
+                self.decoder.keep(len(ids) + n_keep)
+                stats.n_tokens, stats.finish_reason = n_keep, "stop"
+                yield Chunk(out[: max(0, text_end - shown)], step.tokens[:max(0, n_step)],
+                            "stop")
+                return
             held += decoder.decode(b"", final=True)
             if held:
-                yield Chunk(held, [])
+                yield Chunk(held, [], stats.finish_reason)
         finally:
             steps.close()  # runs the decoder's finally: caches match the emitted tokens
 
-    def complete(self, prompt: str | list[int], gen: GenerationConfig | None = None
-                 ) -> tuple[str, list[int], Stats]:
+    def complete(self, prompt: str | list[int], gen: GenerationConfig | None = None,
+                 **overrides) -> tuple[str, list[int], Stats]:
         """Generate to the end; return (text, generated token ids, stats)."""
         stats = Stats()
         text, tokens = [], []
-        for chunk in self.generate(prompt, gen, stats):
+        for chunk in self.generate(prompt, gen, stats, **overrides):
             text.append(chunk.text)
             tokens.extend(chunk.tokens)
         return "".join(text), tokens, stats
+
+    def reset(self) -> None:
+        """Forget the conversation: every cache starts empty (costs stay measured)."""
+        self.decoder.reset()
 
     def close(self) -> None:
         for obj in reversed(self._owned):  # contexts before their models
@@ -156,13 +222,14 @@ class Engine:
         self.close()
 
 
-def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
-    """(text safe to emit, text to hold back, whether a stop string was found)."""
+def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, int | None]:
+    """(text safe to emit, text to hold back, where a stop string starts in ``text`` or
+    None). On a stop, the text to emit is everything before it."""
     if not stops:
-        return text, "", False
+        return text, "", None
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
     if cut >= 0:
-        return text[:cut], "", True
+        return text[:cut], "", cut
     # hold back the longest tail that is a prefix of some stop string
     hold = 0
     for s in stops:
@@ -170,7 +237,7 @@ def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
             if text.endswith(s[:n]):
                 hold = max(hold, n)
                 break
-    return text[: len(text) - hold], text[len(text) - hold:], False
+    return text[: len(text) - hold], text[len(text) - hold:], None
 
 
 def _check_gguf(path: Path, what: str) -> None:

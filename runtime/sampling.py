@@ -1,37 +1,82 @@
-"""Turning logits into tokens, and the lossless accept/reject rule for drafted tokens.
+"""Turning logits into tokens, and the rule that verifies drafted tokens.
 
-Both models' logits go through the same filters (``SamplingConfig``), giving the target
-distribution p and the draft distribution q. Speculative rejection sampling (Leviathan et
-al. 2023, Chen et al. 2023) then emits tokens distributed exactly as p:
+Both models' logits go through the same filters (``SamplingConfig``): repeat penalty,
+top-k, top-p, min-p, temperature. Sampling is *coupled* (Gumbel-max): the token at
+absolute position t is
 
-    accept drafted x with probability min(1, p(x) / q(x));
-    on rejection, draw from norm(max(0, p - q)), and stop.
+    argmax_x (z_x / temp + G(seed, t, x)),   G ~ Gumbel(0, 1) i.i.d. per (t, x),
 
-Greedy decoding is the temp -> 0 limit: accept while x == argmax p, then emit argmax p.
-Everything is vectorized over the vocabulary; nothing loops over it in Python.
+over the tokens the filters keep, which is an exact draw from the filtered softmax p.
+The noise depends only on (seed, position, token id), never on how many tokens were
+drafted, so draft and target share it and:
+
+- verification is an exact token comparison, as under greedy decoding: a drafted token is
+  kept iff the target's own coupled draw at that position is that token. Every emitted
+  token is therefore the target's draw, distributed exactly as p, for any draft source
+  (a pruned model, or a lookup whose q is one-hot);
+- a sampled answer is a deterministic function of (seed, files, prompt, settings): the
+  same with --no-draft, any gamma, and any drafter.
+
+Greedy decoding is the temp -> 0 limit: argmax of the penalized logits.
+Everything is vectorized over the candidates; nothing loops over the vocabulary in Python.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from runtime.config import SamplingConfig
 
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int (a bijection on 64-bit words)."""
+    x = ((x ^ (x >> 30)) * _M1) & _MASK
+    x = ((x ^ (x >> 27)) * _M2) & _MASK
+    return x ^ (x >> 31)
+
+
+def gumbel_noise(seed: int, position: int, tokens: np.ndarray) -> np.ndarray:
+    """G(seed, position, x) for each token id x: i.i.d. Gumbel(0, 1) from a counter-based
+    hash, so any subset of the vocabulary can be drawn in any order with the same values.
+
+    u = (top 53 bits of splitmix64(key(seed, position) + x * golden) + 0.5) / 2^53 in (0, 1),
+    G = -log(-log u).
+    """
+    key = np.uint64(_mix64((seed * _GOLDEN + position) & _MASK))
+    # uint64 array arithmetic wraps modulo 2^64, which is what the hash wants
+    x = np.asarray(tokens, dtype=np.uint64) * np.uint64(_GOLDEN) + key
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_M1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_M2)
+    x ^= x >> np.uint64(31)
+    u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    return -np.log(-np.log(u))
+
 
 class Sampler:
-    """Applies one ``SamplingConfig`` to logit rows and draws from the result.
+    """Applies one ``SamplingConfig`` to logit rows and makes coupled draws.
 
     Args:
-        cfg: the sampling settings.
-        rng: the random source (seeded from ``cfg.seed`` when omitted), shared by the draft
-            and the verifier so a fixed seed reproduces a whole generation.
+        cfg: the sampling settings; ``cfg.seed`` None picks a random seed once, so one
+            engine's answers are still reproducible from ``self.seed``.
     """
 
-    def __init__(self, cfg: SamplingConfig, rng: np.random.Generator | None = None):
+    def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
-        self.rng = rng or np.random.default_rng(cfg.seed)
+        self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+
+    def reconfigure(self, cfg: SamplingConfig) -> None:
+        """New settings for the following draws (a server request's own temperature, ...).
+        The seed follows ``cfg.seed`` when it names one."""
+        self.cfg = cfg
+        if cfg.seed is not None:
+            self.seed = cfg.seed
 
     @property
     def history_window(self) -> int:
@@ -55,18 +100,20 @@ class Sampler:
             return int(np.argmax(logits))
         return int(np.argmax(self.penalized(logits, history)))
 
-    def probs(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """The dense distribution [n_vocab] after penalty, top-k, top-p, min-p and temperature."""
+    def candidates(self, logits: np.ndarray, history: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids the filters keep, their logits / temp), after penalty, top-k, top-p
+        and min-p in llama.cpp's order."""
         row = self.penalized(logits, history)
         cfg = self.cfg
         if 0 < cfg.top_k < row.size:
-            kth = np.partition(row, -cfg.top_k)[-cfg.top_k]
-            row[row < kth] = -np.inf
-        cand = np.flatnonzero(np.isfinite(row))
+            cand = np.argpartition(row, -cfg.top_k)[-cfg.top_k:]
+        else:
+            cand = np.arange(row.size)
+        z = row[cand]
         if cfg.top_p < 1.0 or cfg.min_p > 0.0:
             # top-p and min-p judge the untempered softmax, as llama.cpp does
-            z = row[cand] - row[cand].max()
-            p = np.exp(z)
+            p = np.exp(z - z.max())
             p /= p.sum()
             keep = np.ones(cand.size, dtype=bool)
             if cfg.top_p < 1.0:
@@ -77,20 +124,24 @@ class Sampler:
                 keep[order[n_keep:]] = False
             if cfg.min_p > 0.0:
                 keep &= p >= cfg.min_p * p.max()
-            row[cand[~keep]] = -np.inf
-            cand = cand[keep]
-        temp = cfg.temp if cfg.temp > 0 else 1.0
-        out = np.zeros(row.size, dtype=np.float64)
-        z = (row[cand] - row[cand].max()) / temp
-        e = np.exp(z)
+            cand, z = cand[keep], z[keep]
+        return cand, z / (cfg.temp if cfg.temp > 0 else 1.0)
+
+    def probs(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The dense filtered distribution p [n_vocab] that ``choose`` draws from."""
+        cand, z = self.candidates(logits, history)
+        out = np.zeros(logits.shape[-1], dtype=np.float64)
+        e = np.exp(z - z.max())
         out[cand] = e / e.sum()
         return out
 
-    def draw(self, p: np.ndarray) -> int:
-        """One token from the dense distribution ``p`` (inverse-CDF, one uniform)."""
-        cum = np.cumsum(p)
-        return int(min(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"),
-                       p.size - 1))
+    def choose(self, logits: np.ndarray, history: Sequence[int], position: int) -> int:
+        """The token at absolute ``position``: greedy argmax, or the coupled draw
+        argmax(z / temp + G(seed, position, x)) over the filtered candidates x."""
+        if self.cfg.greedy:
+            return self.argmax(logits, history)
+        cand, z = self.candidates(logits, history)
+        return int(cand[np.argmax(z + gumbel_noise(self.seed, position, cand))])
 
 
 def top1_prob(logits: np.ndarray) -> float:
@@ -99,20 +150,22 @@ def top1_prob(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(row - row.max()).sum())
 
 
-def verify_greedy(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
-                  history: list[int]) -> tuple[int, int]:
-    """Greedy verification.
+def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
+           history: list[int], position: int) -> tuple[int, int]:
+    """Keep drafts while each equals the target's own choice; exact for greedy and for
+    coupled sampling alike.
 
     Args:
         target_rows: [len(drafts) + 1, n_vocab]; row i is the target's prediction for the
-            token after history + drafts[:i].
+            token after history + drafts[:i], i.e. for absolute position ``position + i``.
         drafts: the drafted tokens.
         history: tokens emitted so far (for the repeat penalty).
+        position: absolute position of the token that row 0 predicts.
 
     Returns:
         (number of drafts accepted, the target's own next token after them).
     """
-    if sampler.cfg.repeat_penalty == 1.0:
+    if sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0:
         # one vectorized argmax over every row
         best = np.argmax(target_rows, axis=1)
         n_acc = 0
@@ -121,35 +174,8 @@ def verify_greedy(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[in
         return n_acc, int(best[n_acc])
     n_acc = 0
     while True:
-        tok = sampler.argmax(target_rows[n_acc], history + list(drafts[:n_acc]))
+        tok = sampler.choose(target_rows[n_acc], history + list(drafts[:n_acc]),
+                             position + n_acc)
         if n_acc == len(drafts) or tok != drafts[n_acc]:
             return n_acc, tok
         n_acc += 1
-
-
-def verify_stochastic(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
-                      draft_probs: Sequence[np.ndarray], history: list[int]) -> tuple[int, int]:
-    """Speculative rejection sampling; lossless with respect to the target distribution.
-
-    Args:
-        target_rows: [len(drafts) + 1, n_vocab] target logits (see ``verify_greedy``).
-        drafts: tokens the draft sampled, drafts[i] ~ draft_probs[i].
-        draft_probs: q_i, the draft's processed distributions.
-        history: tokens emitted so far.
-
-    Returns:
-        (number of drafts accepted, the next token: a resample on rejection, else a draw
-        from the target's distribution after the last draft).
-    """
-    for i, (x, q) in enumerate(zip(drafts, draft_probs, strict=True)):
-        p = sampler.probs(target_rows[i], history + list(drafts[:i]))
-        # accept with probability min(1, p(x)/q(x)); q(x) > 0 because x was drawn from q
-        if sampler.rng.random() * q[x] < p[x]:
-            continue
-        residual = np.maximum(p - q, 0.0)
-        total = residual.sum()
-        # total == 0 only if p == q, where rejection has probability 0; guard float noise
-        return i, sampler.draw(residual if total > 0 else p)
-    n = len(drafts)
-    p = sampler.probs(target_rows[n], history + list(drafts))
-    return n, sampler.draw(p)

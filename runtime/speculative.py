@@ -3,39 +3,47 @@
 Invariant between steps: the target's KV cache holds exactly ``self.kv`` and the sequence
 continues with one emitted-but-unevaluated token, ``self.pending``. Each step:
 
-1. the drafter proposes up to gamma tokens after kv + [pending];
+1. the controller picks a draft source and gamma (0: a plain step), and that source
+   proposes up to gamma tokens after kv + [pending];
 2. the target evaluates [pending] + drafts in ONE llama_decode, one logits row each:
    row i predicts the token after kv + [pending] + drafts[:i];
-3. the longest agreeing prefix is kept, plus the target's own next token;
-4. both caches are rolled back to exactly the emitted tokens.
+3. the longest prefix equal to the target's own choices is kept, plus the target's own
+   next token (``sampling.verify``): every emitted token is the target's choice from the
+   batch that verified it;
+4. every cache is rolled back to exactly the emitted tokens.
 
 A ``try/finally`` restores the invariant whatever interrupts a step (a stop string in
 the consumer, Ctrl-C, an error), so a chat can always continue from what was emitted.
+Timing is taken here only as raw figures in a ``StepRecord``; the controller judges them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from runtime.context import LlamaContext
-from runtime.controller import GammaController
+from runtime.controller import PRUNED, GammaController, Offer, StepRecord
 from runtime.drafting import Draft, Drafter
-from runtime.sampling import Sampler, verify_greedy, verify_stochastic
+from runtime.sampling import Sampler, verify
 
 log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("eog", "stop", "length", "context")
 
 
 @dataclass
 class Step:
-    """What one step emitted. ``tokens`` are final: the target agreed to every one."""
+    """What one step emitted. ``tokens`` are final: the target chose every one."""
 
     tokens: list[int]
     gamma: int
     n_drafted: int
     n_accepted: int
+    source: str | None = None
 
     @property
     def rejected(self) -> bool:
@@ -56,8 +64,10 @@ class Stats:
     n_drafted: int = 0
     n_accepted: int = 0
     n_rejections: int = 0  # steps where the target rejected a draft
-    llama_seconds: float = 0.0  # inside llama_decode, both models, decode phase
+    llama_seconds: float = 0.0  # inside llama_decode, all models, decode phase
     gamma_history: list[int] = field(default_factory=list)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    finish_reason: str | None = None
     note: str | None = None
 
     @property
@@ -80,48 +90,81 @@ class Stats:
         return self.n_accepted / self.n_steps if self.n_steps else 0.0
 
     @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per target evaluation (1.0 for plain decoding)."""
+        return (self.n_tokens - 1) / self.n_steps if self.n_steps else 1.0
+
+    @property
     def python_overhead(self) -> float:
         """Share of decode time spent outside llama_decode."""
         if self.decode_seconds <= 0:
             return 0.0
         return max(0.0, 1.0 - self.llama_seconds / self.decode_seconds)
 
+    @property
+    def main_source(self) -> str | None:
+        """The source that contributed most accepted tokens."""
+        best = max(self.sources.items(), key=lambda kv: kv[1]["accepted"], default=None)
+        return best[0] if best and best[1]["accepted"] else None
+
+    def add_step(self, step: Step) -> None:
+        self.n_steps += 1
+        self.n_tokens += len(step.tokens)
+        self.gamma_history.append(step.gamma)
+        if step.source is None:
+            return
+        self.n_drafted += step.n_drafted
+        self.n_accepted += step.n_accepted
+        self.n_rejections += step.rejected
+        src = self.sources.setdefault(step.source, {"steps": 0, "drafted": 0, "accepted": 0})
+        src["steps"] += 1
+        src["drafted"] += step.n_drafted
+        src["accepted"] += step.n_accepted
+
+    def gamma_summary(self) -> str:
+        """gamma's histogram, e.g. '0x80 4x6' (gamma x steps)."""
+        return " ".join(f"{g}x{n}" for g, n in sorted(Counter(self.gamma_history).items()))
+
     def as_dict(self) -> dict:
         return {
             "mode": self.mode,
+            "finish_reason": self.finish_reason,
             "tokens_per_s": round(self.tokens_per_s, 3),
             "n_tokens": self.n_tokens,
             "n_steps": self.n_steps,
+            "tokens_per_step": round(self.tokens_per_step, 4),
             "n_drafted": self.n_drafted,
             "n_accepted": self.n_accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "alpha": round(self.alpha, 4),
             "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
+            "sources": self.sources,
             "n_prompt": self.n_prompt,
             "n_prompt_evaluated": self.n_prompt_new,
             "prompt_seconds": round(self.prompt_seconds, 4),
             "decode_seconds": round(self.decode_seconds, 4),
             "python_overhead": round(self.python_overhead, 4),
-            "gamma_history": self.gamma_history,
+            "gamma": self.gamma_summary(),
             "note": self.note,
         }
 
 
 class SpeculativeDecoder:
-    """Drives one target context and an optional drafter.
+    """Drives one target context and any number of draft sources.
 
     Args:
         target: the full model's context (owned by the caller).
-        drafter: the draft source, or None for plain decoding through the same loop.
+        drafters: the draft sources (a pruned draft, lookups); empty for plain decoding
+            through the same loop.
         sampler: shared by verification and drafting.
-        controller: chooses gamma per step; ``None`` drafter means gamma is always 0.
-        p_min: the drafter's confidence cut-off.
+        controller: chooses the source and gamma per step.
+        p_min: the pruned drafter's confidence cut-off.
     """
 
-    def __init__(self, target: LlamaContext, drafter: Drafter | None, sampler: Sampler,
+    def __init__(self, target: LlamaContext, drafters: list[Drafter], sampler: Sampler,
                  controller: GammaController, p_min: float):
         self.target = target
-        self.drafter = drafter
+        self.drafters = {d.source: d for d in drafters}
         self.sampler = sampler
         self.controller = controller
         self.p_min = p_min
@@ -132,20 +175,33 @@ class SpeculativeDecoder:
         self.target.reset()
         self.kv.clear()
         self.pending = None
-        if self.drafter:
-            self.drafter.reset()
+        for d in self.drafters.values():
+            d.reset()
+
+    def keep(self, n: int) -> None:
+        """Forget everything after the first ``n`` tokens of the sequence (e.g. past a stop
+        string), so the caches end exactly where the returned text ends."""
+        if n < len(self.kv) + (self.pending is not None):
+            self.pending = None
+        if n < len(self.kv):
+            self.target.truncate(n)
+            del self.kv[n:]
+        for d in self.drafters.values():
+            d.rollback(len(self.kv))
 
     def generate(self, prompt: list[int], max_tokens: int, is_eog: Callable[[int], bool],
                  stats: Stats) -> Iterator[Step]:
-        """Yield steps continuing ``prompt`` until an end-of-generation token or
-        ``max_tokens``. Reuses the KV cache for the longest common prefix with the last
-        call, so a chat turn evaluates only its new tokens."""
-        stats.mode = "speculative" if self.drafter else "plain"
+        """Yield steps continuing ``prompt`` until an end-of-generation token, ``max_tokens``
+        or a full context; ``stats.finish_reason`` says which. Reuses the KV cache for the
+        longest common prefix with the last call, so a chat turn evaluates only its new
+        tokens."""
+        stats.mode = "speculative" if self.drafters else "plain"
         stats.n_prompt = len(prompt)
         t_start = time.perf_counter()
         llama_start = self._llama_seconds()
         # the answer may use what the context has left after the prompt, and no more
-        max_tokens = min(max_tokens, self.target.n_ctx - len(prompt))
+        room = self.target.n_ctx - len(prompt) + 1
+        limit, reason = (max_tokens, "length") if max_tokens <= room else (room, "context")
         try:
             first = self._prefill(prompt, stats)
             stats.n_tokens = 1
@@ -153,30 +209,32 @@ class SpeculativeDecoder:
             llama_start = self._llama_seconds()
             yield Step([first], 0, 0, 0)
             if is_eog(first):
+                stats.finish_reason = "eog"
                 return
-            while stats.n_tokens < max_tokens:
-                step = self._step(max_tokens - stats.n_tokens, is_eog)
-                stats.n_steps += 1
-                stats.n_drafted += step.n_drafted
-                stats.n_accepted += step.n_accepted
-                stats.n_rejections += step.rejected
-                stats.n_tokens += len(step.tokens)
+            while stats.n_tokens < limit:
+                step = self._step(limit - stats.n_tokens, is_eog)
+                stats.add_step(step)
                 stats.decode_seconds = time.perf_counter() - t_start
                 yield step
                 if is_eog(step.tokens[-1]):
+                    stats.finish_reason = "eog"
                     return
+            stats.finish_reason = reason
         finally:
             stats.decode_seconds = time.perf_counter() - t_start
             stats.llama_seconds = self._llama_seconds() - llama_start
-            stats.gamma_history = list(self.controller.history[-stats.n_steps:]) \
-                if stats.n_steps else []
-            stats.note = self.controller.disabled_reason
+            note = self.controller.disabled_reason if PRUNED in self.drafters else None
+            if self.drafters and not stats.n_drafted:
+                stats.mode = "plain (speculation off)"
+            stats.note = note
             self._restore()
 
     def _llama_seconds(self) -> float:
         total = self.target.eval_seconds
-        ctx = getattr(self.drafter, "ctx", None)
-        return total + (ctx.eval_seconds if ctx is not None else 0.0)
+        for d in self.drafters.values():
+            ctx = getattr(d, "ctx", None)
+            total += ctx.eval_seconds if ctx is not None else 0.0
+        return total
 
     def _prefill(self, prompt: list[int], stats: Stats) -> int:
         """Evaluate what the cache lacks of ``prompt``; return the first new token."""
@@ -189,73 +247,89 @@ class SpeculativeDecoder:
         n = min(n, len(prompt) - 1)  # re-evaluate at least one token for its logits
         self.target.truncate(n)
         del self.kv[n:]
-        if self.drafter:
-            self.drafter.rollback(n)
+        for d in self.drafters.values():
+            d.rollback(n)
         start = time.perf_counter()
         self.pending = None
         rows = self.target.eval(prompt[n:])
         self.kv.extend(prompt[n:])
         stats.n_prompt_new = len(prompt) - n
         stats.prompt_seconds = time.perf_counter() - start
-        w = self.sampler.history_window
-        first = self._pick(rows[-1], self.kv[-w:] if w else [])
+        first = self.sampler.choose(rows[-1], self._history(), len(self.kv))
         self.pending = first
         return first
 
-    def _pick(self, row, history: list[int]) -> int:
-        if self.sampler.cfg.greedy:
-            return self.sampler.argmax(row, history)
-        return self.sampler.draw(self.sampler.probs(row, history))
+    def _history(self) -> list[int]:
+        w = self.sampler.history_window
+        return self.kv[-w:] if w else []
+
+    def _propose(self, gamma_cap: int) -> tuple[str | None, int, Draft, str | None]:
+        """Ask the controller for (source, gamma) and get that source's draft. Lookups are
+        asked first (they cost about nothing and their match length informs the choice);
+        the pruned draft runs only when chosen."""
+        ctrl = self.controller
+        if not self.drafters or gamma_cap <= 0:
+            ctrl.choose({})
+            return None, 0, Draft(), None
+        seq = self.kv + [self.pending]
+        cheap = {name: d.propose(seq, gamma_cap, 0.0) for name, d in self.drafters.items()
+                 if name != PRUNED}
+        offers = {name: Offer(len(d.tokens), d.match_len) for name, d in cheap.items()}
+        if PRUNED in self.drafters:
+            offers[PRUNED] = Offer(gamma_cap)
+        source, gamma = ctrl.choose(offers)
+        need = ctrl.calibration_need()
+        if need == "draft" and PRUNED in self.drafters:
+            ctrl.observe_draft(self.drafters[PRUNED].time_step())
+            need = None
+        if source == PRUNED:
+            draft = self.drafters[PRUNED].propose(seq, gamma, self.p_min)
+        elif source is not None:
+            draft = cheap[source]
+            draft.tokens = draft.tokens[:gamma]
+        else:
+            draft = Draft()
+        return source, gamma, draft, need
 
     def _step(self, budget: int, is_eog: Callable[[int], bool]) -> Step:
         assert self.pending is not None
         t0 = time.perf_counter()
         llama0 = self._llama_seconds()
-        gamma = self.controller.choose() if self.drafter else 0
-        gamma = min(gamma, budget - 1, self.target.n_ctx - len(self.kv) - 2)
-        need = self.controller.calibration_need() if self.drafter else None
-        if need == "draft":
-            self.controller.observe_draft(self.drafter.time_step())
-        # the whole sequence is built only when drafting; filters need just a short tail
-        draft = self.drafter.propose(self.kv + [self.pending], gamma, self.p_min) \
-            if gamma > 0 and self.drafter else Draft()
-        w = self.sampler.history_window
-        history = (self.kv[-w:] if w else []) + [self.pending]
+        room = self.target.n_ctx - len(self.kv) - 2
+        source, gamma, draft, need = self._propose(min(budget - 1, room))
+        history = self._history() + [self.pending]
         # Calibration: a plain step run as a 2-token batch (the pending token twice) times
         # t_verify(2); row 0 is the plain step's answer and the padding is dropped below.
-        batch = [self.pending, self.pending] if need == "batch" and self.target.n_ctx > \
-            len(self.kv) + 2 else [self.pending, *draft.tokens]
+        batch = [self.pending, self.pending] if need == "batch" and room >= 0 and \
+            not draft.tokens else [self.pending, *draft.tokens]
         t_verify = time.perf_counter()
         rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify
         rows = rows[: len(draft.tokens) + 1]
-        if self.sampler.cfg.greedy:
-            n_acc, nxt = verify_greedy(self.sampler, rows, draft.tokens, history)
-        else:
-            n_acc, nxt = verify_stochastic(self.sampler, rows, draft.tokens, draft.probs,
-                                         history)
-        emitted = [*draft.tokens[:n_acc], nxt]
-        emitted = _cut(emitted, budget, is_eog)
+        n_acc, nxt = verify(self.sampler, rows, draft.tokens, history, len(self.kv) + 1)
+        emitted = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog)
         # roll back: the cache keeps pending + the accepted drafts that were emitted
         self.kv.append(self.pending)
         self.kv.extend(emitted[:-1])
         self.target.truncate(len(self.kv))
         self.pending = emitted[-1]
-        if self.drafter:
-            self.drafter.rollback(len(self.kv))
+        for d in self.drafters.values():
+            d.rollback(len(self.kv))
         overhead = (time.perf_counter() - t0) - (self._llama_seconds() - llama0)
-        self.controller.observe(gamma, len(batch) - 1, len(draft.tokens), n_acc, draft.seconds,
-                                draft.n_evals, verify_seconds, overhead,
-                                rejected=n_acc < len(draft.tokens))
-        return Step(emitted, gamma, len(draft.tokens), min(n_acc, len(emitted)))
+        self.controller.observe(StepRecord(
+            source if draft.tokens else None, gamma, len(batch), len(draft.tokens), n_acc,
+            draft.match_len, draft.seconds, draft.n_evals, draft.catchup_seconds,
+            draft.n_catchup, verify_seconds, overhead))
+        return Step(emitted, gamma, len(draft.tokens), min(n_acc, len(emitted)),
+                    source if draft.tokens else None)
 
     def _restore(self) -> None:
-        """Make both caches agree with ``self.kv`` (a no-op unless a step was cut short)."""
+        """Make every cache agree with ``self.kv`` (a no-op unless a step was cut short)."""
         if self.target.n_past > len(self.kv):
             self.target.truncate(len(self.kv))
         del self.kv[self.target.n_past:]
-        if self.drafter:
-            self.drafter.rollback(len(self.kv))
+        for d in self.drafters.values():
+            d.rollback(len(self.kv))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,44 +1,119 @@
-"""runtime.controller on synthetic step costs: when to speculate, how far, and when never."""
+"""runtime.controller on simulated step costs: when to speculate, from which source, how far,
+and that nothing can switch speculation off by mistake."""
 
 from __future__ import annotations
 
 import pytest
 
-from runtime.controller import CostModel, GammaController
+from runtime import costmodel
+from runtime.controller import PRUNED, CostModel, GammaController, Offer, StepRecord
+
+# Verify curves in units of one plain step, V(k) for k = 1..9.
+COMMITTED_CPU = {1: 1.0, 2: 1.3, 3: 1.7, 4: 2.1, 5: 2.45, 8: 3.5}   # bench/results CPU
+AVX2_EPYC = {1: 1.0, 2: 1.8, 3: 2.8, 4: 3.8, 5: 4.3, 8: 5.3}        # near-linear
+GPU = {k: 1.0 for k in range(1, 17)}                                # flat
 
 
-def drive(ctrl: GammaController, t1: float, b: float, c: float, alpha_steps, steps=200):
-    """Feed the controller steps whose costs follow t_verify(k) = t1 (1 + b (k - 1)) and
-    t_draft = c t1; ``alpha_steps(i)`` says how many of the drafts step i accepts."""
-    for i in range(steps):
-        gamma = ctrl.choose()
-        need = ctrl.calibration_need()
-        if need == "draft":
-            ctrl.observe_draft(c * t1)
-        n_extra = 1 if need == "batch" else gamma
-        n_acc = min(alpha_steps(i), gamma)
-        ctrl.observe(gamma, n_extra, gamma, n_acc, gamma * c * t1, gamma,
-                     t1 * (1 + b * n_extra), 1e-5, rejected=n_acc < gamma)
-    return ctrl
+def curve(points: dict[int, float]):
+    """Piecewise-linear V(k) through ``points``."""
+    ks = sorted(points)
+
+    def v(k: int) -> float:
+        if k in points:
+            return points[k]
+        lo = max(x for x in ks if x < k) if k > ks[0] else ks[0]
+        hi = min((x for x in ks if x > k), default=None)
+        if hi is None:
+            a, b = ks[-2], ks[-1]
+            return points[b] + (points[b] - points[a]) / (b - a) * (k - b)
+        return points[lo] + (points[hi] - points[lo]) * (k - lo) / (hi - lo)
+
+    return v
 
 
-def test_cpu_like_costs_switch_speculation_off_after_calibration():
-    # this machine: a 2-token batch costs 1.3x a step, the draft 0.85x: never pays
-    ctrl = drive(GammaController(8), t1=6e-3, b=0.3, c=0.85, alpha_steps=lambda i: 8)
+class Sim:
+    """Drives a controller the way the decode loop does, on simulated costs: verifying k
+    tokens costs t1 * V(k), a pruned draft step c * t1; ``accept(i, source, n)`` says how
+    many of the n drafts of step i the target keeps."""
+
+    def __init__(self, ctrl: GammaController, v, c: float, accept, t1: float = 10e-3):
+        self.ctrl, self.v, self.c, self.accept, self.t1 = ctrl, v, c, accept, t1
+        self.seen = 0  # tokens the pruned draft has read
+
+    def run(self, steps: int, offers=lambda i: {PRUNED: Offer(8)}, pos: int = 0) -> None:
+        for i in range(steps):
+            source, gamma = self.ctrl.choose(offers(i))
+            need = self.ctrl.calibration_need()
+            if need == "draft":
+                self.ctrl.observe_draft(self.c * self.t1)
+            n_acc = min(self.accept(i, source, gamma), gamma)
+            catchup = 0
+            if source == PRUNED:
+                catchup = max(0, pos - self.seen - 1)  # the draft reads what it missed
+                self.seen = pos + n_acc + 1
+            k = 2 if need == "batch" and not gamma else gamma + 1
+            self.ctrl.observe(StepRecord(
+                source if gamma else None, gamma, k, gamma, n_acc, 3,
+                gamma * self.c * self.t1 if source == PRUNED else 1e-6, gamma,
+                catchup * 0.05 * self.t1, catchup, self.t1 * self.v(k), 1e-5))
+            pos += n_acc + 1
+        return pos
+
+
+def test_cpu_like_costs_keep_the_pruned_draft_out():
+    # the committed CPU: a 2-token batch costs 1.3x a step, the draft 0.85x: never pays
+    ctrl = GammaController(8)
+    Sim(ctrl, curve(COMMITTED_CPU), 0.85, lambda i, s, n: n).run(200)
     assert ctrl.disabled_reason and "cannot pay" in ctrl.disabled_reason
     assert ctrl.history[:6].count(0) == 6      # calibration used plain steps only
-    assert set(ctrl.history[6:]) == {0}        # and it never drafted afterwards
+    assert PRUNED not in ctrl.source_history   # and it never drafted with it afterwards
 
 
 def test_gpu_like_costs_with_high_acceptance_draft_deep():
-    ctrl = drive(GammaController(8), t1=10e-3, b=0.02, c=0.4, alpha_steps=lambda i: 8)
+    ctrl = GammaController(8)
+    Sim(ctrl, curve(GPU), 0.4, lambda i, s, n: n).run(200)
     assert ctrl.disabled_reason is None
     assert ctrl.history[-1] >= 6               # near-free verification: draft far ahead
 
 
+def test_gpu_long_prompt_chat_turns_and_probes_never_disable_speculation():
+    """Issue 11: catch-up (a 2,000-token prompt, chat turns, the tokens emitted during
+    long plain runs) is charged per token apart from drafting, so it cannot inflate the
+    draft's cost c and switch speculation off."""
+    ctrl = GammaController(8)
+    acc = {"on": True}
+    sim = Sim(ctrl, curve(GPU), 0.5, lambda i, s, n: n if acc["on"] else 0)
+    pos = sim.run(5, pos=2000)                # the draft never read the 2,000-token prompt
+    for turn in range(4):                     # chat turns: 300 new tokens each time
+        pos = sim.run(30, pos=pos + 300)
+        assert ctrl.disabled_reason is None, turn
+    acc["on"] = False                         # unpredictable text: long plain runs
+    pos = sim.run(600, pos=pos)
+    assert ctrl.disabled_reason is None
+    acc["on"] = True                          # predictable again: a probe must bring it back
+    sim.run(600, pos=pos)
+    assert ctrl.disabled_reason is None
+    assert ctrl.costs.draft == pytest.approx(0.5 * 10e-3)
+    assert ctrl.history[-1] >= 6
+    assert ctrl.costs.catchup_per_token == pytest.approx(0.05 * 10e-3)
+
+
+def test_verdict_is_reexamined_when_costs_change():
+    """A draft wrongly timed as slow (e.g. the machine was busy) is re-timed by a later
+    probe, and the 'cannot pay' verdict lifts with the new cost."""
+    ctrl = GammaController(8)
+    sim = Sim(ctrl, curve(GPU), 3.0, lambda i, s, n: n)
+    sim.run(20)
+    assert ctrl.disabled_reason is not None
+    sim.c = 0.4                                # the real cost
+    sim.run(600)
+    assert ctrl.disabled_reason is None
+    assert ctrl.source_history[-1] == PRUNED and ctrl.history[-1] >= 6
+
+
 def test_low_acceptance_turns_gamma_to_zero_then_probes_with_backoff():
-    ctrl = drive(GammaController(8), t1=10e-3, b=0.02, c=0.5, alpha_steps=lambda i: 0,
-                 steps=400)
+    ctrl = GammaController(8)
+    Sim(ctrl, curve(GPU), 0.5, lambda i, s, n: 0).run(400)
     tail = ctrl.history[100:]
     probes = [i for i, g in enumerate(tail) if g > 0]
     assert 0 < len(probes) < 12                # rare probes, not constant drafting
@@ -47,15 +122,69 @@ def test_low_acceptance_turns_gamma_to_zero_then_probes_with_backoff():
 
 
 def test_recovers_when_text_becomes_predictable():
-    ctrl = drive(GammaController(8), t1=10e-3, b=0.02, c=0.5,
-                 alpha_steps=lambda i: 0 if i < 150 else 8, steps=400)
+    ctrl = GammaController(8)
+    Sim(ctrl, curve(GPU), 0.5, lambda i, s, n: 0 if i < 150 else n).run(400)
     assert ctrl.history[-1] > 2
 
 
 def test_fixed_gamma_ignores_costs():
-    ctrl = drive(GammaController(4, adaptive=False), t1=6e-3, b=0.8, c=0.9,
-                 alpha_steps=lambda i: 0, steps=20)
+    ctrl = GammaController(4, adaptive=False)
+    Sim(ctrl, curve(AVX2_EPYC), 0.9, lambda i, s, n: 0).run(20)
     assert set(ctrl.history) == {4} and ctrl.disabled_reason is None
+
+
+def lookup_offers(i):
+    """A copy-heavy answer: long lookup matches on most steps."""
+    return {"lookup": Offer(8, 6 if i % 4 else 0)} if i % 4 else {"lookup": Offer(0)}
+
+
+def copy_accept(i, source, n):
+    return n if source == "lookup" else 0
+
+
+@pytest.mark.parametrize("points, pays", [(COMMITTED_CPU, True), (GPU, True)])
+def test_lookup_is_chosen_where_it_pays(points, pays):
+    ctrl = GammaController(8, has_pruned=False)
+    Sim(ctrl, curve(points), 0.0, copy_accept).run(300, lookup_offers)
+    late = ctrl.source_history[100:]
+    assert (late.count("lookup") > 100) == pays
+
+
+def test_lookup_on_a_near_linear_cpu_never_loses_much():
+    """Issue 12: on a CPU where batching buys almost nothing (the AVX2 EPYC's curve),
+    replaying the controller's own choices through the cost model must stay >= 0.97x
+    plain, whether lookups are right or wrong."""
+    v = curve(AVX2_EPYC)
+    for accept in (copy_accept, lambda i, s, n: 0, lambda i, s, n: n // 2):
+        ctrl = GammaController(8, has_pruned=False)
+        sim = Sim(ctrl, v, 0.0, accept)
+        tokens = cost = 0.0
+        for i in range(400):
+            before = len(ctrl.history)
+            sim.run(1, lambda j, i=i: lookup_offers(i))
+            g = ctrl.history[before]
+            src = ctrl.source_history[before]
+            n_acc = min(accept(i, src, g), g) if g else 0
+            tokens += n_acc + 1
+            cost += v(g + 1)
+        assert tokens / cost >= 0.97, (tokens / cost)
+
+
+def test_lookup_acceptance_is_tracked_per_match_length():
+    ctrl = GammaController(8, has_pruned=False)
+    ctrl.acceptance("lookup", 1).add(8, 0)
+    ctrl.acceptance("lookup", 6).add(8, 8)
+    assert ctrl.acceptance("lookup", 1).alpha < 0.2 < 0.8 < ctrl.acceptance("lookup", 5).alpha
+
+
+def test_profile_round_trip_starts_decided():
+    ctrl = GammaController(8)
+    Sim(ctrl, curve(GPU), 0.4, lambda i, s, n: n).run(50)
+    stored = ctrl.costs.to_profile()
+    again = GammaController(8, costs=CostModel.from_profile(stored))
+    assert again.calibration_need() is None
+    source, gamma = again.choose({PRUNED: Offer(8)})
+    assert source == PRUNED and gamma > 0      # no calibration steps: decided at once
 
 
 @pytest.mark.parametrize("gamma, alpha, expected", [
@@ -64,11 +193,19 @@ def test_fixed_gamma_ignores_costs():
     (2, 0.5, 1.75),         # 1 + 0.5 + 0.25
 ])
 def test_expected_tokens(gamma, alpha, expected):
-    assert CostModel.expected_tokens(gamma, alpha) == pytest.approx(expected)
+    assert costmodel.expected_tokens(gamma, alpha) == pytest.approx(expected)
+
+
+def test_speedup_formula():
+    # E(2, 0.5) = 1.75 over 2 * 0.5 + V(3) = 1 + 2 = 3 plain steps
+    assert costmodel.speedup(2, 0.5, 0.5, costmodel.linear_verify(1.0)) == pytest.approx(
+        1.75 / 4.0)
+    assert costmodel.best_gamma(1.0, 0.0, costmodel.flat_verify(8), 8)[0] == 7
 
 
 def test_verify_cost_fit_extrapolates_linearly():
     c = CostModel()
     for k, t in ((1, 1.0), (2, 1.5), (3, 2.0)):
+        c.add_verify(k, t)
         c.add_verify(k, t)
     assert c.verify_cost(5) == pytest.approx(3.0)

@@ -1,0 +1,49 @@
+"""Measured device profiles, stored between runs in the user's cache folder.
+
+A profile is the controller's measured costs (verify curve, draft step, Python overhead)
+for one combination of files and settings: target and draft sha256, threads, GPU layers,
+batch size and llama.cpp build. A one-shot ``bridge generate`` then starts decided instead
+of paying its calibration steps on every run; ``--recalibrate`` measures afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def profile_file() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "bridge" / "profiles.json"
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(profile_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load_profile(key: str) -> dict | None:
+    """The stored profile for ``key``, or None."""
+    entry = _read().get(key)
+    return entry if isinstance(entry, dict) else None
+
+
+def save_profile(key: str, profile: dict) -> None:
+    """Store ``profile`` under ``key``, atomically; a read-only cache is not an error."""
+    data = _read()
+    data[key] = profile
+    path = profile_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        log.debug("could not write %s", path)
