@@ -30,8 +30,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
@@ -214,15 +215,17 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _next_item(job: Job, watcher: asyncio.Future | None) -> object:
-    """The job's next item; ``asyncio.CancelledError`` if the client disconnects first."""
-    if watcher is None:
-        return await job.queue.get()
+class _Interrupted(Exception):
+    """The client went away, or the server is stopping, before the job's next item."""
+
+
+async def _next_item(job: Job, watcher: asyncio.Future) -> object:
+    """The job's next item, unless ``watcher`` (disconnect or shutdown) completes first."""
     getter = asyncio.ensure_future(job.queue.get())
     await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if not getter.done():
         getter.cancel()
-        raise asyncio.CancelledError("client disconnected")
+        raise _Interrupted
     return getter.result()
 
 
@@ -238,51 +241,48 @@ def _parse(model: type[BaseModel], payload: object) -> BaseModel:
                        param=loc or None) from None
 
 
-def _unsupported(body: CompletionBody) -> None:
-    """Refuse what bridge would otherwise silently ignore."""
-    if body.n not in (None, 1):
-        raise APIError(f"n must be 1, got {body.n}: bridge serves one choice per request",
-                       param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(f"{name} is not supported (only 0); llama.cpp's repeat penalty "
-                           "is a different thing: pass repeat_penalty", param=name)
-    if body.logprobs:
-        raise APIError("logprobs are not supported", param="logprobs")
-    if body.echo:
-        raise APIError("echo is not supported", param="echo")
-    if getattr(body, "tools", None):
-        raise APIError("tools are not supported", param="tools")
+# fields bridge would otherwise silently ignore, and why they are refused when set
+_REFUSED = {
+    "presence_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
+                        "thing: pass repeat_penalty)",
+    "frequency_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
+                         "thing: pass repeat_penalty)",
+    "logprobs": "logprobs are not supported", "echo": "echo is not supported",
+    "tools": "tools are not supported",
+}
 
 
 def _settings(engine: Engine, default_gen: GenerationConfig, body: CompletionBody
               ) -> tuple[GenerationConfig, SamplingConfig, int | None]:
     """The request's settings: the server's defaults (from the command line), overridden by
     what the request names. The dataclasses validate and word the errors."""
-    _unsupported(body)
+    if body.n not in (None, 1):
+        raise APIError(f"n must be 1, got {body.n}: bridge serves one choice per request",
+                       param="n")
+    for name, why in _REFUSED.items():
+        if getattr(body, name, None):
+            raise APIError(f"{name}: {why}", param=name)
     given = {k: v for k, v in (("temp", body.temperature), ("top_p", body.top_p),
                                ("top_k", body.top_k), ("min_p", body.min_p),
                                ("repeat_penalty", body.repeat_penalty), ("seed", body.seed))
              if v is not None}
-    draft_max = body.speculative.n_max if body.speculative is not None else None
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    stop = default_gen.stop if body.stop is None else \
-        tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop) if s)
     try:
         sampling = dataclasses.replace(engine.sampling, **given)
     except ValueError as e:
         raise APIError(str(e)) from None
+    draft_max = body.speculative.n_max if body.speculative is not None else None
     if draft_max is not None:
         try:
             SpeculativeConfig(draft_max=draft_max)
         except ValueError as e:
             raise APIError(f"speculative.n_max: {e}", param="speculative.n_max") from None
-    try:
-        gen = dataclasses.replace(default_gen, stop=stop, **(
-            {"max_tokens": max_tokens} if max_tokens is not None else {}))
-    except ValueError:
-        raise APIError(f"max_tokens must be >= 1, got {max_tokens}",
-                       param="max_tokens") from None
+    n = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    if n is not None and n < 1:
+        raise APIError(f"max_tokens must be >= 1, got {n}", param="max_tokens")
+    stop = default_gen.stop if body.stop is None else \
+        tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop) if s)
+    gen = dataclasses.replace(default_gen, max_tokens=n or default_gen.max_tokens, stop=stop)
     return gen, sampling, draft_max
 
 
@@ -310,17 +310,14 @@ def timings(stats: Stats) -> dict:
     s = stats.as_dict()
     pn, pms = s["n_prompt_evaluated"], s["prompt_seconds"] * 1e3
     dn, dms = s["n_tokens"], s["decode_seconds"] * 1e3
-    return {
-        "cache_n": s["n_prompt"] - pn,
-        "prompt_n": pn, "prompt_ms": pms,
-        "prompt_per_token_ms": pms / pn if pn else 0.0,
-        "prompt_per_second": 1e3 * pn / pms if pms > 0 else 0.0,
-        "predicted_n": dn, "predicted_ms": dms,
-        "predicted_per_token_ms": dms / dn if dn else 0.0,
-        "predicted_per_second": s["tokens_per_s"],
-        "draft_n": s["n_drafted"], "draft_n_accepted": s["n_accepted"],
-        "mode": s["mode"], "sources": s.get("sources", {}),
-    }
+    return {"cache_n": s["n_prompt"] - pn, "prompt_n": pn, "prompt_ms": round(pms, 3),
+            "prompt_per_token_ms": round(pms / pn, 3) if pn else 0.0,
+            "prompt_per_second": round(1e3 * pn / pms, 3) if pms > 0 else 0.0,
+            "predicted_n": dn, "predicted_ms": round(dms, 3),
+            "predicted_per_token_ms": round(dms / dn, 3) if dn else 0.0,
+            "predicted_per_second": s["tokens_per_s"],
+            "draft_n": s["n_drafted"], "draft_n_accepted": s["n_accepted"],
+            "mode": s["mode"], "sources": s.get("sources", {})}
 
 
 def _finish(stats: Stats) -> str | None:
@@ -336,7 +333,7 @@ def _usage(stats: Stats, n_completion: int) -> dict:
 
 def create_app(engine: Engine, cfg: ServerConfig | None = None,
                gen: GenerationConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; its lifespan starts and stops the worker.
+    """The FastAPI app serving ``engine``; its lifespan's end stops the worker.
 
     Args:
         engine: the loaded model (the caller closes it after the app stops).
@@ -412,6 +409,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
             prompt = prompt[0]
         if not prompt:
             raise APIError("the prompt is empty", param="prompt")
+        if isinstance(prompt, list) and not all(0 <= t < engine.model.n_vocab for t in prompt):
+            raise APIError(f"prompt: token ids must be in 0..{engine.model.n_vocab - 1}",
+                           param="prompt")
 
         def start(stats: Stats) -> Iterator[Chunk]:
             return engine.generate(prompt, g, stats, sampling=sampling, draft_max=draft_max)
@@ -421,29 +421,26 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def respond(request: Request, body: CompletionBody, start, chat: bool):
         job = worker.submit(start)
         watcher = asyncio.ensure_future(_wait_disconnect(request))
-        # wait for the first item so that an error (prompt too long) is an HTTP error
         try:
+            # the first item decides between an HTTP error (prompt too long) and a stream
             first = await _next_item(job, watcher)
-        except BaseException:
-            job.cancelled.set()
-            raise
+            if isinstance(first, Exception):
+                raise first
+            head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": body.model or model_id}
+            if not body.stream:
+                return await _whole(job, first, head, chat, watcher)
+        except _Interrupted:  # nobody is left to read an answer
+            return Response(status_code=499)
         finally:
-            if body.stream:  # from here on sse-starlette watches for the disconnect
-                watcher.cancel()
-        if isinstance(first, Exception):
-            watcher.cancel()
-            raise first
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": body.model or model_id}
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_events(job, first, head, chat, usage), ping=15)
-        try:
-            return await _whole(job, first, head, chat, watcher)
-        finally:
-            watcher.cancel()
-            job.cancelled.set()
+            watcher.cancel()  # a stream's disconnects are sse-starlette's to watch
+            if not body.stream:
+                job.cancelled.set()
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        stopping = anyio.Event()  # set by sse-starlette when the server shuts down
+        return EventSourceResponse(_events(job, first, head, chat, usage, stopping), ping=15,
+                                   shutdown_event=stopping, shutdown_grace_period=1.0)
 
     return app
 
@@ -467,10 +464,11 @@ async def _whole(job: Job, item: object, head: dict, chat: bool,
             "timings": timings(job.stats)}
 
 
-async def _events(job: Job, item: object, head: dict, chat: bool,
-                  include_usage: bool) -> AsyncIterator[dict]:
-    """SSE events, OpenAI's chunk format; sse-starlette frames them. Cancelled on client
-    disconnect or server shutdown, which cancels the job."""
+async def _events(job: Job, item: object, head: dict, chat: bool, include_usage: bool,
+                  stopping: anyio.Event) -> AsyncIterator[dict]:
+    """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
+    disconnect cancels this generator; a server shutdown ends it with an error event.
+    Either way the job is cancelled."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def chunk(text: str | None, reason: str | None, **extra) -> dict:
@@ -486,6 +484,7 @@ async def _events(job: Job, item: object, head: dict, chat: bool,
                                    ensure_ascii=False)}
 
     first, n = True, 0
+    watcher = asyncio.ensure_future(stopping.wait())
     try:
         while item is not _DONE:
             if isinstance(item, APIError):
@@ -495,14 +494,20 @@ async def _events(job: Job, item: object, head: dict, chat: bool,
             if item.text or first:
                 yield chunk(item.text, None)
                 first = False
-            item = await job.queue.get()
+            try:
+                item = await _next_item(job, watcher)
+            except _Interrupted:
+                err = APIError("the server is shutting down; the answer was cut short", 503,
+                               kind="server_error", code="shutting_down")
+                yield {"data": json.dumps(err.body())}
+                return
         usage = _usage(job.stats, n)
-        yield chunk(None, _finish(job.stats), usage=usage,
-                    timings=timings(job.stats))
+        yield chunk(None, _finish(job.stats), usage=usage, timings=timings(job.stats))
         if include_usage:
             yield {"data": json.dumps({**head, "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
     finally:
+        watcher.cancel()
         job.cancelled.set()
 
 
