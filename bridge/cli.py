@@ -16,6 +16,7 @@ from bridge import __version__
 from bridge.bench_cli import bench_cmd
 from bridge.export_cli import export_cmd
 from bridge.run_cli import chat_cmd, generate_cmd
+from bridge.serve_cli import serve_cmd
 
 log = logging.getLogger("bridge")
 
@@ -45,6 +46,7 @@ def cli(verbose: int) -> None:
     Typical use:
       bridge export MODEL --prune 0.4     # full GGUF + draft GGUF + layer report
       bridge chat   MODEL-Q4_K_M.gguf     # draft found beside the model
+      bridge serve  MODEL-Q4_K_M.gguf     # OpenAI-compatible server on 127.0.0.1:8080
     """
     _setup_logging(verbose)
 
@@ -68,6 +70,7 @@ cli.add_command(export_cmd)
 cli.add_command(generate_cmd)
 cli.add_command(chat_cmd)
 cli.add_command(bench_cmd)
+cli.add_command(serve_cmd)
 
 
 def main() -> None:
