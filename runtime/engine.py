@@ -21,6 +21,7 @@ from runtime.controller import CostModel, GammaController
 from runtime.drafting import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
 from runtime.lookup import LookupDrafter
+from runtime.memory import DraftMemory, MemoryDrafter
 from runtime.profiles import load_profile, save_profile
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
@@ -48,12 +49,15 @@ class Engine:
         runtime: llama.cpp resources; speculative / sampling: see their dataclasses.
             ``speculative.drafter`` picks the sources: ``auto`` (lookup, plus the pruned
             draft when one was found), ``lookup``, ``pruned`` or ``none``.
+        memory: a drafting memory shared across requests (a server's): with ``auto`` or
+            ``lookup`` it is one more source, and every finished sequence is added to it.
     """
 
     def __init__(self, model: str | Path, draft: str | Path | None = "auto",
                  runtime: RuntimeConfig | None = None,
                  speculative: SpeculativeConfig | None = None,
-                 sampling: SamplingConfig | None = None):
+                 sampling: SamplingConfig | None = None,
+                 memory: DraftMemory | None = None):
         self.runtime = runtime or RuntimeConfig()
         self.spec_cfg = speculative or SpeculativeConfig()
         self.sampling = sampling or SamplingConfig()
@@ -75,6 +79,9 @@ class Engine:
             drafters: list = []
             if self.spec_cfg.drafter in ("auto", "lookup"):
                 drafters.append(LookupDrafter())
+                if memory is not None:
+                    drafters.append(MemoryDrafter(memory))
+            self.memory = memory if self.spec_cfg.drafter in ("auto", "lookup") else None
             if self.draft_path is not None:
                 self.draft_model = self._own(LlamaModel(self.draft_path,
                                                         self.runtime.n_gpu_layers))
@@ -139,12 +146,16 @@ class Engine:
 
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  stats: Stats | None = None, sampling: SamplingConfig | None = None,
-                 draft_max: int | None = None) -> Iterator[Chunk]:
+                 draft_max: int | None = None, scope: str = "", use_memory: bool = True
+                 ) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt`` (text, tokenized with special tokens parsed,
         or token ids). The last chunk carries ``finish_reason`` (``eog``, ``stop``,
         ``length`` or ``context``). The tokens returned and the KV cache end where the
         text ends, stop strings included. ``sampling`` and ``draft_max`` override the
-        engine's settings for this call only. Figures land in ``stats``."""
+        engine's settings for this call only. With a drafting memory, ``scope`` says whose
+        earlier requests may be drafted from (and where this one is stored); ``use_memory``
+        False keeps this request out of the memory both ways. Figures land in
+        ``stats``."""
         gen = gen or GenerationConfig()
         ids = self.model.tokenize(prompt, add_special=True, parse_special=True) \
             if isinstance(prompt, str) else list(prompt)
@@ -155,11 +166,23 @@ class Engine:
             self.sampler.reconfigure(sampling)
         if draft_max is not None:
             self.controller.draft_max = draft_max
+        memory = self.decoder.drafters.get("memory")
+        if memory is not None:
+            memory.scope = scope
+            if not use_memory:
+                del self.decoder.drafters["memory"]
+        out: list[int] = []
         try:
-            yield from self._stream(ids, gen, stats)
+            for chunk in self._stream(ids, gen, stats):
+                out.extend(chunk.tokens)
+                yield chunk
         finally:
             self.sampler.reconfigure(saved[0])
             self.controller.draft_max = saved[1]
+            if memory is not None:
+                self.decoder.drafters["memory"] = memory
+                if use_memory and out:
+                    self.memory.add(ids + out, scope)
             if self.decoder.drafters and self.spec_cfg.adaptive:
                 save_profile(self._profile_key, self.controller.costs.to_profile())
 
