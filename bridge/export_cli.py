@@ -49,13 +49,16 @@ from exporters.config import (
               help=f"llama.cpp type: Q4_K_M, Q8_0, Q6_K, Q4_0, F16, ... or {KEEP}. "
                    f"[default: {DEFAULT_HF_QUANT} for a Hugging Face model, "
                    f"{KEEP} (the file's own type) for a GGUF]")
+@click.option("--threads", type=int,
+              help="CPU threads for quantizing and scoring [default: all cores].")
 @click.option("-o", "--outdir", type=click.Path(path_type=Path),
               help="Output folder [default: the current folder].")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | None,
                keep_layers: str | None, device_profile: str | None, score_dtype: str | None,
                drop_layers: str | None,
-               quant: str | None, outdir: Path | None, force: bool) -> None:
+               quant: str | None, threads: int | None, outdir: Path | None,
+               force: bool) -> None:
     """Export MODEL to a full GGUF and a layer-pruned draft GGUF beside it.
 
     \b
@@ -76,7 +79,7 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
     try:
         given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
                  "method": method, "calib": calib, "device_profile": device_profile,
-                 "score_dtype": score_dtype}
+                 "score_dtype": score_dtype, "threads": threads}
         if drop_layers is not None:
             given["drop_layers"] = parse_layer_list(drop_layers)
         if keep_layers is not None:

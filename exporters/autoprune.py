@@ -1,7 +1,8 @@
 """``--prune auto``: pick the ratio whose predicted speculative speedup is highest.
 
 Model of one speculative step with a draft of gamma tokens and per-token acceptance alpha
-(the draft's held-out top-1 agreement with the full model):
+(the draft's held-out top-1 agreement with the full model); the formulas themselves live
+in ``runtime.costmodel``, shared with the runtime's controller and the bench:
 
 - expected tokens per step (Leviathan et al. 2023): E = (1 - alpha^(gamma+1)) / (1 - alpha);
 - time per step, in units of one plain full-model step: gamma * c_draft + V(gamma + 1),
@@ -13,25 +14,33 @@ Model of one speculative step with a draft of gamma tokens and per-token accepta
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import gguf
 
+from exporters.loading import block_tensor
+from runtime import costmodel
+
 MAX_GAMMA = 8
-# Verify cost of k tokens relative to one: measured 1 + 0.6 (k - 1) on the project's 2-core
-# CPU (SmolLM2 Q4_1); about flat up to k = 8 on GPUs, then linear.
-PROFILES = ("cpu", "gpu")
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# Verify cost of k tokens relative to one (runtime.costmodel): measured 1 + 0.6 (k - 1) on
+# the project's 2-core CPU (SmolLM2 Q4_1); about flat up to k = 8 on GPUs, then linear.
+_VERIFY: dict[str, costmodel.VerifyCost] = {"cpu": costmodel.linear_verify(0.6),
+                                            "gpu": costmodel.flat_verify(8)}
+PROFILES = tuple(_VERIFY)
 
 
 def verify_cost(profile: str, k: int) -> float:
-    if profile == "cpu":
-        return 1.0 + 0.6 * (k - 1)
-    if profile == "gpu":
-        return max(1.0, k / 8.0)
-    raise ValueError(f"unknown device profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    """V(k) of ``profile``, in plain steps."""
+    return _verify(profile)(k)
+
+
+def _verify(profile: str) -> costmodel.VerifyCost:
+    try:
+        return _VERIFY[profile]
+    except KeyError:
+        raise ValueError(f"unknown device profile {profile!r}; choose one of "
+                         f"{', '.join(PROFILES)}") from None
 
 
 def default_profile() -> str:
@@ -43,19 +52,21 @@ def default_profile() -> str:
 
 def expected_tokens(alpha: float, gamma: int) -> float:
     """E = (1 - alpha^(gamma+1)) / (1 - alpha): tokens emitted per verify step."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    return costmodel.expected_tokens(gamma, alpha)
 
 
 def speedup(alpha: float, c_draft: float, profile: str, gamma: int) -> float:
-    return expected_tokens(alpha, gamma) / (gamma * c_draft + verify_cost(profile, gamma + 1))
+    """Predicted speedup over plain decoding at ``gamma`` drafted tokens per step."""
+    return costmodel.speedup(gamma, alpha, c_draft, _verify(profile))
 
 
 def best_gamma(alpha: float, c_draft: float, profile: str) -> tuple[int, float]:
-    """(gamma, speedup) with the highest predicted speedup, gamma in 1..MAX_GAMMA."""
-    return max(((g, speedup(alpha, c_draft, profile, g)) for g in range(1, MAX_GAMMA + 1)),
-               key=lambda gs: gs[1])
+    """(gamma, speedup) with the highest predicted speedup, gamma in 1..MAX_GAMMA.
+
+    gamma = 0 (plain decoding) is left out: the report states what the draft would do.
+    Both profiles have V(1) = 1, so tokens per unit cost is already the speedup.
+    """
+    return costmodel.best_gamma(alpha, c_draft, _verify(profile), MAX_GAMMA, gamma_min=1)
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,8 @@ def byte_profile(reader: gguf.GGUFReader, n_layers: int) -> ByteProfile:
     names = {t.name for t in reader.tensors}
     shared = 0
     for t in reader.tensors:
-        if m := _BLOCK.match(t.name):
-            per_layer[int(m[1])] += int(t.n_bytes)
+        if block := block_tensor(t.name):
+            per_layer[block[0]] += int(t.n_bytes)
         elif t.name != "token_embd.weight" or "output.weight" not in names:
             shared += int(t.n_bytes)
     return ByteProfile(shared, per_layer)

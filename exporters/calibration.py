@@ -12,7 +12,6 @@ held out: layers are chosen on the rest and acceptance is reported on the held-o
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from exporters.calib_prompts import CALIB_PROMPTS
 from exporters.torch_model import LayerRunner
+from runtime.prompts_file import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +57,9 @@ def builtin_prompts() -> list[str]:
     return [text for _, text in CALIB_PROMPTS]
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .txt (one per line) or .jsonl (``{"prompt": ...}`` per line) file.
-
-    Raises:
-        ValueError: the file is unreadable, malformed, or holds no prompt.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read calibration file {path}: "
-                         f"{getattr(e, 'strerror', None) or e}") from None
-    if path.suffix.lower() == ".jsonl":
-        prompts = [_jsonl_prompt(line, path, n) for n, line in enumerate(lines, 1)
-                   if line.strip()]
-    else:
-        prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"calibration file {path} holds no prompt; write one prompt per "
-                         "line (.txt) or one {\"prompt\": ...} object per line (.jsonl)")
-    return prompts
-
-
-def _jsonl_prompt(line: str, path: Path, n: int) -> str:
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        raise ValueError(f"{path} line {n} is not JSON; expected {{\"prompt\": \"...\"}}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-        raise ValueError(f"{path} line {n} has no string \"prompt\" field")
-    return obj["prompt"]
+def load_prompts(path: Path | None = None) -> list[str]:
+    """The prompts of ``--calib FILE`` (``runtime.prompts_file``), or the built-in set."""
+    return builtin_prompts() if path is None else read_prompts(path)
 
 
 def split_holdout(prompts: Sequence[str]) -> tuple[list[str], list[str]]:

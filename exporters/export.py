@@ -41,7 +41,7 @@ from exporters.loading import (
 from exporters.prune import PRUNABLE, DraftInfo, write_draft
 from exporters.report import LayerReport, Stages, log_stages
 from runtime import keys
-from runtime.files import sha256_file
+from runtime.files import draft_path_for, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ class ExportResult:
     seconds: float
     report: LayerReport | None = None
     report_paths: tuple[Path, ...] = ()
-
-
-def draft_path_for(full: Path) -> Path:
-    """Where the runtime looks for ``full``'s draft: ``x.gguf`` -> ``x.draft.gguf``."""
-    return full.with_name(full.name.removesuffix(keys.FULL_SUFFIX) + keys.DRAFT_SUFFIX)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ AUTO_MAX_FRACTION = 0.5
 # ...and greedy stops once calibration agreement falls below this: at alpha = 0.5 a step
 # yields at most 2 tokens, which cannot pay for a draft plus a verify pass.
 AUTO_STOP_ALPHA = 0.5
+# Scoring predicted to take longer than this is announced as a warning, with a faster way.
+LONG_EXPORT_S = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,23 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                  "first or last; no scoring)", plan.n_drop, plan.n_layers, dropped)
         return LayerChoice(plan.n_layers, tuple(sorted(dropped)), cfg.method), None
     assert source is not None and full is not None
-    report = score_layers(plan, source, full, stages)
+    report = _with_threads(cfg.threads, score_layers, plan, source, full, stages)
     return LayerChoice(plan.n_layers, tuple(report.dropped), cfg.method), report
+
+
+def _with_threads(threads: int | None, fn, *args):
+    """``fn(*args)`` with torch limited to ``threads`` CPU threads (None: torch's default),
+    restored afterwards: on a shared machine fewer threads than cores can be much faster."""
+    if threads is None:
+        return fn(*args)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
@@ -162,8 +179,7 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     from exporters.torch_model import LayerRunner, load_for_scoring
 
     cfg, timings = plan.cfg, {}
-    prompts = (calibration.read_prompts(cfg.calib) if cfg.calib is not None
-               else calibration.builtin_prompts())
+    prompts = calibration.load_prompts(cfg.calib)
     scorer = make_scorer(cfg.method)
     profile = cfg.device_profile or autoprune.default_profile()
     costs = autoprune.byte_profile(full, plan.n_layers)
@@ -175,6 +191,15 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
         raise ValueError(f"{source.path.name} has {runner.n_layers} layers in PyTorch but "
                          f"{plan.n_layers} in its GGUF; cannot score it")
     calib_p, held_p = calibration.split_holdout(prompts)
+    auto = plan.n_drop is None
+    max_drop = plan.n_drop or min(len(plan.droppable), math.ceil(AUTO_MAX_FRACTION *
+                                                                 plan.n_layers))
+    timings["load"] = time.perf_counter() - t
+    # said before the slow stages, so that nobody is surprised by hours
+    timings["predicted_total"] = _announce(runner, tokenizer, cfg.method, plan, max_drop,
+                                           calib_p, held_p)
+
+    t = time.perf_counter()
     with stages("calibration text (full model's own output)", len(prompts)) as advance:
         calib = prepare(runner, calibration.build_samples(model, tokenizer, runner, calib_p,
                                                           progress=advance))
@@ -182,9 +207,6 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
                                                          progress=advance))
     timings["calibration"] = time.perf_counter() - t
 
-    auto = plan.n_drop is None
-    max_drop = plan.n_drop or min(len(plan.droppable), math.ceil(AUTO_MAX_FRACTION *
-                                                                 plan.n_layers))
     t = time.perf_counter()
     with stages(f"scoring layers ({cfg.method})",
                 units(cfg.method, len(calib), max_drop)) as advance:
@@ -193,7 +215,8 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
         scores = scorer(ctx, max_drop)
     timings[cfg.method] = time.perf_counter() - t
     all_scores = {cfg.method: scores.importance}
-    if cfg.method != "bi":  # BI costs one pass: a cheap reference curve for the chart
+    # BI costs one pass: a cheap reference curve for the chart (shortlist's scores are BI)
+    if cfg.method not in ("bi", "shortlist"):
         all_scores["bi"] = make_scorer("bi")(ScoringContext(runner, calib, plan.protected),
                                              1).importance
 
@@ -221,6 +244,30 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
         heldout_prompts=len(held_p), calib_tokens=n_tokens, device_profile=profile,
         draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
         seconds=timings, auto=_auto_dict(decision))
+
+
+def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
+              calib_p: list[str], held_p: list[str]) -> float:
+    """Probe this machine, log the predicted time of the slow stages; returns the total."""
+    from exporters import calibration, estimate
+    from exporters.scoring import shortlist_size
+
+    calib_lens = [len(calibration.format_prompt(tokenizer, p)) for p in calib_p]
+    held_lens = [len(calibration.format_prompt(tokenizer, p)) for p in held_p]
+    n_new = calibration.DEFAULT_NEW_TOKENS
+    first = calibration.format_prompt(tokenizer, calib_p[0])
+    costs = estimate.probe(runner, first + first[-1:] * n_new)
+    est = estimate.predict(costs, method, plan.n_layers, plan.droppable, max_drop,
+                           max_drop if plan.n_drop is None else 1, calib_lens, held_lens,
+                           n_new, shortlist_size(len(plan.droppable), max_drop))
+    log.info("%s", estimate.describe(est, method))
+    if est.total > LONG_EXPORT_S:
+        faster = ("; --method shortlist chooses as well at a fraction of the cost"
+                  if method == "greedy" else
+                  "; --method bi scores in one pass, or --drop-layers skips scoring")
+        log.warning("this export will take about %s%s", estimate.describe(est, method)
+                    .removeprefix("estimated time: about "), faster)
+    return est.total
 
 
 def _auto_dict(decision) -> dict | None:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import gguf
 
-from bridge import testmodels
+from exporters import testmodels
 from exporters.config import QUANT_TYPES
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ _QUANT_TAG = re.compile(
     re.IGNORECASE,
 )
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A per-layer GGUF tensor, "blk.<layer>.<rest>" (llama.cpp's naming for every arch).
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,13 @@ def gguf_block_count(reader: gguf.GGUFReader) -> int:
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"{reader.data.filename} has no valid {key}")
     return n
+
+
+def block_tensor(name: str) -> tuple[int, str] | None:
+    """``"blk.12.attn_q.weight"`` -> ``(12, "attn_q.weight")``; None for a shared tensor
+    (embeddings, output norm and head, rope factors)."""
+    m = _BLOCK.match(name)
+    return (int(m[1]), m[2]) if m else None
 
 
 def gguf_quant_name(reader: gguf.GGUFReader) -> str:

@@ -16,22 +16,20 @@ renumbered ``blk.0..blk.k-1``. The metadata is the full model's with:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
 
 import gguf
 
-from bridge import __version__
-from exporters.loading import field_value, gguf_arch, gguf_block_count, open_gguf
+from exporters.loading import block_tensor, field_value, gguf_arch, gguf_block_count, open_gguf
 from runtime import keys
 
 log = logging.getLogger(__name__)
 
 GVT = gguf.GGUFValueType
-_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _CHUNK = 16 << 20
 # Architectures whose layers bridge knows how to drop: plain stacks of identical blocks
 # whose only per-layer metadata is explicit arrays or the sliding-window pattern below.
@@ -41,13 +39,22 @@ PRUNABLE = ("llama", "qwen2", "qwen3", "gemma3")
 _DEFAULT_SWA_PERIOD = {"gemma3": 6}
 
 
+def package_version() -> str:
+    """bridge's version from the installed package's metadata (the library must not import
+    the CLI package ``bridge`` for it); a checkout that was never installed says so."""
+    try:
+        return metadata.version("bridge-specdec")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 @dataclass(frozen=True)
 class DraftInfo:
     """What the ``bridge.*`` keys record besides the kept layers."""
 
     method: str
     target_sha256: str
-    version: str = __version__
+    version: str = field(default_factory=package_version)
 
 
 def write_draft(full: Path, out: Path, kept: Sequence[int], info: DraftInfo,
@@ -103,11 +110,11 @@ def _kept_tensors(reader: gguf.GGUFReader, kept: list[int]) -> list[tuple[str, o
     new_index = {old: new for new, old in enumerate(kept)}
     out = []
     for t in reader.tensors:
-        m = _BLOCK.match(t.name)
-        if m is None:  # embeddings, output norm, output head, rope factors: unchanged
+        block = block_tensor(t.name)
+        if block is None:  # embeddings, output norm, output head, rope factors: unchanged
             out.append((t.name, t))
-        elif int(m[1]) in new_index:
-            out.append((f"blk.{new_index[int(m[1])]}.{m[2]}", t))
+        elif block[0] in new_index:
+            out.append((f"blk.{new_index[block[0]]}.{block[1]}", t))
     return out
 
 

@@ -26,6 +26,15 @@ layers and N calibration tokens, in units of one full forward pass F over them.
   text). Cost: a candidate c only reruns layers c+1..L-1 from the current draft's cached
   input to layer c, so a step costs about L/2 layer passes per candidate: ~L/2 F per
   step, ~n L/2 F for n layers (SmolLM2, L=30: ~15 F per step).
+- ``shortlist`` (the default: greedy at a fraction of the cost): score every layer once
+  with ``bi``, keep the K = max(2n, ``SHORTLIST_MIN``) layers it ranks least important,
+  and run ``greedy`` over those K only. At each step, bi's own set of that size is
+  measured too and replaces greedy's when it agrees more on the calibration text, so the
+  result never agrees less than bi's there. Layers below the lowest shortlisted one are
+  never removed, so their output is computed once and every replay starts above them.
+  After the first step only the ``SHORTLIST_RECHECK`` best candidates of the previous
+  step are measured again (lazy greedy). Cost: 1 F for bi, K candidates at the first
+  step, at most ``SHORTLIST_RECHECK`` + 1 at each later one.
 """
 
 from __future__ import annotations
@@ -38,11 +47,16 @@ from dataclasses import dataclass, field
 import torch
 
 from exporters.calibration import Sample
+from exporters.config import SCORING_METHODS
 from exporters.torch_model import LayerRunner, Trace
 
 log = logging.getLogger(__name__)
 
-METHODS = ("greedy", "bi", "angular", "fit")
+# shortlist: greedy searches at least this many of bi's least important layers (and
+# 2n for n layers dropped), so it has room to swap bi's picks for better ones
+SHORTLIST_MIN = 6
+# ...and after its first step re-measures only this many of the best candidates
+SHORTLIST_RECHECK = 4
 # Greedy candidates within this fraction of scored tokens of the best agreement count are
 # tied; KL decides among them (0.3% of ~1,500 tokens is ~4 tokens: noise level).
 TIE_MARGIN = 0.003
@@ -251,11 +265,16 @@ def pick_candidate(stats: dict[int, tuple[int, float]], n_tokens: int,
 
 @torch.no_grad()
 def _candidate_stats(runner: LayerRunner, p: Prepared, removed: frozenset[int],
-                     candidates: Sequence[int], stats: dict[int, list]) -> None:
-    """Add one prompt's (hits, KL) for removing each candidate on top of ``removed``."""
-    h = p.trace.h_in[0]
+                     candidates: Sequence[int], stats: dict[int, list],
+                     h: torch.Tensor | None = None, start: int = 0) -> None:
+    """Add one prompt's (hits, KL) for removing each candidate on top of ``removed``.
+
+    ``h``: the draft's input to layer ``start`` (default: the embeddings, ``start`` 0);
+    no layer below ``start`` may be removed or be a candidate.
+    """
+    h = p.trace.h_in[0] if h is None else h
     before: dict[int, torch.Tensor] = {}  # the current draft's input to each candidate
-    for i in range(runner.n_layers):
+    for i in range(start, runner.n_layers):
         if i in candidates:
             before[i] = h
         if i not in removed:
@@ -267,44 +286,114 @@ def _candidate_stats(runner: LayerRunner, p: Prepared, removed: frozenset[int],
         stats[c][1] += kl
 
 
-def score_greedy(ctx: ScoringContext, max_drop: int) -> LayerScores:
+@torch.no_grad()
+def _set_stats(runner: LayerRunner, p: Prepared, removed: frozenset[int],
+               h: torch.Tensor | None = None, start: int = 0) -> tuple[int, float]:
+    """One prompt's (hits, KL) for the draft without ``removed``, from ``h`` at ``start``."""
+    h = runner.run(p.trace, p.trace.h_in[0] if h is None else h, start, removed)
+    return agreement(runner.logits(h, p.sample.positions), p.sample)
+
+
+def _eliminate(ctx: ScoringContext, max_drop: int, pool: Sequence[int], method: str,
+               rivals: dict[int, tuple[int, ...]] | None = None,
+               start: int = 0, prefix: Sequence[torch.Tensor] | None = None,
+               recheck: int | None = None
+               ) -> tuple[dict[int, tuple[int, ...]], dict[int, float]]:
+    """Greedy elimination over ``pool``: (drops per n, agreement lost by each pool layer
+    alone). ``rivals[n]``, when given, is another n-layer set measured at step n; the
+    better of the two (hits, then KL) is kept and the search goes on from it.
+    ``prefix[k]``: prompt k's hidden state at the input of layer ``start`` (<= min(pool)).
+    ``recheck``: after the first step, measure only this many of the best candidates.
+    """
     removed: list[int] = []
     drops: dict[int, tuple[int, ...]] = {}
-    importance = [0.0] * ctx.n_layers
+    alone: dict[int, float] = {}
+    last: dict[int, tuple[int, float]] = {}  # each candidate's latest (hits, KL)
     n_tokens = sum(len(p.sample.top1) for p in ctx.calib)
     for step in range(1, max_drop + 1):
-        cands = [i for i in ctx.droppable if i not in removed]
+        cands = [i for i in pool if i not in removed]
+        if recheck is not None and last:
+            # lazy greedy: a layer that was a poor candidate last step rarely becomes the
+            # best one now, so only the ``recheck`` best of last step are measured again
+            cands = sorted(cands, key=lambda c: (-last[c][0], last[c][1]))[:recheck]
         stats = {c: [0, 0.0] for c in cands}
-        for p in ctx.calib:
-            _candidate_stats(ctx.runner, p, frozenset(removed), cands, stats)
+        rival = rivals.get(step) if rivals else None
+        # rival = removed + one candidate (sets of size step and step - 1): that candidate
+        # measures it already
+        if rival is not None and len(set(rival) - set(removed)) == 1 \
+                and set(rival) - set(removed) <= set(cands):
+            rival = None
+        rival_stats = [0, 0.0]
+        for k, p in enumerate(ctx.calib):
+            h = prefix[k] if prefix is not None else None
+            _candidate_stats(ctx.runner, p, frozenset(removed), cands, stats, h, start)
+            if rival is not None:
+                hits, kl = _set_stats(ctx.runner, p, frozenset(rival), h, start)
+                rival_stats[0] += hits
+                rival_stats[1] += kl
             ctx.progress(1)
         if step == 1:  # importance = agreement lost by removing the layer alone
-            for c in cands:
-                importance[c] = 1.0 - stats[c][0] / n_tokens
-        pick = pick_candidate({c: (h, k) for c, (h, k) in stats.items()}, n_tokens)
+            alone = {c: 1.0 - stats[c][0] / n_tokens for c in cands}
+        last.update({c: (n, kl) for c, (n, kl) in stats.items()})
+        pick = pick_candidate({c: (n, kl) for c, (n, kl) in stats.items()}, n_tokens)
         removed.append(pick)
+        hits = stats[pick][0]
+        if rival is not None and (rival_stats[0], -rival_stats[1]) > (hits, -stats[pick][1]):
+            log.info("%s step %d: the rival set %s agrees more than %s (%d vs %d tokens); "
+                     "going on from it", method, step, list(rival), sorted(removed),
+                     rival_stats[0], hits)
+            removed, hits = list(rival), rival_stats[0]
         drops[step] = tuple(sorted(removed))
-        alpha = stats[pick][0] / n_tokens
-        log.info("greedy step %d: drop layer %d (calibration agreement %.3f)", step, pick, alpha)
+        alpha = hits / n_tokens
+        log.info("%s step %d: drop %s (calibration agreement %.3f)", method, step,
+                 list(drops[step]), alpha)
         if alpha < ctx.stop_below:
             ctx.progress(len(ctx.calib) * (max_drop - step))  # the bar ends full
             break
+    return drops, alone
+
+
+def score_greedy(ctx: ScoringContext, max_drop: int) -> LayerScores:
+    drops, alone = _eliminate(ctx, max_drop, ctx.droppable, "greedy")
+    importance = [alone.get(i, 0.0) for i in range(ctx.n_layers)]
     return LayerScores("greedy", importance, drops)
 
 
-_SCORERS: dict[str, Scorer] = {"greedy": score_greedy, "bi": score_bi,
-                               "angular": score_angular, "fit": score_fit}
+def shortlist_size(n_droppable: int, max_drop: int) -> int:
+    """K: how many of bi's least important layers the shortlist search considers."""
+    return min(n_droppable, max(2 * max_drop, SHORTLIST_MIN))
+
+
+@torch.no_grad()
+def score_shortlist(ctx: ScoringContext, max_drop: int) -> LayerScores:
+    bi = score_bi(ctx, max_drop)
+    order = sorted(ctx.droppable, key=lambda i: bi.importance[i])
+    pool = sorted(order[:shortlist_size(len(order), max_drop)])
+    log.info("shortlist: greedy over bi's %d least important layers %s", len(pool), pool)
+    start = pool[0]  # nothing below it is ever removed: run those layers once
+    prefix = [ctx.runner.run(p.trace, p.trace.h_in[0], 0, frozenset(), stop=start)
+              for p in ctx.calib]
+    drops, _ = _eliminate(ctx, max_drop, pool, "shortlist", rivals=bi.drops, start=start,
+                          prefix=prefix, recheck=SHORTLIST_RECHECK)
+    # importance: bi's, the one score every layer has (the search sees only the shortlist)
+    return LayerScores("shortlist", bi.importance, drops)
+
+
+_SCORERS: dict[str, Scorer] = {"shortlist": score_shortlist, "greedy": score_greedy,
+                               "bi": score_bi, "angular": score_angular, "fit": score_fit}
+assert set(_SCORERS) == set(SCORING_METHODS), "exporters.config.SCORING_METHODS is stale"
 
 
 def make_scorer(method: str) -> Scorer:
-    """The scorer for ``method`` (one of ``METHODS``)."""
+    """The scorer for ``method`` (one of ``exporters.config.SCORING_METHODS``)."""
     try:
         return _SCORERS[method]
     except KeyError:
         raise ValueError(f"unknown method {method!r}; choose one of "
-                         f"{', '.join(METHODS)}") from None
+                         f"{', '.join(SCORING_METHODS)}") from None
 
 
 def progress_units(method: str, n_prompts: int, max_drop: int) -> int:
     """How many ``progress`` units a scorer reports (for a progress bar's total)."""
-    return n_prompts * (max_drop if method == "greedy" else 1)
+    per_prompt = {"greedy": max_drop, "shortlist": 1 + max_drop}.get(method, 1)
+    return n_prompts * per_prompt

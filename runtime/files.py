@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from runtime import keys
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22
@@ -42,3 +44,9 @@ def sha256_file_cached(path: Path) -> str:
         except OSError:  # a read-only home must not stop a chat
             log.debug("could not write %s", cache_file)
     return cache[key]
+
+
+def draft_path_for(full: Path) -> Path:
+    """Where ``bridge export`` writes ``full``'s draft and the runtime looks for it:
+    ``x.gguf`` -> ``x.draft.gguf`` (a name without ``.gguf`` just gains the suffix)."""
+    return full.with_name(full.name.removesuffix(keys.FULL_SUFFIX) + keys.DRAFT_SUFFIX)

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a script, not library code: find the checkout's packages
 
-from bridge import testmodels  # noqa: E402
+from exporters import testmodels  # noqa: E402
 
 
 def run(label: str, args: list[str], out_dir: Path, f16_mib: float) -> None:

@@ -8,9 +8,11 @@ output on held-out prompts (the calibration split's held-out part plus the runti
 bench prompts, none seen by the scorers).
 
     .venv/bin/python scripts/bench_layers.py [--model PATH.gguf] [--tokens 96]
-        [--methods greedy,bi,angular,fit] [--cache /tmp/bench_layers.json]
+        [--methods shortlist,greedy,bi,angular,fit] [--cache /tmp/bench_layers.json]
 
 Layer choices are cached in --cache (reused when present) so a crash loses nothing.
+``shortlist`` is scored once per count, as an export dropping that many layers would
+(its shortlist grows with the count); the other methods give every count in one run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 
 COUNTS = (1, 3, 6)
+# methods whose choice for n layers depends on the largest count asked for
+PER_COUNT = ("shortlist",)
 RANDOM_DRAWS = 5
 
 
@@ -47,8 +51,12 @@ def choose(model_path: Path, methods: list[str], cache: Path) -> dict:
     protected = frozenset({0, runner.n_layers - 1})
     for m in todo:
         t = time.perf_counter()
-        scores = make_scorer(m)(ScoringContext(runner, calib, protected), max(COUNTS))
-        done[m] = {"drops": {str(n): list(scores.drops[n]) for n in COUNTS},
+        ctx = ScoringContext(runner, calib, protected)
+        if m in PER_COUNT:
+            drops = {n: make_scorer(m)(ctx, n).drops[n] for n in COUNTS}
+        else:
+            drops = make_scorer(m)(ctx, max(COUNTS)).drops
+        done[m] = {"drops": {str(n): list(drops[n]) for n in COUNTS},
                    "seconds": time.perf_counter() - t}
         cache.write_text(json.dumps(done, indent=1))
         print(f"{m}: {done[m]}", flush=True)
@@ -112,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--methods", default="greedy,bi,angular,fit")
+    ap.add_argument("--methods", default="shortlist,greedy,bi,angular,fit")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/bench_layers.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)  # the machine is shared; results are per-thread anyway

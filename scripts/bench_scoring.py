@@ -3,7 +3,8 @@
 Each run is a whole export (calibration text, scoring, held-out acceptance, report,
 draft) into a temporary folder, so the time is what a user waits.
 
-    .venv/bin/python scripts/bench_scoring.py [--model PATH] [--methods bi,angular,fit,greedy]
+    .venv/bin/python scripts/bench_scoring.py [--model PATH]
+        [--methods shortlist,bi,angular,fit,greedy]
         [--prune 0.1] [--threads N]
 """
 
@@ -19,7 +20,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--methods", default="bi,angular,fit,greedy")
+    ap.add_argument("--methods", default="shortlist,bi,angular,fit,greedy")
     ap.add_argument("--prune", default="0.1")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default, all cores)")

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bridge fetch-models --no-hf-fixture
-# bi scores layers in about a minute on 2 cores; the default, greedy, takes a few minutes more
+# bi scores layers in one pass (about a minute on 2 cores); the default, shortlist, says
+# its estimated time before it starts
 .venv/bin/bridge export smollm2 --prune 0.1 --method bi -o out/smollm2 --force
 .venv/bin/bridge generate out/smollm2/SmolLM2-135M-Instruct-Q4_1.gguf --chat --temp 0 -n 128 \
   -p "Explain in three sentences why the sky is blue."

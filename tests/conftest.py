@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import testmodels
+from exporters import testmodels
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pytest
 
 from exporters import calibration as cal
 from exporters.calib_prompts import CALIB_PROMPTS
+from runtime.prompts_file import read_prompts
 
 
 @pytest.mark.parametrize("name, text, expected", [
@@ -15,7 +16,12 @@ from exporters.calib_prompts import CALIB_PROMPTS
 def test_read_prompts(tmp_path, name, text, expected):
     path = tmp_path / name
     path.write_text(text)
-    assert cal.read_prompts(path) == expected
+    assert read_prompts(path) == expected
+    assert cal.load_prompts(path) == expected  # --calib FILE
+
+
+def test_load_prompts_defaults_to_the_builtin_set():
+    assert cal.load_prompts(None) == [text for _, text in CALIB_PROMPTS]
 
 
 @pytest.mark.parametrize("name, content, match", [
@@ -32,7 +38,7 @@ def test_bad_prompt_files(tmp_path, name, content, match):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=match):
-        cal.read_prompts(path)
+        read_prompts(path)
 
 
 def test_split_holdout():

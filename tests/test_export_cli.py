@@ -99,6 +99,7 @@ def test_broken_gguf(smollm2_gguf, tmp_path, damage, match):
     (["--keep-layers", "0-27", "--prune", "0.1"], "only 2 of 30 are not protected"),
     (["--keep-layers", "31"], "--keep-layers 31 is out of range"),
     (["--keep-layers", "x"], "--keep-layers expects"),
+    (["--threads", "0"], "threads must be >= 1"),
     (["--drop-layers", "3", "--keep-layers", "4"], "--keep-layers applies to --prune"),
 ])
 def test_bad_options(smollm2_gguf, tmp_path, args, match):
@@ -108,7 +109,7 @@ def test_bad_options(smollm2_gguf, tmp_path, args, match):
 
 @pytest.mark.parametrize("content, match", [
     ("\n\n", "holds no prompt"),
-    (None, "cannot read calibration file"),
+    (None, "cannot read prompt file"),
 ])
 def test_bad_calibration_file(smollm2_gguf, tmp_path, content, match):
     calib = tmp_path / "calib.txt"
@@ -301,3 +302,24 @@ def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
     assert torch_model.pick_device(16_000_000_000)[1] == torch.bfloat16
     with pytest.raises(ValueError, match=r"needs about 35\.\d GiB .* 22\.0 GiB .*--drop-layers"):
         torch_model.check_fits(16_000_000_000, torch.bfloat16, device)
+
+
+@pytest.mark.slow
+def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
+    """The default (shortlist) logs its time estimate before the slow stages."""
+    pytest.importorskip("torch")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("What is the capital of France?\nWrite a haiku about rain.\n"
+                     "Explain recursion briefly.\nGive me a tip for better sleep.\n")
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--calib",
+                     str(calib), "--device-profile", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long log lines
+    assert "estimated time: about" in text
+    assert text.index("estimated time") < text.index("shortlist step 1")
+    report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
+    assert report["method"] == "shortlist" and len(report["dropped"]) == 3
+    assert report["seconds"]["predicted_total"] > 0
+    with LlamaModel(out / f"{SMOLLM2_NAME}.draft.gguf", vocab_only=True) as model:
+        assert model.meta(keys.METHOD) == "shortlist"

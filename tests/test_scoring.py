@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from exporters import autoprune  # noqa: E402
+from exporters import autoprune, estimate, scoring  # noqa: E402
 from exporters.calibration import reference  # noqa: E402
 from exporters.scoring import (  # noqa: E402
     ScoringContext,
@@ -100,13 +100,48 @@ def test_replay_without_drops_matches_the_model(tiny):
     assert draft_agreement(runner, preps, list(NOOP_LAYERS)) == 1.0  # no-ops change nothing
 
 
-@pytest.mark.parametrize("method", ["greedy", "bi", "fit"])
+@pytest.mark.parametrize("method", ["shortlist", "greedy", "bi", "fit"])
 def test_scorers_drop_the_noop_layers_first(tiny, method):
     runner, preps = tiny
     ctx = ScoringContext(runner, preps, frozenset({0, 5}))
     scores = make_scorer(method)(ctx, 2)
     assert scores.drops[2] == NOOP_LAYERS
     assert len(scores.importance) == 6
+
+
+def test_shortlist_searches_only_bi_s_least_important_layers(tiny, monkeypatch):
+    runner, preps = tiny
+    monkeypatch.setattr(scoring, "SHORTLIST_MIN", 2)  # K = 2 of the 4 droppable layers
+    seen = []
+    real = scoring._candidate_stats
+    monkeypatch.setattr(scoring, "_candidate_stats",
+                        lambda r, p, removed, cands, *a: seen.append(tuple(cands))
+                        or real(r, p, removed, cands, *a))
+    scores = make_scorer("shortlist")(ScoringContext(runner, preps, frozenset({0, 5})), 1)
+    assert set(seen) == {NOOP_LAYERS}  # the two no-ops have the lowest BI
+    assert scores.drops[1][0] in NOOP_LAYERS
+    assert scores.importance == make_scorer("bi")(ScoringContext(runner, preps,
+                                                                 frozenset({0, 5})), 1).importance
+
+
+def test_a_better_rival_set_replaces_greedy_s_pick(tiny):
+    runner, preps = tiny
+    ctx = ScoringContext(runner, preps, frozenset({0, 5}))
+    # greedy may only drop real layers 1 and 3; the rival set (the no-ops) agrees fully
+    drops, _ = scoring._eliminate(ctx, 2, [1, 3], "test", rivals={2: NOOP_LAYERS})
+    assert drops[1] in {(1,), (3,)} and drops[2] == NOOP_LAYERS
+    # a worse rival changes nothing
+    drops, _ = scoring._eliminate(ctx, 1, list(NOOP_LAYERS), "test", rivals={1: (1,)})
+    assert drops[1][0] in NOOP_LAYERS
+
+
+@pytest.mark.parametrize("n_droppable, max_drop, k", [
+    (28, 1, 6),  # at least SHORTLIST_MIN
+    (28, 8, 16),  # 2n
+    (4, 3, 4),  # never more than there are
+])
+def test_shortlist_size(n_droppable, max_drop, k):
+    assert scoring.shortlist_size(n_droppable, max_drop) == k
 
 
 def test_angular_picks_a_block_of_each_length(tiny):
@@ -147,3 +182,45 @@ def test_speedup_formula():
     assert autoprune.speedup(0.5, 0.5, "gpu", 2) == pytest.approx(1.75 / 2.0)
     assert autoprune.speedup(0.5, 0.5, "cpu", 2) == pytest.approx(1.75 / (1.0 + 2.2))
     assert math.isclose(autoprune.verify_cost("gpu", 16), 2.0)
+
+
+def test_best_gamma_comes_from_the_shared_cost_model():
+    from runtime import costmodel
+
+    g, s = autoprune.best_gamma(0.9, 0.3, "gpu")
+    assert 1 <= g <= autoprune.MAX_GAMMA
+    assert s == pytest.approx(costmodel.speedup(g, 0.9, 0.3, costmodel.flat_verify(8)))
+    assert autoprune.best_gamma(0.0, 1.0, "cpu")[0] == 1  # never 0, even when nothing pays
+    with pytest.raises(ValueError, match="unknown device profile"):
+        autoprune.speedup(0.5, 0.5, "tpu", 1)
+
+
+# --- time estimate ------------------------------------------------------------------------
+
+def test_scoring_passes_rank_the_methods():
+    droppable = list(range(1, 31))  # a 32-layer (8B-class) model, first and last kept
+    passes = {m: estimate.scoring_passes(m, 32, droppable, 8, 2.0, 16)
+              for m in ("bi", "fit", "shortlist", "greedy")}
+    assert passes["bi"] == 32 and passes["bi"] < passes["fit"] < passes["shortlist"]
+    assert passes["shortlist"] < 0.7 * passes["greedy"]
+
+
+def test_predict_scales_with_the_measured_costs():
+    costs = estimate.PassCosts(gen_step=0.01, token_layers=0.001, head_position=0.0005)
+    args = ("shortlist", 30, list(range(1, 29)), 8, 1, [30] * 24, [30] * 8, 64, 16)
+    est = estimate.predict(costs, *args)
+    assert est.calibration > 0 and est.scoring > 0 and est.heldout > 0
+    slow = estimate.predict(estimate.PassCosts(0.1, 0.01, 0.005), *args)
+    assert slow.total == pytest.approx(10 * est.total)
+    assert estimate.describe(slow, "shortlist").startswith("estimated time: about")
+
+
+@pytest.mark.parametrize("seconds, text", [(42, "42 s"), (600, "10 min"), (9000, "2.5 h")])
+def test_duration(seconds, text):
+    assert estimate._duration(seconds) == text
+
+
+def test_probe_measures_positive_costs(tiny):
+    runner, preps = tiny
+    costs = estimate.probe(runner, preps[0].sample.ids[0].tolist())
+    assert costs.gen_step > 0 and costs.token_layers > 0 and costs.head_position > 0

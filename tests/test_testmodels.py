@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge import testmodels
-from bridge.testmodels import BundledModel, FetchError, WheelPart
+from exporters import testmodels
+from exporters.testmodels import BundledModel, FetchError, WheelPart
 
 
 def _fake_model(tmp_path: Path, payload: bytes, sha: str | None = None) -> BundledModel:

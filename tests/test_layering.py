@@ -1,0 +1,69 @@
+"""Dependencies run one way: the CLI package ``bridge`` uses the libraries, never back.
+
+``exporters/`` and ``runtime/`` are libraries; if either imported ``bridge`` (the click
+layer and public API), the runtime would pull in the CLI and the two could import each
+other in a cycle. Checked on the source with ``ast``, so no module has to be importable.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("exporters", "runtime")
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) of every ``import a.b`` and ``from a.b import c`` in ``tree``,
+    including imports inside functions; relative imports are skipped (they stay within
+    their own package)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def imports_package(tree: ast.AST, package: str) -> list[str]:
+    return [f"line {line}: {mod}" for line, mod in imported_modules(tree)
+            if mod == package or mod.startswith(package + ".")]
+
+
+@pytest.mark.parametrize("source, hits", [
+    ("import bridge", 1),
+    ("import bridge.cli as c", 1),
+    ("from bridge import __version__", 1),
+    ("from bridge.testmodels import fetch_gguf", 1),
+    ("def f():\n    from bridge import load", 1),  # a lazy import counts too
+    ("import bridges, bridge_x", 0),  # other names that merely start with "bridge"
+    ("from exporters import bridge_keys", 0),
+    ("from . import bridge", 0),  # relative: inside the library's own package
+])
+def test_detector(source, hits):
+    assert len(imports_package(ast.parse(source), "bridge")) == hits
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_libraries_never_import_the_cli_package(library):
+    files = sorted((ROOT / library).rglob("*.py"))
+    assert files, f"no Python files under {library}/"
+    bad = {str(f.relative_to(ROOT)): hits for f in files
+           if (hits := imports_package(ast.parse(f.read_text(), str(f)), "bridge"))}
+    assert not bad, f"library modules import the CLI package 'bridge': {bad}"
+
+
+def test_runtime_never_imports_the_exporter():
+    # a user who only chats installs neither torch nor transformers
+    bad = {}
+    for f in sorted((ROOT / "runtime").rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        hits = [h for pkg in ("exporters", "torch", "transformers")
+                for h in imports_package(tree, pkg)]
+        if hits:
+            bad[str(f.relative_to(ROOT))] = hits
+    assert not bad, f"runtime modules import the exporter or torch: {bad}"
