@@ -159,29 +159,30 @@ def test_draft_metadata(smollm2_gguf, smollm2_draft):
             assert value(draft, key) == value(full, key), key
 
 
-def test_draft_generates_real_words(smollm2, smollm2_draft):
-    """Greedy continuation from the 27-layer draft: mostly real words, and text the full
-    model itself finds plausible (mean NLL far below the ~10.8 nats of a random token)."""
-    prompt = smollm2.tokenize("The capital of France is Paris. The capital of Italy is",
-                              add_special=True)
-    with LlamaModel(smollm2_draft) as draft, LlamaContext(draft, n_ctx=256, n_threads=1) as ctx:
-        row, out = ctx.eval(prompt), []
-        for _ in range(24):
-            out.append(int(row[-1].argmax()))
-            if draft.is_eog(out[-1]):
-                break
-            row = ctx.eval([out[-1]])
-        text = draft.detokenize(out)
-    words = re.findall(r"[^\W\d_]+", text)
-    assert len(words) >= 5, text
-    assert sum(w.isascii() and len(w) <= 14 for w in words) / len(words) >= 0.8, text
-    with LlamaContext(smollm2, n_ctx=256, n_threads=1) as ctx:
-        logits = np.array(ctx.eval(prompt + out, all_logits=True), dtype=np.float64)
-    rows = logits[len(prompt) - 1:-1]
-    logp = rows - rows.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -logp[np.arange(len(out)), out].mean()
-    assert nll < 4.0, f"mean NLL {nll:.2f} of {text!r}"
+def test_draft_predicts_what_the_full_model_says(smollm2, smollm2_draft):
+    """What any working draft must do, on any CPU: teacher-forced on the full model's own
+    greedy continuation of two prompts, the 27-layer draft's top-1 matches the full model's
+    token far above chance (0 for a broken or shuffled draft; ~0.55 measured on an AVX2
+    EPYC) and the full model's token sits in the draft's top 5 most of the time (~0.86).
+    Checking the draft's own free-running text for word shapes was not hardware-
+    independent: one bad rounding early sends a greedy 27-layer model off course."""
+    top1, top5 = [], []
+    with LlamaModel(smollm2_draft) as draft:
+        for text in ("The capital of France is Paris. The capital of Italy is",
+                     "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
+                     "<|im_start|>assistant\n"):
+            prompt = smollm2.tokenize(text, add_special=True, parse_special=True)
+            with LlamaContext(smollm2, n_ctx=256, n_threads=1) as ctx:
+                row, out = ctx.eval(prompt), []
+                for _ in range(48):
+                    out.append(int(row[-1].argmax()))
+                    row = ctx.eval([out[-1]])
+            with LlamaContext(draft, n_ctx=256, n_threads=1) as ctx:
+                q = np.array(ctx.eval(prompt + out, all_logits=True))[len(prompt) - 1:-1]
+            top1 += list(q.argmax(1) == np.array(out))
+            top5 += [o in np.argsort(-r)[:5] for r, o in zip(q, out, strict=True)]
+    print(f"draft top-1 agreement {np.mean(top1):.2f}, top-5 {np.mean(top5):.2f}")
+    assert np.mean(top1) >= 0.3 and np.mean(top5) >= 0.6
 
 
 def test_write_draft_rejects_bad_layers(smollm2_gguf, tmp_path):
