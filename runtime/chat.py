@@ -2,8 +2,9 @@
 
 Each turn renders the whole conversation with the model's Jinja template; the part that
 extends what the KV cache holds is tokenized alone and appended to the cached ids (the
-model's own generated ids included), so a turn evaluates only its new tokens. When the conversation outgrows the context, the oldest turns are dropped (the
-system message stays) and the user is told.
+model's own generated ids included), so a turn evaluates only its new tokens. When the
+conversation outgrows the context, the oldest turns are dropped (the system message stays)
+and the user is told.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ apart from drafting). ``runtime.lookup`` has the drafters that look up the conte
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
