@@ -26,18 +26,22 @@ BENCH_PROMPTS: tuple[tuple[str, str], ...] = (
 # Copy-heavy work, where much of the answer repeats the input: drafts looked up in the
 # context pay here even on CPUs.
 COPY_PROMPTS: tuple[tuple[str, str], ...] = (
-    ("code edit", "Rename the variable `total` to `running_sum` in this function and "
-                  "return the whole function:\n\ndef average(values):\n    total = 0\n"
+    ("code edit", "Here is a Python function:\n\ndef average(values):\n    total = 0\n"
                   "    count = 0\n    for v in values:\n        total += v\n"
                   "        count += 1\n    if count == 0:\n        return 0.0\n"
-                  "    return total / count\n"),
-    ("spelling", "Fix the spelling mistakes in this paragraph and write it out in full:\n\n"
-                 "The comittee met on tuesday to discus the new libary budjet. Most members "
-                 "agreed that the curent funding is not enough to mantain the building, and "
-                 "they recomended a smal increase for next year."),
-    ("to json", "Turn this list into a JSON array of objects with the keys name, city and "
-                "age:\n\nAlice Martin, Paris, 34\nBob Chen, Toronto, 29\n"
-                "Carla Diaz, Madrid, 41\nDavid Okafor, Lagos, 38\nEva Novak, Prague, 25"),
+                  "    return total / count\n\nRewrite the function with the variable "
+                  "`total` renamed to `running_sum`."),
+    ("code fix", "Fix the bug in this code and show the corrected code:\n\n```python\n"
+                 "def is_even(n):\n    return n % 2 == 1\n\nfor i in range(10):\n"
+                 "    if is_even(i):\n        print(i, 'is even')\n```"),
+    ("spelling", "Correct the spelling in this text:\n\nThe comittee met on tuesday to "
+                 "discus the new libary budjet. Most members agreed that the curent funding "
+                 "is not enough to mantain the building."),
+    ("to json", "Convert to JSON:\n\nname: Alice Martin\ncity: Paris\nage: 34\n"
+                "email: alice.martin@example.com\nphone: +33 1 23 45 67 89"),
+    ("to csv", "Turn this into a CSV table with a header row name,city,age:\n\n"
+               "Alice Martin lives in Paris and is 34.\nBob Chen lives in Toronto and is 29."
+               "\nCarla Diaz lives in Madrid and is 41."),
     ("extraction", "Copy every sentence of this notice that mentions a date, word for "
                    "word:\n\nThe pool closes for cleaning on 3 March. Swimming lessons "
                    "continue as usual. The sauna reopens on 10 March after repairs. "
@@ -46,14 +50,9 @@ COPY_PROMPTS: tuple[tuple[str, str], ...] = (
     ("quoting", "Repeat the following text exactly, then add one sentence that summarizes "
                 "it:\n\nThe quick brown fox jumps over the lazy dog. The dog does not "
                 "move. The fox runs into the forest and the dog goes back to sleep."),
-    ("code comments", "Add a short comment above each line of this code and return the "
-                      "code:\n\nimport os\nfiles = os.listdir('.')\n"
-                      "sizes = [os.path.getsize(f) for f in files]\nprint(max(sizes))"),
     ("reformat", "Rewrite this as a Markdown bullet list, one item per line, keeping the "
                  "words:\n\nmilk; eggs; two loaves of bread; a bag of apples; coffee beans; "
                  "olive oil; a jar of honey"),
-    ("chat repeat", "Here is my shopping list: apples, pears, bananas, oranges, grapes. "
-                    "Please write it again in alphabetical order, comma separated."),
 )
 
 PROMPT_SETS = {"open": BENCH_PROMPTS, "copy": COPY_PROMPTS}
