@@ -88,7 +88,7 @@ class Engine:
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
                 drafters.append(PrunedDrafter(self.draft_ctx, self.sampler))
-            self._profile_key = self._profile_key_for(drafters)
+            self._profile_key = self._profile_key_for(drafters) if drafters else None
             stored = None if self.spec_cfg.recalibrate or not drafters \
                 else load_profile(self._profile_key)
             self.controller = GammaController(
@@ -183,7 +183,7 @@ class Engine:
                 self.decoder.drafters["memory"] = memory
                 if use_memory and out:
                     self.memory.add(ids + out, scope)
-            if self.decoder.drafters and self.spec_cfg.adaptive:
+            if self._profile_key and self.spec_cfg.adaptive:
                 save_profile(self._profile_key, self.controller.costs.to_profile())
 
     def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats) -> Iterator[Chunk]:
