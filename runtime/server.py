@@ -424,6 +424,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         try:
             # the first item decides between an HTTP error (prompt too long) and a stream
             first = await _next_item(job, watcher)
+            if watcher.done():  # both at once: the disconnect must not be lost
+                raise _Interrupted
             if isinstance(first, Exception):
                 raise first
             head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,

@@ -9,8 +9,11 @@ per request) then the same N at once (requests/s, aggregate tokens/s; time to fi
 then includes the wait in the queue). The `bridge generate` figures are the engine's own
 prompt + decode time for the same prompts (model load excluded), so
 ``overhead = server wall per request / generate engine time - 1`` is what HTTP, JSON, SSE
-and the worker hand-off add (target <= 5%). Greedy decoding (temperature 0) throughout, so
-the answers must also be identical to `bridge generate`'s.
+and the worker hand-off add (target <= 5%); ``http_ms`` is the same cost read from the
+server's own timings. Greedy decoding (temperature 0) throughout, and the answers are
+compared with `bridge generate`'s: a prompt prefix reused from the previous request changes
+how llama.cpp batches the prompt, so a near-tie can round the other way (llama-server's
+prompt cache does the same).
 
 llama-cpp-python's server needs `pip install 'llama-cpp-python[server]'` (fastapi,
 sse-starlette, uvicorn, pydantic-settings, starlette-context); without it that part is
@@ -90,32 +93,34 @@ def one_request(client: openai.OpenAI, model: str, prompt: str, n: int) -> dict:
             if timings else None}
 
 
-def drive(port: int, model: str, prompts: list[str], n: int) -> dict:
+def drive(port: int, model: str, prompts: list[str], n: int, args) -> tuple[dict, list]:
+    """The sequential requests, each right after `bridge generate` on the same prompt (on a
+    shared machine, load drifts: interleaving compares like with like), then the
+    concurrent ones. Returns the server's figures and the generate baseline."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                            max_retries=0, timeout=600)
     one_request(client, model, prompts[0], 4)  # warm-up: first-call allocations
-    seq = [one_request(client, model, p, n) for p in prompts]
+    base, seq = [], []
+    for p in prompts:
+        base.append(generate_one(args, p))
+        seq.append(one_request(client, model, p, n))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
         conc = list(pool.map(lambda p: one_request(client, model, p, n), prompts))
     conc_wall = time.perf_counter() - t0
-    return {"sequential": seq, "concurrent": conc, "concurrent_wall": conc_wall}
+    return {"sequential": seq, "concurrent": conc, "concurrent_wall": conc_wall}, base
 
 
-def generate_baseline(args, prompts: list[str]) -> list[dict]:
-    out = []
-    for p in prompts:
-        argv = [str(BIN / "bridge"), "generate", str(args.model), "--chat", "--temp", "0",
-                "-n", str(args.n), "-c", str(args.ctx), "--json", "-p", p, *draft_args(args)]
-        if args.threads:
-            argv += ["--threads", str(args.threads)]
-        res = json.loads(subprocess.run(argv, capture_output=True, text=True,
-                                        check=True).stdout)
-        s = res["stats"]
-        out.append({"engine": s["prompt_seconds"] + s["decode_seconds"],
-                    "ttft": s["prompt_seconds"], "tokens": s["n_tokens"],
-                    "text": res["text"]})
-    return out
+def generate_one(args, prompt: str) -> dict:
+    """`bridge generate` in a subprocess: its engine's prompt + decode time (load aside)."""
+    argv = [str(BIN / "bridge"), "generate", str(args.model), "--chat", "--temp", "0",
+            "-n", str(args.n), "-c", str(args.ctx), "--json", "-p", prompt, *draft_args(args)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    res = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    s = res["stats"]
+    return {"engine": s["prompt_seconds"] + s["decode_seconds"], "ttft": s["prompt_seconds"],
+            "tokens": s["n_tokens"], "text": res["text"]}
 
 
 def draft_args(args) -> list[str]:
@@ -138,6 +143,9 @@ def summarize(name: str, r: dict, base: list[dict]) -> dict:
         "conc_ttft_ms": 1e3 * mean(x["ttft"] for x in conc),
         "overhead": mean(x["wall"] / b["engine"] - 1 for x, b in zip(seq, base, strict=True)),
         "same_text": sum(x["text"] == b["text"] for x, b in zip(seq, base, strict=True)),
+        # concurrent answers identical to the same server's sequential ones: a server that
+        # interrupts or drops queued requests shows here
+        "conc_same": sum(x["text"] == y["text"] for x, y in zip(conc, seq, strict=True)),
     }
     if all(x["engine"] is not None for x in seq):  # bridge's own timings: HTTP cost alone
         row["http_ms"] = 1e3 * mean(x["wall"] - x["engine"] for x in seq)
@@ -158,23 +166,21 @@ def main() -> None:
     prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)][1] for i in range(args.requests)]
     threads = ["--threads", str(args.threads)] if args.threads else []
 
-    print(f"bridge generate: {len(prompts)} prompts, {args.n} tokens each", file=sys.stderr)
-    base = generate_baseline(args, prompts)
+    port = free_port()
+    print(f"bridge serve and bridge generate, interleaved: {len(prompts)} prompts, "
+          f"{args.n} tokens each", file=sys.stderr)
+    proc = start([str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
+                  "-c", str(args.ctx), *threads, *draft_args(args)], port, "bridge serve")
+    try:
+        served, base = drive(port, args.model.name, prompts, args.n, args)
+    finally:
+        stop(proc)
     rows = [{"server": "bridge generate (engine time)",
              "seq_ttft_ms": 1e3 * statistics.mean(b["ttft"] for b in base),
              "seq_wall_s": statistics.mean(b["engine"] for b in base),
              "seq_tok_s": sum(b["tokens"] for b in base) / sum(b["engine"] for b in base),
-             "seq_req_s": len(base) / sum(b["engine"] for b in base)}]
-
-    port = free_port()
-    print("bridge serve ...", file=sys.stderr)
-    proc = start([str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
-                  "-c", str(args.ctx), *threads, *draft_args(args)], port, "bridge serve")
-    try:
-        rows.append(summarize("bridge serve", drive(port, args.model.name, prompts, args.n),
-                              base))
-    finally:
-        stop(proc)
+             "seq_req_s": len(base) / sum(b["engine"] for b in base)},
+            summarize("bridge serve", served, base)]
 
     probe = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"],
                            capture_output=True, text=True)
@@ -184,7 +190,7 @@ def main() -> None:
               "pip install 'llama-cpp-python[server]'", file=sys.stderr)
     else:
         port = free_port()
-        print("python -m llama_cpp.server ...", file=sys.stderr)
+        print("python -m llama_cpp.server and bridge generate, interleaved", file=sys.stderr)
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model),
                 "--n_ctx", str(args.ctx), "--port", str(port), "--verbose", "False"]
         if args.threads:
@@ -192,7 +198,7 @@ def main() -> None:
         proc = start(argv, port, "llama_cpp.server")
         try:
             rows.append(summarize("llama_cpp.server (plain)",
-                                  drive(port, str(args.model), prompts, args.n), base))
+                                  *drive(port, str(args.model), prompts, args.n, args)))
         finally:
             stop(proc)
 
@@ -206,8 +212,10 @@ def print_table(rows: list[dict], args) -> None:
     cols = [("server", "{}", 30), ("seq_ttft_ms", "{:.0f}", 9), ("seq_tok_s", "{:.1f}", 9),
             ("seq_req_s", "{:.2f}", 9), ("overhead", "{:+.1%}", 9), ("http_ms", "{:.1f}", 8),
             ("conc_req_s", "{:.2f}", 10), ("conc_tok_s", "{:.1f}", 10),
-            ("conc_ttft_ms", "{:.0f}", 12), ("same_text", "{}", 9)]
-    print(f"{args.requests} requests x {args.n} tokens, greedy, {os.cpu_count()} cores")
+            ("conc_ttft_ms", "{:.0f}", 12), ("conc_same", "{}", 9), ("same_text", "{}", 9)]
+    print(f"{args.requests} requests x {args.n} tokens, greedy, {os.cpu_count()} cores; "
+          "same_text: answers identical to bridge generate's; conc_same: concurrent "
+          "answers identical to the same server's sequential ones")
     print(" ".join(f"{c:>{w}}" for c, _, w in cols))
     for r in rows:
         print(" ".join(f"{fmt.format(r[c]) if c in r else '-':>{w}}" for c, fmt, w in cols))
