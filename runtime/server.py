@@ -7,15 +7,23 @@ answers and concurrent clients queue instead of failing. Chat requests go throug
 evaluates only its new tokens. A client that goes away cancels its job, and the worker
 closes the engine's generator within a step (its ``finally`` keeps the caches consistent).
 
-Responses carry llama-server's ``timings`` object, plus bridge's ``mode`` and per-source
-draft counts. FastAPI, sse-starlette and uvicorn come with the ``serve`` extra.
+A drafting memory (``runtime.memory``) remembers every finished request, prompt and
+answer, and later requests draft from it. Requests draft only from earlier requests made
+with the same API key (the scope is a hash of the presented bearer token; without
+``--api-key`` every request shares one scope); ``"shared_drafts": false`` keeps a request
+out of it both ways. ``--draft-memory-file`` loads it at start and saves it at shutdown.
+
+Request and response shapes live in ``runtime.openai_api``. Responses carry llama-server's
+``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
+``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
+``serve`` extra.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -28,25 +36,47 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
 
+from runtime import openai_api as api
 from runtime.chat import ChatSession, ChatTemplateError
-from runtime.config import GenerationConfig, SamplingConfig, SpeculativeConfig
+from runtime.config import GenerationConfig
 from runtime.engine import Chunk, Engine
+from runtime.files import sha256_file_cached
+from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
+from runtime.openai_api import APIError
 from runtime.speculative import Stats
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# engine finish reasons -> OpenAI's; "context" (the context filled up) is kept as is
-FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "context": "context"}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The drafting memory shared across requests.
+
+    Args:
+        enabled: False (``--no-shared-drafts``): no memory at all.
+        max_tokens: most tokens stored (``--draft-memory``); the oldest requests go first.
+        path: load the memory from this file at start and save it there at shutdown.
+    """
+
+    enabled: bool = True
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"--draft-memory must be >= 1 token, got {self.max_tokens}")
+        if self.path is not None and not self.enabled:
+            raise ValueError("--draft-memory-file needs the memory; drop --no-shared-drafts")
 
 
 @dataclass(frozen=True)
@@ -58,12 +88,14 @@ class ServerConfig:
         port: TCP port (0 picks a free one).
         api_key: when set, every request but ``/health`` needs ``Authorization: Bearer KEY``.
         shutdown_seconds: how long in-flight requests may take to finish on Ctrl-C/SIGTERM.
+        memory: the drafting memory across requests.
     """
 
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
     shutdown_seconds: float = 3.0
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,71 +104,45 @@ class ServerConfig:
             raise ValueError("--api-key must not be empty")
 
 
-class APIError(Exception):
-    """An error answered as OpenAI's ``{"error": {...}}`` object."""
+def open_memory(cfg: MemoryConfig, model: Path) -> DraftMemory | None:
+    """The memory to hand to ``Engine(memory=...)``: None when disabled, else loaded from
+    ``cfg.path`` when that file holds one for this very model (a missing, corrupt or
+    foreign file logs one warning and gives an empty memory).
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-# -- request bodies ---------------------------------------------------------------------
-
-class _Body(BaseModel):
-    # clients send fields bridge has no use for (user, metadata, ...): accept and ignore
-    model_config = ConfigDict(extra="allow")
+    Raises:
+        ValueError: ``cfg.path``'s folder does not exist, so it could never be saved.
+    """
+    if not cfg.enabled:
+        return None
+    if cfg.path is None:
+        return DraftMemory(cfg.max_tokens)
+    if not cfg.path.parent.is_dir():
+        raise ValueError(f"--draft-memory-file: folder {cfg.path.parent} does not exist")
+    memory = DraftMemory.load(cfg.path, sha256_file_cached(model), cfg.max_tokens)
+    if memory.n_tokens:
+        log.info("draft memory: %d tokens loaded from %s", memory.n_tokens, cfg.path)
+    return memory
 
 
-class SpeculativeOverride(BaseModel):
-    """llama-server's per-request ``"speculative"`` object; bridge takes its ``n_max``."""
-
-    model_config = ConfigDict(extra="forbid")
-    n_max: int | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class CompletionBody(_Body):
-    model: str | None = None
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # llama-server's extensions, same meaning as in bridge
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    speculative: SpeculativeOverride | None = None
-    logprobs: bool | int | None = None
-    echo: bool = False
+def save_memory(engine: Engine, cfg: MemoryConfig) -> None:
+    """Write the engine's memory to ``cfg.path`` (atomically), if both exist; a failure is
+    logged, never raised, so shutdown completes."""
+    if cfg.path is None or engine.memory is None:
+        return
+    try:
+        engine.memory.save(cfg.path, sha256_file_cached(engine.model.path))
+        log.info("draft memory: %d tokens saved to %s", engine.memory.n_tokens, cfg.path)
+    except OSError as e:
+        log.error("draft memory not saved to %s: %s", cfg.path, e)
 
 
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
-
-
-class ChatBody(CompletionBody):
-    prompt: None = None
-    messages: list[Message] = Field(min_length=1)
-    tools: list | None = None
+def scope_of(authorization: str | None) -> str:
+    """The memory scope of a request: a hash of its bearer token (never the token
+    itself, which would then sit in the memory file), "" without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
 
 
 # -- the worker: every llama.cpp call on one thread ---------------------------------------
@@ -174,6 +180,7 @@ class Worker:
             self.session, self.no_chat = None, str(e)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-llama")
         self._jobs: set[Job] = set()
+        self.n_served = 0  # generations that ran to their end
 
     def submit(self, start: Callable[[Stats], Iterator[Chunk]]) -> Job:
         job = Job(start, asyncio.get_running_loop())
@@ -193,6 +200,7 @@ class Worker:
                         break
             finally:
                 stream.close()  # the engine's finally: caches end at the emitted tokens
+            self.n_served += 1
             job.emit(_DONE)
         except ValueError as e:  # the request's fault (prompt too long, bad template...)
             job.emit(APIError(str(e)))
@@ -229,106 +237,6 @@ async def _next_item(job: Job, watcher: asyncio.Future) -> object:
     return getter.result()
 
 
-# -- translating requests -----------------------------------------------------------------
-
-def _parse(model: type[BaseModel], payload: object) -> BaseModel:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise APIError(f"{loc}: {err['msg']}" if loc else err["msg"],
-                       param=loc or None) from None
-
-
-# fields bridge would otherwise silently ignore, and why they are refused when set
-_REFUSED = {
-    "presence_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
-                        "thing: pass repeat_penalty)",
-    "frequency_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
-                         "thing: pass repeat_penalty)",
-    "logprobs": "logprobs are not supported", "echo": "echo is not supported",
-    "tools": "tools are not supported",
-}
-
-
-def _settings(engine: Engine, default_gen: GenerationConfig, body: CompletionBody
-              ) -> tuple[GenerationConfig, SamplingConfig, int | None]:
-    """The request's settings: the server's defaults (from the command line), overridden by
-    what the request names. The dataclasses validate and word the errors."""
-    if body.n not in (None, 1):
-        raise APIError(f"n must be 1, got {body.n}: bridge serves one choice per request",
-                       param="n")
-    for name, why in _REFUSED.items():
-        if getattr(body, name, None):
-            raise APIError(f"{name}: {why}", param=name)
-    given = {k: v for k, v in (("temp", body.temperature), ("top_p", body.top_p),
-                               ("top_k", body.top_k), ("min_p", body.min_p),
-                               ("repeat_penalty", body.repeat_penalty), ("seed", body.seed))
-             if v is not None}
-    try:
-        sampling = dataclasses.replace(engine.sampling, **given)
-    except ValueError as e:
-        raise APIError(str(e)) from None
-    draft_max = body.speculative.n_max if body.speculative is not None else None
-    if draft_max is not None:
-        try:
-            SpeculativeConfig(draft_max=draft_max)
-        except ValueError as e:
-            raise APIError(f"speculative.n_max: {e}", param="speculative.n_max") from None
-    n = body.max_completion_tokens if body.max_completion_tokens is not None \
-        else body.max_tokens
-    if n is not None and n < 1:
-        raise APIError(f"max_tokens must be >= 1, got {n}", param="max_tokens")
-    stop = default_gen.stop if body.stop is None else \
-        tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop) if s)
-    gen = dataclasses.replace(default_gen, max_tokens=n or default_gen.max_tokens, stop=stop)
-    return gen, sampling, draft_max
-
-
-def _messages(body: ChatBody) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(body.messages):
-        content = m.content or ""
-        if isinstance(content, list):  # content parts: text only
-            parts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(f"messages.{i}.content: only text parts are supported, "
-                                   f"got type {part.get('type')!r}", param=f"messages.{i}")
-                parts.append(part["text"])
-            content = "".join(parts)
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise APIError("the last message must be a user message", param="messages")
-    return out
-
-
-def timings(stats: Stats) -> dict:
-    """llama-server's ``timings`` object, plus bridge's mode and per-source draft counts."""
-    s = stats.as_dict()
-    pn, pms = s["n_prompt_evaluated"], s["prompt_seconds"] * 1e3
-    dn, dms = s["n_tokens"], s["decode_seconds"] * 1e3
-    return {"cache_n": s["n_prompt"] - pn, "prompt_n": pn, "prompt_ms": round(pms, 3),
-            "prompt_per_token_ms": round(pms / pn, 3) if pn else 0.0,
-            "prompt_per_second": round(1e3 * pn / pms, 3) if pms > 0 else 0.0,
-            "predicted_n": dn, "predicted_ms": round(dms, 3),
-            "predicted_per_token_ms": round(dms / dn, 3) if dn else 0.0,
-            "predicted_per_second": s["tokens_per_s"],
-            "draft_n": s["n_drafted"], "draft_n_accepted": s["n_accepted"],
-            "mode": s["mode"], "sources": s.get("sources", {})}
-
-
-def _finish(stats: Stats) -> str | None:
-    return FINISH_REASONS.get(stats.finish_reason, stats.finish_reason)
-
-
-def _usage(stats: Stats, n_completion: int) -> dict:
-    return {"prompt_tokens": stats.n_prompt, "completion_tokens": n_completion,
-            "total_tokens": stats.n_prompt + n_completion}
-
-
 # -- the app ------------------------------------------------------------------------------
 
 def create_app(engine: Engine, cfg: ServerConfig | None = None,
@@ -336,7 +244,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     """The FastAPI app serving ``engine``; its lifespan's end stops the worker.
 
     Args:
-        engine: the loaded model (the caller closes it after the app stops).
+        engine: the loaded model (the caller closes it after the app stops); its
+            ``memory``, if any, is the drafting memory shared across requests.
         cfg: the API key, if any, is enforced here.
         gen: default answer length and stop strings; requests override them.
     """
@@ -364,6 +273,11 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/stats")
+    async def stats() -> dict:
+        # nbytes takes the memory's lock, which a rebuild may hold a moment: not on the loop
+        return await asyncio.to_thread(_server_stats, engine, worker, cfg.memory)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{
@@ -372,53 +286,49 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
             "meta": {"n_ctx": engine.ctx.n_ctx,
                      "draft": engine.draft_path.name if engine.draft_path else None}}]}
 
-    async def read(request: Request, kind: type[CompletionBody]) -> CompletionBody:
+    async def read(request: Request, kind: type[api.CompletionBody]) -> api.CompletionBody:
         try:
             payload = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(f"the request body is not valid JSON: {e}") from None
-        body = _parse(kind, payload)
+        body = api.parse(kind, payload)
         if body.model is not None and body.model not in model_ids:
             raise APIError(f"model {body.model!r} does not exist; this server serves "
                            f"{model_id!r}", param="model", code="model_not_found")
         return body
 
+    def overrides(request: Request, body: api.CompletionBody) -> tuple[GenerationConfig, dict]:
+        s = api.settings(engine.sampling, default_gen, body)
+        # one scope per API key; without --api-key the presented token means nothing
+        scope = scope_of(request.headers.get("authorization")) if cfg.api_key else ""
+        return s.gen, s.overrides(scope)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read(request, ChatBody)
-        g, sampling, draft_max = _settings(engine, default_gen, body)
-        messages = _messages(body)
+        body = await read(request, api.ChatBody)
+        g, kw = overrides(request, body)
+        messages = api.messages(body)
         if worker.session is None:
             raise APIError(worker.no_chat, code="no_chat_template")
         session = worker.session
 
         def start(stats: Stats) -> Iterator[Chunk]:
-            return session.ask_messages(messages, g, stats, sampling=sampling,
-                                        draft_max=draft_max)
+            return session.ask_messages(messages, g, stats, **kw)
 
         return await respond(request, body, start, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read(request, CompletionBody)
-        g, sampling, draft_max = _settings(engine, default_gen, body)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError("one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError("the prompt is empty", param="prompt")
-        if isinstance(prompt, list) and not all(0 <= t < engine.model.n_vocab for t in prompt):
-            raise APIError(f"prompt: token ids must be in 0..{engine.model.n_vocab - 1}",
-                           param="prompt")
+        body = await read(request, api.CompletionBody)
+        g, kw = overrides(request, body)
+        prompt = api.completion_prompt(body, engine.model.n_vocab)
 
         def start(stats: Stats) -> Iterator[Chunk]:
-            return engine.generate(prompt, g, stats, sampling=sampling, draft_max=draft_max)
+            return engine.generate(prompt, g, stats, **kw)
 
         return await respond(request, body, start, chat=False)
 
-    async def respond(request: Request, body: CompletionBody, start, chat: bool):
+    async def respond(request: Request, body: api.CompletionBody, start, chat: bool):
         job = worker.submit(start)
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
@@ -428,11 +338,10 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 raise _Interrupted
             if isinstance(first, Exception):
                 raise first
-            head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()), "model": body.model or model_id}
+            top = api.head("chat" if chat else "text", body.model or model_id,
+                           int(time.time()), uuid.uuid4().hex)
             if not body.stream:
-                return await _whole(job, first, head, chat, watcher)
+                return await _whole(job, first, top, chat, body.return_tokens, watcher)
         except _Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
@@ -441,50 +350,46 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        return EventSourceResponse(_events(job, first, head, chat, usage, stopping), ping=15,
-                                   shutdown_event=stopping, shutdown_grace_period=1.0)
+        events = _events(job, first, top, chat, usage, body.return_tokens, stopping)
+        return EventSourceResponse(events, ping=15, shutdown_event=stopping,
+                                   shutdown_grace_period=1.0)
 
     return app
 
 
-async def _whole(job: Job, item: object, head: dict, chat: bool,
+def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
+    """``GET /stats``: what the server has done and what its drafting memory holds."""
+    memory = engine.memory
+    if memory is None:
+        why = "--no-shared-drafts" if not cfg.enabled else \
+            f"--drafter {engine.spec_cfg.drafter} does not draft from it"
+        mem: dict = {"enabled": False, "why": why}
+    else:
+        mem = {"enabled": True, "tokens": memory.n_tokens, "bytes": memory.nbytes,
+               "max_tokens": memory.max_tokens,
+               "file": str(cfg.path) if cfg.path is not None else None}
+    return {"model": engine.model.path.name, "sources": engine.sources,
+            "requests_served": worker.n_served, "memory": mem}
+
+
+async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
                  watcher: asyncio.Future) -> dict:
-    text, n = [], 0
+    text, tokens = [], []
     while item is not _DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
-        n += len(item.tokens)
+        tokens.extend(item.tokens)
         item = await _next_item(job, watcher)
-    reason = _finish(job.stats)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": None, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason}
-    return {**head, "choices": [choice], "usage": _usage(job.stats, n),
-            "timings": timings(job.stats)}
+    return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
+                              tokens if return_tokens else None)
 
 
-async def _events(job: Job, item: object, head: dict, chat: bool, include_usage: bool,
-                  stopping: anyio.Event) -> AsyncIterator[dict]:
+async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
+                  return_tokens: bool, stopping: anyio.Event) -> AsyncIterator[dict]:
     """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
     disconnect cancels this generator; a server shutdown ends it with an error event.
     Either way the job is cancelled."""
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-    def chunk(text: str | None, reason: str | None, **extra) -> dict:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            if text is not None and first:
-                delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None,
-                      "finish_reason": reason}
-        return {"data": json.dumps({**head, "choices": [choice], **extra},
-                                   ensure_ascii=False)}
-
     first, n = True, 0
     watcher = asyncio.ensure_future(stopping.wait())
     try:
@@ -493,8 +398,9 @@ async def _events(job: Job, item: object, head: dict, chat: bool, include_usage:
                 yield {"data": json.dumps(item.body())}
                 return
             n += len(item.tokens)
-            if item.text or first:
-                yield chunk(item.text, None)
+            if item.text or first or (return_tokens and item.tokens):
+                yield api.stream_chunk(top, chat, item.text, None, first,
+                                       item.tokens if return_tokens else None)
                 first = False
             try:
                 item = await _next_item(job, watcher)
@@ -503,10 +409,13 @@ async def _events(job: Job, item: object, head: dict, chat: bool, include_usage:
                                kind="server_error", code="shutting_down")
                 yield {"data": json.dumps(err.body())}
                 return
-        usage = _usage(job.stats, n)
-        yield chunk(None, _finish(job.stats), usage=usage, timings=timings(job.stats))
+        usage = api.usage(job.stats, n)
+        yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats), first,
+                               usage=usage, timings=api.timings(job.stats))
         if include_usage:
-            yield {"data": json.dumps({**head, "choices": [], "usage": usage})}
+            yield {"data": json.dumps({**top, "object": "chat.completion.chunk" if chat
+                                       else "text_completion", "choices": [],
+                                       "usage": usage})}
         yield {"data": "[DONE]"}
     finally:
         watcher.cancel()
@@ -562,6 +471,7 @@ def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None
             server.run(sockets=[sock])
     finally:  # also after a forced exit (a second Ctrl-C skips the app's shutdown)
         app.state.worker.close()
+        save_memory(engine, cfg.memory)  # the worker has stopped: nothing adds to it now
 
 
 @contextlib.contextmanager

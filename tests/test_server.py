@@ -40,20 +40,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model: Path, draft: Path, *extra: str, env: dict | None = None):
+def _start(model: Path, draft: Path, *extra: str, env: dict | None = None,
+           log: Path | None = None):
     """A `bridge serve` subprocess, returned once /health answers. It always drafts
-    (--fixed-gamma), so the tests see speculation even where it does not pay."""
+    (--fixed-gamma), so the tests see speculation even where it does not pay. Its output
+    goes to ``log`` when given (wide lines: the log handler wraps at COLUMNS)."""
     port = _free_port()
     argv = [str(BRIDGE), "serve", str(model), "--draft", str(draft), "--port", str(port),
             "--threads", "1", "-c", str(CTX), "--fixed-gamma", "--draft-max", "4", *extra]
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(argv, env={**os.environ, "COLUMNS": "400", **(env or {})},
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    if log:
+        out.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"bridge serve exited {proc.returncode}:\n"
-                                 f"{proc.stdout.read()}")
+            output = log.read_text() if log else proc.stdout.read()
+            raise AssertionError(f"bridge serve exited {proc.returncode}:\n{output}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url, port
@@ -127,6 +132,9 @@ def test_greedy_chat_matches_bridge_generate(client, model_id, smollm2_gguf,
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     assert chunks[-1].model_extra["timings"]["predicted_n"] == r.usage.completion_tokens
+    # target steps: the first token comes with the prompt, each later step is one batch
+    assert t["n_steps"] >= 1 and t["tokens_per_step"] == pytest.approx(
+        (t["predicted_n"] - 1) / t["n_steps"], abs=1e-3)
 
 
 def test_completions_stream_and_whole_agree(client, model_id):
@@ -203,6 +211,25 @@ def test_follow_up_turn_evaluates_only_its_new_tokens(client, model_id):
 def test_speculative_override(client, model_id):
     r = _ask(client, model_id, PROMPT, extra_body={"speculative": {"n_max": 2}})
     assert r.choices[0].message.content
+
+
+def test_stats_endpoint_and_return_tokens(server, client, model_id):
+    s = httpx.get(f"{server}/stats", timeout=10).json()
+    assert s["model"] == model_id and s["requests_served"] >= 0
+    # the fixture server drafts with --drafter auto: lookup, memory and the pruned draft
+    assert s["sources"] == ["lookup", "memory", "pruned"]
+    mem = s["memory"]
+    assert mem["enabled"] and mem["max_tokens"] == 1_000_000 and mem["file"] is None
+    assert 0 <= mem["tokens"] <= mem["max_tokens"] and mem["bytes"] >= 0
+    r = client.completions.create(model=model_id, prompt="One, two, three,", temperature=0,
+                                  max_tokens=6, extra_body={"return_tokens": True})
+    ids = r.choices[0].model_extra["tokens"]
+    assert len(ids) == r.usage.completion_tokens == 6
+    chunks = list(client.completions.create(model=model_id, prompt="One, two, three,",
+                                            temperature=0, max_tokens=6, stream=True,
+                                            extra_body={"return_tokens": True}))
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra.get("tokens", [])
+            ] == ids
 
 
 LONG = "word " * (CTX + 100)

@@ -1,0 +1,273 @@
+"""The OpenAI API's shapes for ``bridge serve``: request bodies, their validation into
+bridge's settings, and the response objects (whole answers, stream chunks, ``timings``).
+
+Everything here is pure: no model, no HTTP. ``runtime.server`` owns the worker and the app.
+
+bridge's extensions are top-level request fields, as llama-server's are: ``top_k``,
+``min_p``, ``repeat_penalty``, ``speculative.n_max``, ``shared_drafts`` (false: this
+request neither drafts from nor adds to the server's drafting memory) and
+``return_tokens`` (true: each choice also carries the generated token ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.config import GenerationConfig, SamplingConfig, SpeculativeConfig
+from runtime.speculative import Stats
+
+# engine finish reasons -> OpenAI's; "context" (the context filled up) is kept as is
+FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "context": "context"}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` object."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# -- request bodies ---------------------------------------------------------------------
+
+class _Body(BaseModel):
+    # clients send fields bridge has no use for (user, metadata, ...): accept and ignore
+    model_config = ConfigDict(extra="allow")
+
+
+class SpeculativeOverride(BaseModel):
+    """llama-server's per-request ``"speculative"`` object; bridge takes its ``n_max``."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_max: int | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class CompletionBody(_Body):
+    model: str | None = None
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # llama-server's extensions, same meaning as in bridge
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    speculative: SpeculativeOverride | None = None
+    shared_drafts: bool = True  # bridge: false keeps this request out of the memory
+    return_tokens: bool = False  # bridge (llama-server's name): token ids in each choice
+    logprobs: bool | int | None = None
+    echo: bool = False
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class ChatBody(CompletionBody):
+    prompt: None = None
+    messages: list[Message] = Field(min_length=1)
+    tools: list | None = None
+
+
+def parse(model: type[BaseModel], payload: object) -> BaseModel:
+    """``payload`` validated as ``model``; the first problem becomes an ``APIError``."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise APIError(f"{loc}: {err['msg']}" if loc else err["msg"],
+                       param=loc or None) from None
+
+
+# -- from a request to bridge's settings --------------------------------------------------
+
+# fields bridge would otherwise silently ignore, and why they are refused when set
+_REFUSED = {
+    "presence_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
+                        "thing: pass repeat_penalty)",
+    "frequency_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
+                         "thing: pass repeat_penalty)",
+    "logprobs": "logprobs are not supported", "echo": "echo is not supported",
+    "tools": "tools are not supported",
+}
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """What one request asks of the engine, validated."""
+
+    gen: GenerationConfig
+    sampling: SamplingConfig
+    draft_max: int | None
+    use_memory: bool
+
+    def overrides(self, scope: str) -> dict:
+        """Keyword arguments for ``Engine.generate`` (and ``ChatSession.ask_messages``)."""
+        return {"sampling": self.sampling, "draft_max": self.draft_max, "scope": scope,
+                "use_memory": self.use_memory}
+
+
+def settings(default_sampling: SamplingConfig, default_gen: GenerationConfig,
+             body: CompletionBody) -> RequestSettings:
+    """The request's settings: the server's defaults (from the command line), overridden by
+    what the request names. The dataclasses validate and word the errors."""
+    if body.n not in (None, 1):
+        raise APIError(f"n must be 1, got {body.n}: bridge serves one choice per request",
+                       param="n")
+    for name, why in _REFUSED.items():
+        if getattr(body, name, None):
+            raise APIError(f"{name}: {why}", param=name)
+    given = {k: v for k, v in (("temp", body.temperature), ("top_p", body.top_p),
+                               ("top_k", body.top_k), ("min_p", body.min_p),
+                               ("repeat_penalty", body.repeat_penalty), ("seed", body.seed))
+             if v is not None}
+    try:
+        sampling = dataclasses.replace(default_sampling, **given)
+    except ValueError as e:
+        raise APIError(str(e)) from None
+    draft_max = body.speculative.n_max if body.speculative is not None else None
+    if draft_max is not None:
+        try:
+            SpeculativeConfig(draft_max=draft_max)
+        except ValueError as e:
+            raise APIError(f"speculative.n_max: {e}", param="speculative.n_max") from None
+    n = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    if n is not None and n < 1:
+        raise APIError(f"max_tokens must be >= 1, got {n}", param="max_tokens")
+    stop = default_gen.stop if body.stop is None else \
+        tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop) if s)
+    gen = dataclasses.replace(default_gen, max_tokens=n or default_gen.max_tokens, stop=stop)
+    return RequestSettings(gen, sampling, draft_max, body.shared_drafts)
+
+
+def messages(body: ChatBody) -> list[dict[str, str]]:
+    """The chat's messages as the template wants them (text parts joined)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content or ""
+        if isinstance(content, list):  # content parts: text only
+            parts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"messages.{i}.content: only text parts are supported, "
+                                   f"got type {part.get('type')!r}", param=f"messages.{i}")
+                parts.append(part["text"])
+            content = "".join(parts)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise APIError("the last message must be a user message", param="messages")
+    return out
+
+
+def completion_prompt(body: CompletionBody, n_vocab: int) -> str | list[int]:
+    """The one prompt of a ``/v1/completions`` request: text or token ids."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError("one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise APIError("the prompt is empty", param="prompt")
+    if isinstance(prompt, list) and not all(0 <= t < n_vocab for t in prompt):
+        raise APIError(f"prompt: token ids must be in 0..{n_vocab - 1}", param="prompt")
+    return prompt
+
+
+# -- responses ----------------------------------------------------------------------------
+
+def timings(stats: Stats) -> dict:
+    """llama-server's ``timings`` object, plus bridge's mode, target steps and per-source
+    draft counts (``sources``: {name: {steps, drafted, accepted}})."""
+    s = stats.as_dict()
+    pn, pms = s["n_prompt_evaluated"], s["prompt_seconds"] * 1e3
+    dn, dms = s["n_tokens"], s["decode_seconds"] * 1e3
+    return {"cache_n": s["n_prompt"] - pn, "prompt_n": pn, "prompt_ms": round(pms, 3),
+            "prompt_per_token_ms": round(pms / pn, 3) if pn else 0.0,
+            "prompt_per_second": round(1e3 * pn / pms, 3) if pms > 0 else 0.0,
+            "predicted_n": dn, "predicted_ms": round(dms, 3),
+            "predicted_per_token_ms": round(dms / dn, 3) if dn else 0.0,
+            "predicted_per_second": s["tokens_per_s"],
+            "draft_n": s["n_drafted"], "draft_n_accepted": s["n_accepted"],
+            # the first token comes with the prompt's evaluation; each later step is one
+            # target evaluation: tokens_per_step = (predicted_n - 1) / n_steps
+            "n_steps": s["n_steps"], "tokens_per_step": s["tokens_per_step"],
+            "mode": s["mode"], "sources": s.get("sources", {})}
+
+
+def finish_reason(stats: Stats) -> str | None:
+    return FINISH_REASONS.get(stats.finish_reason, stats.finish_reason)
+
+
+def usage(stats: Stats, n_completion: int) -> dict:
+    return {"prompt_tokens": stats.n_prompt, "completion_tokens": n_completion,
+            "total_tokens": stats.n_prompt + n_completion}
+
+
+def head(kind: Literal["chat", "text"], model: str, created: int, uid: str) -> dict:
+    """The fields every response object of one request shares."""
+    chat = kind == "chat"
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + uid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": model}
+
+
+def whole_response(top: dict, chat: bool, text: str, n_tokens: int, stats: Stats,
+                   tokens: list[int] | None = None) -> dict:
+    """A non-streamed answer of ``n_tokens``; ``tokens`` (their ids) only when asked for."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": finish_reason(stats)}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None,
+                  "finish_reason": finish_reason(stats)}
+    if tokens is not None:
+        choice["tokens"] = tokens
+    return {**top, "choices": [choice], "usage": usage(stats, n_tokens),
+            "timings": timings(stats)}
+
+
+def stream_chunk(top: dict, chat: bool, text: str | None, reason: str | None, first: bool,
+                 tokens: list[int] | None = None, **extra) -> dict:
+    """One SSE event in OpenAI's chunk format (``text`` None: no content, as on the last
+    chunk); ``first`` adds the assistant role to a chat delta."""
+    if chat:
+        delta = {} if text is None else {"content": text}
+        if text is not None and first:
+            delta["role"] = "assistant"
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    if tokens is not None:
+        choice["tokens"] = tokens
+    obj = {**top, "object": "chat.completion.chunk" if chat else "text_completion",
+           "choices": [choice], **extra}
+    return {"data": json.dumps(obj, ensure_ascii=False)}
