@@ -64,9 +64,9 @@ def _given(**kwargs):
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def build_engine(o: dict):
+def build_engine(o: dict, memory=None):
     """Settings objects from the parsed options, then the engine (imports stay lazy so
-    `bridge --help` does not load llama.cpp)."""
+    `bridge --help` does not load llama.cpp). ``memory``: a server's ``DraftMemory``."""
     from runtime.engine import Engine
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
@@ -82,7 +82,7 @@ def build_engine(o: dict):
                                        seed=o["seed"]))
     draft = None if drafter in ("none", "lookup") else (o["draft"] or "auto")
     return Engine(o["model"], draft=draft, runtime=runtime, speculative=spec,
-                  sampling=sampling)
+                  sampling=sampling, memory=memory)
 
 
 def generation(o: dict) -> GenerationConfig:
