@@ -29,8 +29,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from runtime import costmodel
 
 log = logging.getLogger(__name__)
@@ -103,7 +101,11 @@ class CostModel:
     overhead_spec: float = 0.0          # Python time per speculative step
     overhead_plain: float = 0.0         # Python time per plain step
 
+    def __post_init__(self) -> None:
+        self._fit: tuple[float, float, float] | None = None  # (a, b, min t), lazily
+
     def add_verify(self, k: int, seconds: float) -> None:
+        self._fit = None
         n = self.n_verify.get(k, 0)
         self.n_verify[k] = n + 1
         # The second sample replaces the first: a first batch of a new size pays one-off
@@ -135,15 +137,14 @@ class CostModel:
         return None
 
     def verify_cost(self, k: int) -> float:
-        """t_verify(k): measured, or a least-squares line through the measured points."""
+        """t_verify(k): measured, or a least-squares line through the measured points
+        (fitted once per new measurement: the controller asks for it many times a step)."""
         if k in self.verify and self.n_verify.get(k, 0) >= 2:
             return self.verify[k]
-        ks = np.fromiter(self.verify.keys(), dtype=np.float64)
-        ts = np.fromiter(self.verify.values(), dtype=np.float64)
-        if ks.size == 1:
-            return float(ts[0] * k / ks[0])  # pessimistic: proportional to k
-        b, a = np.polyfit(ks - 1, ts, 1)
-        return float(max(a + b * (k - 1), ts.min()))
+        if self._fit is None:
+            self._fit = _line_fit(self.verify)
+        a, b, floor = self._fit
+        return max(a + b * (k - 1), floor)
 
     def relative(self) -> dict:
         """The costs in units of one plain step: c and the verify curve V(k)."""
@@ -171,6 +172,21 @@ class CostModel:
         c.overhead_spec = float(profile.get("overhead_spec", 0.0))
         c.overhead_plain = float(profile.get("overhead_plain", 0.0))
         return c
+
+
+def _line_fit(points: dict[int, float]) -> tuple[float, float, float]:
+    """(a, b, floor) of the least-squares line t = a + b (k - 1) through ``points``, in
+    closed form (a few points; numpy's polyfit costs ~0.5 ms, a few % of a step). One point
+    gives the pessimistic t(k) = t0 k / k0 with no floor."""
+    if len(points) == 1:
+        (k0, t0), = points.items()
+        return t0 / k0, t0 / k0, 0.0
+    n = len(points)
+    mx = sum(k - 1 for k in points) / n
+    my = sum(points.values()) / n
+    sxx = sum((k - 1 - mx) ** 2 for k in points)
+    b = sum((k - 1 - mx) * (t - my) for k, t in points.items()) / sxx
+    return my - b * mx, b, min(points.values())
 
 
 class GammaController:
