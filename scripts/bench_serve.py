@@ -18,6 +18,21 @@ prompt cache does the same).
 llama-cpp-python's server needs `pip install 'llama-cpp-python[server]'` (fastapi,
 sse-starlette, uvicorn, pydantic-settings, starlette-context); without it that part is
 skipped with a message.
+
+    .venv/bin/python scripts/bench_serve.py MODEL.gguf --sessions [--draft PATH]
+        [-n 96] [--threads 1] [--md OUT.md] [--llama-server PATH]
+
+The session workload (issue 17): 4 sessions x 6 similar requests (records to JSON, edits
+of one code file, questions about one document, log lines to JSON), sent in order to
+several `bridge serve` processes that all stay up, each request to every server in turn
+so all share the machine's noise: plain, forced lookup (`--drafter lookup --fixed-gamma
+--draft-max 16`) and `auto`, each with the drafting memory on and off
+(`--no-shared-drafts`). Reported per server: tokens per target step ((predicted_n - 1) /
+n_steps summed over requests), decode tokens/s, how many answers equal plain's. Then the
+open-ended prompts on plain and `auto` with the memory, and the memory's own cost per
+step: lookups timed on the memory the forced-lookup server saved, against a plain step.
+A llama-server binary (``--llama-server``, or the one scripts/bench_llamacpp.py builds in
+~/.cache/bridge) adds its n-gram speculation types to the session table.
 """
 
 from __future__ import annotations
@@ -25,11 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,12 +66,14 @@ def free_port() -> int:
 
 
 def start(argv: list[str], port: int, what: str) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # a file, not a pipe: nobody reads a running server's log, and a full pipe would block it
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited {proc.returncode}:\n{proc.stderr.read()}")
+            err.seek(0)
+            raise SystemExit(f"{what} exited {proc.returncode}:\n{err.read()}")
         try:  # llama-cpp-python has no /health; /v1/models answers once the model is loaded
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc
@@ -151,6 +170,219 @@ def summarize(name: str, r: dict, base: list[dict]) -> dict:
         row["http_ms"] = 1e3 * mean(x["wall"] - x["engine"] for x in seq)
     return row
 
+# -- the session workload (issue 17): similar requests, one after another ----------------
+
+_CODE = """\
+def load_prices(path):
+    prices = {}
+    with open(path) as f:
+        for line in f:
+            name, price = line.strip().split(",")
+            prices[name] = float(price)
+    return prices
+
+
+def total(prices, items):
+    result = 0
+    for item in items:
+        result += prices[item]
+    return result
+"""
+_DOC = ("The Harbor Street library opens at 9:00 on weekdays and at 10:00 on Saturdays; it "
+        "is closed on Sundays. Members may borrow up to 8 books for 21 days, and renew each "
+        "loan twice online. Late returns cost 0.25 euros per book per day, capped at 5 euros. "
+        "The reading room on the second floor has 40 desks, and laptops can be borrowed at "
+        "the front desk for 3 hours with a library card. Printing costs 0.10 euros a page.")
+SESSIONS: dict[str, list[str]] = {
+    "records to JSON": [
+        "Extract this record as JSON with the keys name, age, city and job. Reply with the "
+        f"JSON only.\n\n{r}" for r in (
+            "Maria Lopez, 34, works as a nurse in Seville.",
+            "Tom Becker is a 51-year-old carpenter from Hamburg.",
+            "Aiko Tanaka (29) is a software engineer living in Osaka.",
+            "Lucas Moreau, aged 42, teaches history in Lyon.",
+            "Priya Nair, a 37-year-old architect, lives in Pune.",
+            "Jonas Berg, 23, is a barista in Uppsala.")],
+    "code edits of one file": [
+        f"Here is a Python file:\n\n{_CODE}\n{task} Reply with the whole file." for task in (
+            "Rename the function total to order_total.",
+            "Add a docstring to load_prices.",
+            "Make total use the built-in sum.",
+            "Rename the variable prices to price_table everywhere.",
+            "Add type hints to both functions.",
+            "Skip empty lines in load_prices.")],
+    "questions about one document": [
+        f"Read this notice:\n\n{_DOC}\n\nQuestion: {q}" for q in (
+            "When does the library open on Saturdays?",
+            "How many books can a member borrow, and for how long?",
+            "What is the fine for returning a book late?",
+            "Where is the reading room and how many desks does it have?",
+            "How long can a laptop be borrowed?",
+            "How much does printing cost?")],
+    "log lines to JSON": [
+        "Convert this log line to JSON with the keys time, level, service and message. "
+        f"Reply with the JSON only.\n\n{line}" for line in (
+            "2026-11-23 08:14:02 ERROR payments Card declined for order 4411",
+            "2026-11-23 08:14:09 INFO auth User 88 logged in from 10.0.0.7",
+            "2026-11-23 08:15:31 WARN cache Eviction rate above 40 percent",
+            "2026-11-23 08:16:12 INFO payments Refund issued for order 4398",
+            "2026-11-23 08:17:45 ERROR search Index shard 3 unreachable",
+            "2026-11-23 08:18:03 DEBUG auth Token refreshed for user 91")],
+}
+LOOKUP16 = ["--drafter", "lookup", "--fixed-gamma", "--draft-max", "16"]
+
+
+def chat_once(port: int, prompt: str, n: int) -> dict:
+    """One whole (non-streamed) greedy chat answer with the server's timings."""
+    t0 = time.perf_counter()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=600, json={
+        "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+        "max_tokens": n})
+    r.raise_for_status()
+    body = r.json()
+    t = body.get("timings") or {}
+    n_tok = t.get("predicted_n", body["usage"]["completion_tokens"])
+    # a step emits its accepted drafts + 1; the first token comes with the prompt
+    steps = t["n_steps"] if "n_steps" in t else \
+        max(1, n_tok - 1 - t.get("draft_n_accepted", 0))
+    return {"text": body["choices"][0]["message"]["content"], "tokens": n_tok,
+            "steps": steps, "decode_s": t.get("predicted_ms", 0) / 1e3 or None,
+            "wall": time.perf_counter() - t0, "sources": t.get("sources", {})}
+
+
+def llama_server_types(binary: Path) -> list[str]:
+    """The n-gram speculative types this llama-server knows (from its --help)."""
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout
+    m = re.search(r"--spec-type\s+\[?([\w|,\- ]+)", out)
+    return [t for t in re.split(r"[|, ]+", m.group(1)) if t.startswith("ngram")] if m else []
+
+
+def session_servers(args, memory_file: Path) -> list[tuple[str, list[str]]]:
+    draft = ["--draft", str(args.draft)] if args.draft else []
+    return [
+        ("plain", ["--no-draft"]),
+        ("lookup γ≤16, memory off", [*LOOKUP16, "--no-shared-drafts"]),
+        ("lookup γ≤16, memory on", [*LOOKUP16, "--draft-memory-file", str(memory_file)]),
+        ("auto, memory off", [*draft, "--no-shared-drafts"]),
+        ("auto, memory on", draft),
+    ]
+
+
+def run_sessions(args) -> None:
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    memory_file = Path(tempfile.mkdtemp()) / "memory.npz"
+    servers: list[tuple[str, int, subprocess.Popen]] = []
+    try:
+        for name, extra in session_servers(args, memory_file):
+            port = free_port()
+            argv = [str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
+                    "-c", str(args.ctx), *threads, *extra]
+            servers.append((name, port, start(argv, port, f"bridge serve ({name})")))
+        binary = args.llama_server or next(
+            (p for p in (Path.home() / ".cache" / "bridge").glob(
+                "llama.cpp-*/*/vendor/llama.cpp/build/bin/llama-server") if p.is_file()), None)
+        if binary is None:
+            print("no llama-server build found (scripts/bench_llamacpp.py builds one): its "
+                  "n-gram modes are left out", file=sys.stderr)
+        else:
+            for t in llama_server_types(binary):
+                port = free_port()
+                argv = [str(binary), "-m", str(args.model), "--port", str(port), "-c",
+                        str(args.ctx), "-t", str(args.threads or os.cpu_count()),
+                        "--spec-type", t, "--draft-max", "16"]
+                servers.append((f"llama-server {t}", port, start(argv, port, t)))
+        load = [os.getloadavg()[0]]
+        requests = [p for ps in SESSIONS.values() for p in ps]
+        for _, port, _ in servers:  # warm-up: first-call allocations, stored profiles
+            chat_once(port, "Hi", 4)
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in servers}
+        for i, prompt in enumerate(requests):  # each request to every server, in turn
+            for name, port, _ in servers[i % len(servers):] + servers[:i % len(servers)]:
+                results[name].append(chat_once(port, prompt, args.n))
+        load.append(os.getloadavg()[0])
+        # open-ended requests: plain against auto with the memory (which has the sessions)
+        open_res: dict[str, list[dict]] = {"plain": [], "auto, memory on": []}
+        ports = {name: port for name, port, _ in servers}
+        for i, (_, prompt) in enumerate(BENCH_PROMPTS):
+            for name in list(open_res)[i % 2:] + list(open_res)[:i % 2]:
+                open_res[name].append(chat_once(ports[name], prompt, args.n))
+        load.append(os.getloadavg()[0])
+    finally:
+        for _, _, proc in servers:
+            stop(proc)
+    plain_step = statistics.median(r["decode_s"] / r["tokens"] for r in results["plain"])
+    cost = memory_step_cost(memory_file, plain_step)
+    lines = session_report(results, open_res, cost, load, args)
+    print("\n".join(lines))
+    if args.md:
+        args.md.write_text("\n".join(lines) + "\n")
+
+
+def memory_step_cost(path: Path, plain_step: float) -> dict:
+    """Per-step cost of drafting from the memory the forced-lookup server saved: a
+    lookup (n_max 16) at every 3rd position of every stored request, as the decode loop
+    asks it; every context was stored, so each lookup finds and walks a match."""
+    import numpy as np
+
+    from runtime.memory import DraftMemory, MemoryDrafter
+
+    with np.load(path) as z:  # the saved file's own arrays: the stored token sequences
+        tokens, lengths = z["tokens"].tolist(), z["lengths"].tolist()
+        fingerprint = json.loads(str(z["header"]))["fingerprint"]
+    memory = DraftMemory.load(path, fingerprint)
+    drafter, times, at = MemoryDrafter(memory), [], 0
+    for length in lengths:
+        seq = tokens[at:at + length]
+        at += length
+        for i in range(16, length, 3):
+            t0 = time.perf_counter()
+            drafter.propose(seq[:i], 16, 0.0)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    med, p90 = statistics.median(times), times[int(0.9 * len(times))]
+    return {"tokens": memory.n_tokens, "bytes": memory.nbytes, "lookups": len(times),
+            "median_us": med * 1e6, "p90_us": p90 * 1e6, "plain_step_ms": plain_step * 1e3,
+            "share": med / plain_step, "share_p90": p90 / plain_step}
+
+
+def session_report(results: dict, open_res: dict, cost: dict, load: list, args) -> list[str]:
+    def agg(rs: list[dict]) -> tuple[float, float]:
+        per_step = sum(r["tokens"] - 1 for r in rs) / sum(r["steps"] for r in rs)
+        tok_s = sum(r["tokens"] for r in rs) / sum(r["decode_s"] or r["wall"] for r in rs)
+        return per_step, tok_s
+
+    plain = results["plain"]
+    base_tps = agg(plain)[1]
+    out = [f"## Session workload: {len(SESSIONS)} sessions x 6 requests, up to {args.n} "
+           "tokens each, greedy", "",
+           "| server | tokens per target step | decode tok/s | vs plain | memory accepted / "
+           "drafted | same text as plain |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, rs in results.items():
+        per_step, tps = agg(rs)
+        mem = [r["sources"].get("memory", {}) for r in rs]
+        acc = sum(m.get("accepted", 0) for m in mem)
+        drafted = sum(m.get("drafted", 0) for m in mem)
+        same = sum(r["text"] == p["text"] for r, p in zip(rs, plain, strict=True))
+        out.append(f"| {name} | {per_step:.2f} | {tps:.1f} | {tps / base_tps:.2f}x | "
+                   f"{f'{acc}/{drafted}' if drafted else '-'} | {same}/{len(rs)} |")
+    on, off = (agg(results[f"lookup γ≤16, memory {x}"])[0] for x in ("on", "off"))
+    o_plain, o_auto = (agg(open_res[k])[1] for k in ("plain", "auto, memory on"))
+    out += ["", f"- forced lookup, memory on: {on:.2f} tokens per target step (target >= 3.0), "
+            f"{on / off - 1:+.0%} against memory off (target >= +15%)",
+            f"- open-ended prompts ({len(BENCH_PROMPTS)}, the `bridge bench` open set): "
+            f"`auto` with the memory {o_auto:.1f} tok/s, plain {o_plain:.1f} tok/s: "
+            f"{o_auto / o_plain:.2f}x (target >= 0.97x)",
+            f"- memory cost per step: median {cost['median_us']:.0f} µs (p90 "
+            f"{cost['p90_us']:.0f} µs) per lookup of up to 16 tokens, {cost['lookups']} "
+            f"lookups on the {cost['tokens']:,}-token memory ({cost['bytes'] / 1024:.0f} KiB) "
+            f"the forced-lookup server saved; a plain step costs {cost['plain_step_ms']:.2f} "
+            f"ms: {cost['share']:.2%} (p90 {cost['share_p90']:.2%}; target <= 2%)",
+            f"- load average (1 min) at start, after the sessions, at the end: "
+            f"{', '.join(f'{x:.2f}' for x in load)} on {os.cpu_count()} cores; servers ran "
+            f"with --threads {args.threads or 'all'}"]
+    return out
+
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -162,7 +394,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("-c", "--ctx", type=int, default=2048)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--sessions", action="store_true",
+                    help="the session workload with the drafting memory on and off")
+    ap.add_argument("--md", type=Path, help="--sessions: also write the report here")
+    ap.add_argument("--llama-server", type=Path, help="--sessions: a llama-server binary")
     args = ap.parse_args()
+    if args.sessions:
+        run_sessions(args)
+        return
     prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)][1] for i in range(args.requests)]
     threads = ["--threads", str(args.threads)] if args.threads else []
 

@@ -5,11 +5,12 @@ SIGTERM, loaded at start, a corrupt or foreign file warned about and ignored).""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from runtime.memory import DraftMemory
-from runtime.server import scope_of
+from runtime.server import MemoryConfig, open_memory, scope_of
 from tests.test_server import _start, _stop
 from tests.test_speculative import _same_or_near_tie, chat_prompt
 
@@ -139,3 +140,17 @@ def test_scope_is_a_hash_of_the_bearer_token():
     assert a and b and a != b and "sesame" not in a
     assert scope_of("Bearer  sesame ") == a       # spacing is not part of the token
     assert scope_of(None) == scope_of("") == scope_of("Basic xyz") == ""
+
+
+@pytest.mark.parametrize("kw, names", [
+    ({"max_tokens": 0}, "--draft-memory"),                       # nothing could be stored
+    ({"enabled": False, "path": Path("m.npz")}, "--no-shared-drafts"),  # a file, no memory
+])
+def test_memory_config_refuses_contradictions(kw, names):
+    with pytest.raises(ValueError, match=names):
+        MemoryConfig(**kw)
+
+
+def test_memory_file_folder_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        open_memory(MemoryConfig(path=tmp_path / "nowhere" / "m.npz"), tmp_path / "m.gguf")
