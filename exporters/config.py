@@ -28,11 +28,15 @@ DEFAULT_PRUNE = 0.25
 # is written once; torch is not imported here), and "even" (evenly spaced middle layers,
 # no scoring: fast, a baseline).
 SCORING_METHODS = ("shortlist", "greedy", "bi", "angular", "fit")
-METHODS = (*SCORING_METHODS, "even")
+# "auto" is the default: shortlist when its scoring is predicted (on this machine, before
+# it starts) to fit in AUTO_METHOD_BUDGET_S, else bi, which scores in one forward pass.
+METHODS = ("auto", *SCORING_METHODS, "even")  # "auto": see AUTO_METHOD below
 # shortlist: greedy over bi's least important layers. Full greedy searches every layer at
 # every step (about L/2 forward passes per dropped layer: hours for an 8B model on a CPU)
 # for no held-out gain over the shortlist.
-DEFAULT_METHOD = "shortlist"
+AUTO_METHOD = "auto"
+AUTO_METHOD_BUDGET_S = 60.0
+DEFAULT_METHOD = AUTO_METHOD
 # --prune auto: the ratio is chosen by predicted speedup (exporters.autoprune).
 AUTO = "auto"
 # Verify-cost profiles for --prune auto (exporters.autoprune.PROFILES); None: "gpu" when

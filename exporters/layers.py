@@ -20,7 +20,13 @@ from pathlib import Path
 
 import gguf
 
-from exporters.config import AUTO, MANUAL_METHOD, ExportConfig
+from exporters.config import (
+    AUTO,
+    AUTO_METHOD,
+    AUTO_METHOD_BUDGET_S,
+    MANUAL_METHOD,
+    ExportConfig,
+)
 from exporters.loading import ModelSource
 from exporters.report import LayerReport, Stages, log_stages
 
@@ -150,7 +156,7 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
         return LayerChoice(plan.n_layers, tuple(sorted(dropped)), cfg.method), None
     assert source is not None and full is not None
     report = _with_threads(cfg.threads, score_layers, plan, source, full, stages)
-    return LayerChoice(plan.n_layers, tuple(report.dropped), cfg.method), report
+    return LayerChoice(plan.n_layers, tuple(report.dropped), report.method), report
 
 
 def _with_threads(threads: int | None, fn, *args):
@@ -180,7 +186,6 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
 
     cfg, timings = plan.cfg, {}
     prompts = calibration.load_prompts(cfg.calib)
-    scorer = make_scorer(cfg.method)
     profile = cfg.device_profile or autoprune.default_profile()
     costs = autoprune.byte_profile(full, plan.n_layers)
 
@@ -196,8 +201,9 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
                                                                  plan.n_layers))
     timings["load"] = time.perf_counter() - t
     # said before the slow stages, so that nobody is surprised by hours
-    timings["predicted_total"] = _announce(runner, tokenizer, cfg.method, plan, max_drop,
-                                           calib_p, held_p)
+    method, timings["predicted_total"] = _announce(runner, tokenizer, cfg.method, plan,
+                                                   max_drop, calib_p, held_p)
+    scorer = make_scorer(method)
 
     t = time.perf_counter()
     with stages("calibration text (full model's own output)", len(prompts)) as advance:
@@ -208,15 +214,15 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with stages(f"scoring layers ({cfg.method})",
-                units(cfg.method, len(calib), max_drop)) as advance:
+    with stages(f"scoring layers ({method})",
+                units(method, len(calib), max_drop)) as advance:
         ctx = ScoringContext(runner, calib, plan.protected, advance,
                              stop_below=AUTO_STOP_ALPHA if auto else 0.0)
         scores = scorer(ctx, max_drop)
-    timings[cfg.method] = time.perf_counter() - t
-    all_scores = {cfg.method: scores.importance}
+    timings[method] = time.perf_counter() - t
+    all_scores = {method: scores.importance}
     # BI costs one pass: a cheap reference curve for the chart (shortlist's scores are BI)
-    if cfg.method not in ("bi", "shortlist"):
+    if method not in ("bi", "shortlist"):
         all_scores["bi"] = make_scorer("bi")(ScoringContext(runner, calib, plan.protected),
                                              1).importance
 
@@ -238,7 +244,7 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return LayerReport(
-        model=source.name, n_layers=plan.n_layers, method=cfg.method,
+        model=source.name, n_layers=plan.n_layers, method=method,
         protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
         heldout_alpha=alphas[n_drop], calib_prompts=len(calib_p),
         heldout_prompts=len(held_p), calib_tokens=n_tokens, device_profile=profile,
@@ -247,8 +253,13 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
 
 
 def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
-              calib_p: list[str], held_p: list[str]) -> float:
-    """Probe this machine, log the predicted time of the slow stages; returns the total."""
+              calib_p: list[str], held_p: list[str]) -> tuple[str, float]:
+    """Probe this machine and log the predicted time of the slow stages. ``auto`` becomes
+    shortlist when its scoring is predicted to fit in AUTO_METHOD_BUDGET_S, else bi.
+
+    Returns:
+        (the method to run, the predicted total seconds).
+    """
     from exporters import calibration, estimate
     from exporters.scoring import shortlist_size
 
@@ -257,9 +268,20 @@ def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
     n_new = calibration.DEFAULT_NEW_TOKENS
     first = calibration.format_prompt(tokenizer, calib_p[0])
     costs = estimate.probe(runner, first + first[-1:] * n_new)
-    est = estimate.predict(costs, method, plan.n_layers, plan.droppable, max_drop,
-                           max_drop if plan.n_drop is None else 1, calib_lens, held_lens,
-                           n_new, shortlist_size(len(plan.droppable), max_drop))
+
+    def predict(m: str):
+        return estimate.predict(costs, m, plan.n_layers, plan.droppable, max_drop,
+                                max_drop if plan.n_drop is None else 1, calib_lens,
+                                held_lens, n_new, shortlist_size(len(plan.droppable),
+                                                                 max_drop))
+
+    if method == AUTO_METHOD:
+        est = predict("shortlist")
+        method = "shortlist" if est.scoring <= AUTO_METHOD_BUDGET_S else "bi"
+        log.info("method: %s (shortlist's scoring is predicted at %.0f s on this machine, "
+                 "the budget is %.0f s; --method overrides)", method, est.scoring,
+                 AUTO_METHOD_BUDGET_S)
+    est = predict(method)
     log.info("%s", estimate.describe(est, method))
     if est.total > LONG_EXPORT_S:
         faster = ("; --method shortlist chooses as well at a fraction of the cost"
@@ -267,7 +289,7 @@ def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
                   "; --method bi scores in one pass, or --drop-layers skips scoring")
         log.warning("this export will take about %s%s", estimate.describe(est, method)
                     .removeprefix("estimated time: about "), faster)
-    return est.total
+    return method, est.total
 
 
 def _auto_dict(decision) -> dict | None:

@@ -306,7 +306,10 @@ def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
 
 @pytest.mark.slow
 def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
-    """The default (shortlist) logs its time estimate before the slow stages."""
+    """The default (auto) predicts shortlist's scoring time on this machine before the slow
+    stages, runs shortlist when it fits the budget and bi otherwise, and says which."""
+    import re
+
     pytest.importorskip("torch")
     calib = tmp_path / "calib.txt"
     calib.write_text("What is the capital of France?\nWrite a haiku about rain.\n"
@@ -316,10 +319,13 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
                      str(calib), "--device-profile", "cpu")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps long log lines
+    chosen = re.search(r"method: (\w+) \(shortlist's scoring is predicted at (\d+) s", text)
+    assert chosen and chosen[1] in ("shortlist", "bi"), text
+    assert (chosen[1] == "shortlist") == (float(chosen[2]) <= 60)
     assert "estimated time: about" in text
-    assert text.index("estimated time") < text.index("shortlist step 1")
+    assert text.index("estimated time") < text.index("calibration text (full model")
     report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
-    assert report["method"] == "shortlist" and len(report["dropped"]) == 3
+    assert report["method"] == chosen[1] and len(report["dropped"]) == 3
     assert report["seconds"]["predicted_total"] > 0
     with LlamaModel(out / f"{SMOLLM2_NAME}.draft.gguf", vocab_only=True) as model:
-        assert model.meta(keys.METHOD) == "shortlist"
+        assert model.meta(keys.METHOD) == chosen[1]
