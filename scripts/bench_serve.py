@@ -32,7 +32,8 @@ n_steps summed over requests), decode tokens/s, how many answers equal plain's. 
 open-ended prompts on plain and `auto` with the memory, and the memory's own cost per
 step: lookups timed on the memory the forced-lookup server saved, against a plain step.
 A llama-server binary (``--llama-server``, or the one scripts/bench_llamacpp.py builds in
-~/.cache/bridge) adds its n-gram speculation types to the session table.
+~/.cache/bridge) adds llama-server plain and each of its n-gram speculation types (their
+default sizes) to the session table.
 """
 
 from __future__ import annotations
@@ -285,11 +286,12 @@ def run_sessions(args) -> None:
             print("no llama-server build found (scripts/bench_llamacpp.py builds one): its "
                   "n-gram modes are left out", file=sys.stderr)
         else:
-            for t in llama_server_types(binary):
+            # each n-gram type with its own default sizes (their n-max options differ)
+            for t in ["plain", *llama_server_types(binary)]:
                 port = free_port()
                 argv = [str(binary), "-m", str(args.model), "--port", str(port), "-c",
                         str(args.ctx), "-t", str(args.threads or os.cpu_count()),
-                        "--spec-type", t, "--draft-max", "16"]
+                        *(["--spec-type", t] if t != "plain" else [])]
                 servers.append((f"llama-server {t}", port, start(argv, port, t)))
         load = [os.getloadavg()[0]]
         requests = [p for ps in SESSIONS.values() for p in ps]
