@@ -38,6 +38,8 @@ _ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it 
 _PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 _MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
+_PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
+_RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 PRUNED = "pruned"
 
 
@@ -212,6 +214,7 @@ class GammaController:
         self._backoff = _FIRST_BACKOFF
         self._probe_turn = 0
         self._retime_draft = False
+        self._since_retime = 0
         self.history: list[int] = []           # gamma chosen at each step
         self.source_history: list[str | None] = []
 
@@ -290,13 +293,19 @@ class GammaController:
         """While plain decoding wins, draft now and then anyway (with back-off), taking
         the sources in turn, so acceptance estimates stay current."""
         self._since_probe += 1
+        self._since_retime += 1
         if self._since_probe < self._backoff:
             return None, 0
         self._since_probe = 0
         self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
-        if pruned_off and PRUNED in live:
+        if pruned_off and PRUNED in live and self._since_retime >= _RETIME_EVERY:
             self._retime_draft = True  # is the verdict still true? re-time the draft step
-        names = sorted(n for n in live if not (n == PRUNED and pruned_off))
+            self._since_retime = 0
+        # a lookup probe needs a real match: one shared token predicts little, and a
+        # probe on it would cost a batch for almost no evidence
+        names = sorted(n for n, o in live.items()
+                       if not (n == PRUNED and pruned_off)
+                       and (n == PRUNED or o.match_len >= _PROBE_MIN_MATCH))
         if not names:
             return None, 0
         name = names[self._probe_turn % len(names)]
