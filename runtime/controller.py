@@ -38,6 +38,7 @@ _ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it 
 _PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 _MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
+CALIBRATION_BATCHES = (2, 4)  # batch sizes measured before the first decision
 _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 PRUNED = "pruned"
@@ -128,12 +129,15 @@ class CostModel:
 
     def calibration_need(self, with_draft: bool) -> str | None:
         """What to measure next before gamma can be judged: two samples each of a plain
-        step ("plain"), a 2-token batch ("batch") and, with a pruned draft, a draft step
-        ("draft")."""
+        step ("plain"), 2- and 4-token batches ("batch:2", "batch:4") and, with a pruned
+        draft, a draft step ("draft"). Three batch sizes, because a line through V(1) and
+        V(2) alone overstates V(k) on the common CPU curve that flattens with k, and the
+        controller would then never try the longer drafts that pay."""
         if self.n_verify.get(1, 0) < 2:
             return "plain"
-        if self.n_verify.get(2, 0) < 2:
-            return "batch"
+        for k in CALIBRATION_BATCHES:
+            if self.n_verify.get(k, 0) < 2:
+                return f"batch:{k}"
         if with_draft and self.n_draft < 2:
             return "draft"
         return None

@@ -298,10 +298,11 @@ class SpeculativeDecoder:
         room = self.target.n_ctx - len(self.kv) - 2
         source, gamma, draft, need = self._propose(min(budget - 1, room))
         history = self._history() + [self.pending]
-        # Calibration: a plain step run as a 2-token batch (the pending token twice) times
-        # t_verify(2); row 0 is the plain step's answer and the padding is dropped below.
-        batch = [self.pending, self.pending] if need == "batch" and room >= 0 and \
-            not draft.tokens else [self.pending, *draft.tokens]
+        # Calibration: a plain step run as a k-token batch (the pending token k times)
+        # times t_verify(k); row 0 is the plain step's answer and the padding is dropped.
+        k = int(need.split(":")[1]) if need and need.startswith("batch:") else 1
+        batch = [self.pending] * k if k > 1 and room >= k - 2 and not draft.tokens \
+            else [self.pending, *draft.tokens]
         t_verify = time.perf_counter()
         rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify

@@ -51,7 +51,8 @@ class Sim:
             if source == PRUNED:
                 catchup = max(0, pos - self.seen - 1)  # the draft reads what it missed
                 self.seen = pos + n_acc + 1
-            k = 2 if need == "batch" and not gamma else gamma + 1
+            k = int(need[6:]) if need and need.startswith("batch:") and not gamma \
+                else gamma + 1
             self.ctrl.observe(StepRecord(
                 source if gamma else None, gamma, k, gamma, n_acc, 3,
                 gamma * self.c * self.t1 if source == PRUNED else 1e-6, gamma,
@@ -65,7 +66,7 @@ def test_cpu_like_costs_keep_the_pruned_draft_out():
     ctrl = GammaController(8)
     Sim(ctrl, curve(COMMITTED_CPU), 0.85, lambda i, s, n: n).run(200)
     assert ctrl.disabled_reason and "cannot pay" in ctrl.disabled_reason
-    assert ctrl.history[:6].count(0) == 6      # calibration used plain steps only
+    assert ctrl.history[:8].count(0) == 8      # calibration used plain steps only
     assert PRUNED not in ctrl.source_history   # and it never drafted with it afterwards
 
 
