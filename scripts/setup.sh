@@ -67,7 +67,7 @@ pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
   command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
     || die "no C++ compiler found; llama-cpp-python builds llama.cpp from source: install one (Debian/Ubuntu: apt-get install build-essential; macOS: xcode-select --install)"
-  echo "setup: building llama-cpp-python ($accel; about 6 minutes on 2 cores, cached by pip afterwards)"
+  echo "setup: building llama-cpp-python ($accel; about 10 minutes on 2 cores, cached by pip afterwards)"
 fi
 llama_flags=()
 if [ "$accel" = cuda ]; then
