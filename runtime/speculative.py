@@ -271,7 +271,17 @@ class SpeculativeDecoder:
         if not self.drafters or gamma_cap <= 0:
             ctrl.choose({})
             return None, 0, Draft(), None
-        seq = self.kv + [self.pending]
+        # drafters read kv + [pending]; append in place rather than copy the whole
+        # sequence every step (this runs once per emitted token)
+        self.kv.append(self.pending)
+        try:
+            return self._choose_and_draft(self.kv, gamma_cap)
+        finally:
+            self.kv.pop()
+
+    def _choose_and_draft(self, seq: list[int], gamma_cap: int
+                          ) -> tuple[str | None, int, Draft, str | None]:
+        ctrl = self.controller
         cheap = {name: d.propose(seq, gamma_cap, 0.0) for name, d in self.drafters.items()
                  if name != PRUNED}
         offers = {name: Offer(len(d.tokens), d.match_len) for name, d in cheap.items()}
