@@ -272,8 +272,7 @@ class GammaController:
         if not self.adaptive:
             if not live:
                 return None, 0
-            name = PRUNED if PRUNED in live else max(live, key=lambda n: live[n].n_max)
-            return name, min(self.draft_max, live[name].n_max)
+            return self._fixed_choice(live)
         if self.costs.calibration_need(self.has_pruned) is not None:
             # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
             # a device where speculation cannot pay finds out for almost nothing
@@ -292,6 +291,19 @@ class GammaController:
             self._since_probe, self._backoff = 0, _FIRST_BACKOFF
             return best[0], best[1]
         return self._maybe_probe(live, pruned_off)
+
+    def _fixed_choice(self, live: dict[str, Offer]) -> tuple[str, int]:
+        """Fixed gamma: the pruned draft when there is one; else the lookup whose context
+        match is longest (ties: the longer draft). A lookup that found only a short match
+        pads its draft by repeating the text, so the longer draft alone would nearly always
+        be the in-request lookup's; on the 24 session requests of scripts/bench_serve.py,
+        teacher-forced, choosing by match length gives 3.22 tokens per target step
+        against 2.87 by draft length."""
+        if PRUNED in live:
+            name = PRUNED
+        else:
+            name = max(live, key=lambda n: (live[n].match_len, live[n].n_max))
+        return name, min(self.draft_max, live[name].n_max)
 
     def _maybe_probe(self, live: dict[str, Offer], pruned_off: bool) -> tuple[str | None, int]:
         """While plain decoding wins, draft now and then anyway (with back-off), taking

@@ -28,9 +28,9 @@ several `bridge serve` processes that all stay up, each request to every server 
 so all share the machine's noise: plain, forced lookup (`--drafter lookup --fixed-gamma
 --draft-max 16`) and `auto`, each with the drafting memory on and off
 (`--no-shared-drafts`). Reported per server: tokens per target step ((predicted_n - 1) /
-n_steps summed over requests), decode tokens/s, how many answers equal plain's. Then the
-open-ended prompts on plain and `auto` with the memory, and the memory's own cost per
-step: lookups timed on the memory the forced-lookup server saved, against a plain step.
+n_steps summed over requests), decode tokens/s, how many answers equal plain's. Then 24
+open-ended requests (scripts/serve_workloads.py) on plain and on `auto` with the memory
+(which has read the sessions) and without it, and the memory's own cost per step: lookups timed on the memory the forced-lookup server saved, against a plain step.
 A llama-server binary (``--llama-server``, or the one scripts/bench_llamacpp.py builds in
 ~/.cache/bridge) adds llama-server plain and each of its n-gram speculation types (their
 default sizes) to the session table.
@@ -56,6 +56,7 @@ import httpx
 import openai
 
 from runtime.bench_prompts import BENCH_PROMPTS
+from serve_workloads import OPEN_REQUESTS, SESSIONS
 
 BIN = Path(sys.executable).parent
 
@@ -173,63 +174,6 @@ def summarize(name: str, r: dict, base: list[dict]) -> dict:
 
 # -- the session workload (issue 17): similar requests, one after another ----------------
 
-_CODE = """\
-def load_prices(path):
-    prices = {}
-    with open(path) as f:
-        for line in f:
-            name, price = line.strip().split(",")
-            prices[name] = float(price)
-    return prices
-
-
-def total(prices, items):
-    result = 0
-    for item in items:
-        result += prices[item]
-    return result
-"""
-_DOC = ("The Harbor Street library opens at 9:00 on weekdays and at 10:00 on Saturdays; it "
-        "is closed on Sundays. Members may borrow up to 8 books for 21 days, and renew each "
-        "loan twice online. Late returns cost 0.25 euros per book per day, capped at 5 euros. "
-        "The reading room on the second floor has 40 desks, and laptops can be borrowed at "
-        "the front desk for 3 hours with a library card. Printing costs 0.10 euros a page.")
-SESSIONS: dict[str, list[str]] = {
-    "records to JSON": [
-        "Extract this record as JSON with the keys name, age, city and job. Reply with the "
-        f"JSON only.\n\n{r}" for r in (
-            "Maria Lopez, 34, works as a nurse in Seville.",
-            "Tom Becker is a 51-year-old carpenter from Hamburg.",
-            "Aiko Tanaka (29) is a software engineer living in Osaka.",
-            "Lucas Moreau, aged 42, teaches history in Lyon.",
-            "Priya Nair, a 37-year-old architect, lives in Pune.",
-            "Jonas Berg, 23, is a barista in Uppsala.")],
-    "code edits of one file": [
-        f"Here is a Python file:\n\n{_CODE}\n{task} Reply with the whole file." for task in (
-            "Rename the function total to order_total.",
-            "Add a docstring to load_prices.",
-            "Make total use the built-in sum.",
-            "Rename the variable prices to price_table everywhere.",
-            "Add type hints to both functions.",
-            "Skip empty lines in load_prices.")],
-    "questions about one document": [
-        f"Read this notice:\n\n{_DOC}\n\nQuestion: {q}" for q in (
-            "When does the library open on Saturdays?",
-            "How many books can a member borrow, and for how long?",
-            "What is the fine for returning a book late?",
-            "Where is the reading room and how many desks does it have?",
-            "How long can a laptop be borrowed?",
-            "How much does printing cost?")],
-    "log lines to JSON": [
-        "Convert this log line to JSON with the keys time, level, service and message. "
-        f"Reply with the JSON only.\n\n{line}" for line in (
-            "2026-11-23 08:14:02 ERROR payments Card declined for order 4411",
-            "2026-11-23 08:14:09 INFO auth User 88 logged in from 10.0.0.7",
-            "2026-11-23 08:15:31 WARN cache Eviction rate above 40 percent",
-            "2026-11-23 08:16:12 INFO payments Refund issued for order 4398",
-            "2026-11-23 08:17:45 ERROR search Index shard 3 unreachable",
-            "2026-11-23 08:18:03 DEBUG auth Token refreshed for user 91")],
-}
 LOOKUP16 = ["--drafter", "lookup", "--fixed-gamma", "--draft-max", "16"]
 
 
@@ -303,10 +247,12 @@ def run_sessions(args) -> None:
                 results[name].append(chat_once(port, prompt, args.n))
         load.append(os.getloadavg()[0])
         # open-ended requests: plain against auto with the memory (which has the sessions)
-        open_res: dict[str, list[dict]] = {"plain": [], "auto, memory on": []}
+        # and without it, each request to the three in a rotating order
+        names = ["plain", "auto, memory on", "auto, memory off"]
+        open_res: dict[str, list[dict]] = {name: [] for name in names}
         ports = {name: port for name, port, _ in servers}
-        for i, (_, prompt) in enumerate(BENCH_PROMPTS):
-            for name in list(open_res)[i % 2:] + list(open_res)[:i % 2]:
+        for i, prompt in enumerate(OPEN_REQUESTS):
+            for name in names[i % 3:] + names[:i % 3]:
                 open_res[name].append(chat_once(ports[name], prompt, args.n))
         load.append(os.getloadavg()[0])
     finally:
@@ -368,12 +314,16 @@ def session_report(results: dict, open_res: dict, cost: dict, load: list, args) 
         out.append(f"| {name} | {per_step:.2f} | {tps:.1f} | {tps / base_tps:.2f}x | "
                    f"{f'{acc}/{drafted}' if drafted else '-'} | {same}/{len(rs)} |")
     on, off = (agg(results[f"lookup γ≤16, memory {x}"])[0] for x in ("on", "off"))
-    o_plain, o_auto = (agg(open_res[k])[1] for k in ("plain", "auto, memory on"))
+    o_plain, o_auto, o_off = (agg(open_res[k])[1] for k in open_res)
+    o_mem = [r["sources"].get("memory", {}) for r in open_res["auto, memory on"]]
     out += ["", f"- forced lookup, memory on: {on:.2f} tokens per target step (target >= 3.0), "
             f"{on / off - 1:+.0%} against memory off (target >= +15%)",
-            f"- open-ended prompts ({len(BENCH_PROMPTS)}, the `bridge bench` open set): "
+            f"- open-ended requests ({len(OPEN_REQUESTS)}, scripts/serve_workloads.py): "
             f"`auto` with the memory {o_auto:.1f} tok/s, plain {o_plain:.1f} tok/s: "
-            f"{o_auto / o_plain:.2f}x (target >= 0.97x)",
+            f"{o_auto / o_plain:.2f}x (target >= 0.97x); `auto` without it {o_off:.1f} "
+            f"tok/s ({o_off / o_plain:.2f}x); the memory drafted "
+            f"{sum(m.get('drafted', 0) for m in o_mem)} tokens on them, "
+            f"{sum(m.get('accepted', 0) for m in o_mem)} accepted",
             f"- memory cost per step: median {cost['median_us']:.0f} µs (p90 "
             f"{cost['p90_us']:.0f} µs) per lookup of up to 16 tokens, {cost['lookups']} "
             f"lookups on the {cost['tokens']:,}-token memory ({cost['bytes'] / 1024:.0f} KiB) "

@@ -134,6 +134,16 @@ def test_fixed_gamma_ignores_costs():
     assert set(ctrl.history) == {4} and ctrl.disabled_reason is None
 
 
+def test_fixed_gamma_takes_the_longest_context_match():
+    """Fixed gamma drafts from the lookup that matched the most context, not the one
+    that offers the most tokens (a short in-request match pads its draft to n_max)."""
+    ctrl = GammaController(16, adaptive=False, has_pruned=False)
+    assert ctrl.choose({"lookup": Offer(16, 1), "memory": Offer(5, 8)}) == ("memory", 5)
+    assert ctrl.choose({"lookup": Offer(16, 8), "memory": Offer(5, 8)}) == ("lookup", 16)
+    assert ctrl.choose({"lookup": Offer(16, 3), "memory": Offer(0, 0)}) == ("lookup", 16)
+    assert ctrl.choose({"lookup": Offer(0), "memory": Offer(0)}) == (None, 0)
+
+
 def lookup_offers(i):
     """A copy-heavy answer: long lookup matches on most steps."""
     return {"lookup": Offer(8, 6 if i % 4 else 0)} if i % 4 else {"lookup": Offer(0)}
