@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.config import SamplingConfig
-from runtime.sampling import Sampler, gumbel_noise, top1_prob, verify
+from runtime.sampling import Sampler, gumbel_noise, top1_prob, top_k_ids, verify
 
 PLAIN = SamplingConfig(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
 
@@ -114,3 +114,19 @@ def test_top1_prob():
 def test_invalid_sampling_values_are_refused(bad):
     with pytest.raises(ValueError, match="must be"):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 3.0, 30.0, 1e5])
+@pytest.mark.parametrize("k", [1, 40, 999])
+def test_top_k_ids_is_the_k_largest(scale, k):
+    """The windowed top-k gives exactly the k largest, however spread the logits are:
+    flat rows, peaked ones, -inf entries and spreads beyond its widest window."""
+    rng = np.random.default_rng(k)
+    row = (rng.standard_normal(5000) * scale).astype(np.float32)
+    row[rng.choice(5000, 50, replace=False)] = -np.inf
+    row[7] = row.max() + 50 * scale  # one far-ahead favourite, as real logits often have
+    got = top_k_ids(row, k)
+    assert len(got) == k == len(set(got.tolist()))
+    assert row[got].min() >= np.sort(row)[-k]
+    assert np.array_equal(top_k_ids(row, 0), np.arange(5000))
+    assert np.array_equal(top_k_ids(row, 5000), np.arange(5000))
