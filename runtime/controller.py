@@ -106,9 +106,11 @@ class CostModel:
 
     def __post_init__(self) -> None:
         self._fit: tuple[float, float, float] | None = None  # (a, b, min t), lazily
+        self._memo: dict[int, float] = {}  # k -> verify_cost(k) on the current figures
 
     def add_verify(self, k: int, seconds: float) -> None:
         self._fit = None
+        self._memo.clear()
         n = self.n_verify.get(k, 0)
         self.n_verify[k] = n + 1
         # The second sample replaces the first: a first batch of a new size pays one-off
@@ -145,6 +147,12 @@ class CostModel:
     def verify_cost(self, k: int) -> float:
         """t_verify(k): measured, or a least-squares line through the measured points
         (fitted once per new measurement: the controller asks for it many times a step)."""
+        t = self._memo.get(k)
+        if t is None:
+            t = self._memo[k] = self._verify_cost(k)
+        return t
+
+    def _verify_cost(self, k: int) -> float:
         if k in self.verify and self.n_verify.get(k, 0) >= 2:
             return self.verify[k]
         if self._fit is None:
@@ -277,7 +285,8 @@ class GammaController:
             # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
             # a device where speculation cannot pay finds out for almost nothing
             return None, 0
-        pruned_off = self.disabled_reason is not None
+        # the verdict costs a gamma search: asked only when the pruned draft is on offer
+        pruned_off = PRUNED in live and self.disabled_reason is not None
         best: tuple[str | None, int, float] = (None, 0, self._rate(0, 0.0, 0.0))
         for name, offer in live.items():
             if name == PRUNED and pruned_off:
