@@ -9,7 +9,8 @@ where t_verify(k) is the target's cost to evaluate k tokens in one batch, fitted
 a + b * (k - 1) through the measured batch sizes, c_source is a draft token's cost (the
 pruned draft's measured step; about 0 for a lookup), and E(g) = (1 - alpha^(g+1)) / (1 -
 alpha) tokens are emitted per step at per-token acceptance alpha. Each step the controller
-takes the (source, g) with the best E(g) / T(g); plain decoding is g = 0.
+takes the (source, g) with the best E(g) / T(g); plain decoding is g = 0, and a draft
+must beat it by a margin (``_MARGIN``) that covers the estimates' noise.
 
 Acceptance is tracked per source, and for lookup sources per match length (a 6-token
 match predicts far better than a 1-token one). Costs are learnt from every step; the time
@@ -40,6 +41,12 @@ _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 _MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
 CALIBRATION_BATCHES = (2, 4)  # batch sizes measured before the first decision
 _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
+# A draft must promise this much over a plain step to be taken. The choice takes the best
+# of several noisy estimates (alpha per source and match length, V(k) from a few batches),
+# and the best of noisy figures is biased upward: on a CPU where batching buys almost
+# nothing, bets predicted to win 1-3% lost that much on average. Real wins (a GPU, long
+# accepted lookups) clear it easily.
+_MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 PRUNED = "pruned"
 
@@ -287,7 +294,8 @@ class GammaController:
             return None, 0
         # the verdict costs a gamma search: asked only when the pruned draft is on offer
         pruned_off = PRUNED in live and self.disabled_reason is not None
-        best: tuple[str | None, int, float] = (None, 0, self._rate(0, 0.0, 0.0))
+        best: tuple[str | None, int, float] = (None, 0,
+                                                (1 + _MARGIN) * self._rate(0, 0.0, 0.0))
         for name, offer in live.items():
             if name == PRUNED and pruned_off:
                 continue

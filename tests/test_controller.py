@@ -220,3 +220,19 @@ def test_verify_cost_fit_extrapolates_linearly():
         c.add_verify(k, t)
         c.add_verify(k, t)
     assert c.verify_cost(5) == pytest.approx(3.0)
+
+
+def _calibrated(verify: dict[int, float]) -> GammaController:
+    costs = CostModel.from_profile({"verify": {str(k): v for k, v in verify.items()}})
+    return GammaController(8, has_pruned=False, costs=costs)
+
+
+def test_a_marginal_bet_is_not_taken():
+    """A draft predicted to win ~2% is left alone (the estimates' noise is larger than
+    that); one predicted to win clearly is taken."""
+    ctrl = _calibrated({1: 1.0, 2: 1.9, 4: 3.7, 8: 7.3})  # batching buys almost nothing
+    acc = ctrl.acceptance("lookup", 4)
+    acc.acc, acc.tried = 0.94, 1.0  # E(1) / V(2) = 1.94 / 1.9: +2%
+    assert ctrl.choose({"lookup": Offer(8, 6)}) == (None, 0)
+    acc.acc = 1.0  # E(8) / V(9) = 9 / 8.2: +10%
+    assert ctrl.choose({"lookup": Offer(8, 6)}) == ("lookup", 8)
