@@ -30,7 +30,7 @@ DEFAULT_PRUNE = 0.25
 SCORING_METHODS = ("shortlist", "greedy", "bi", "angular", "fit")
 # "auto" is the default: shortlist when its scoring is predicted (on this machine, before
 # it starts) to fit in AUTO_METHOD_BUDGET_S, else bi, which scores in one forward pass.
-METHODS = ("auto", *SCORING_METHODS, "even")  # "auto": see AUTO_METHOD below
+METHODS = ("auto", *SCORING_METHODS, "even")
 # shortlist: greedy over bi's least important layers. Full greedy searches every layer at
 # every step (about L/2 forward passes per dropped layer: hours for an 8B model on a CPU)
 # for no held-out gain over the shortlist.

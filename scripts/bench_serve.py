@@ -30,7 +30,8 @@ so all share the machine's noise: plain, forced lookup (`--drafter lookup --fixe
 (`--no-shared-drafts`). Reported per server: tokens per target step ((predicted_n - 1) /
 n_steps summed over requests), decode tokens/s, how many answers equal plain's. Then 24
 open-ended requests (scripts/serve_workloads.py) on plain and on `auto` with the memory
-(which has read the sessions) and without it, and the memory's own cost per step: lookups timed on the memory the forced-lookup server saved, against a plain step.
+(which has read the sessions) and without it, and the memory's own cost per step:
+lookups timed on the memory the forced-lookup server saved, against a plain step.
 A llama-server binary (``--llama-server``, or the one scripts/bench_llamacpp.py builds in
 ~/.cache/bridge) adds llama-server plain and each of its n-gram speculation types (their
 default sizes) to the session table.
@@ -54,9 +55,9 @@ from pathlib import Path
 
 import httpx
 import openai
+from serve_workloads import OPEN_REQUESTS, SESSIONS
 
 from runtime.bench_prompts import BENCH_PROMPTS
-from serve_workloads import OPEN_REQUESTS, SESSIONS
 
 BIN = Path(sys.executable).parent
 
@@ -293,6 +294,12 @@ def memory_step_cost(path: Path, plain_step: float) -> dict:
             "share": med / plain_step, "share_p90": p90 / plain_step}
 
 
+def memory_counts(rs: list[dict]) -> tuple[int, int]:
+    """(accepted, drafted) tokens the drafting memory contributed over these answers."""
+    mem = [r["sources"].get("memory", {}) for r in rs]
+    return sum(m.get("accepted", 0) for m in mem), sum(m.get("drafted", 0) for m in mem)
+
+
 def session_report(results: dict, open_res: dict, cost: dict, load: list, args) -> list[str]:
     def agg(rs: list[dict]) -> tuple[float, float]:
         per_step = sum(r["tokens"] - 1 for r in rs) / sum(r["steps"] for r in rs)
@@ -307,23 +314,20 @@ def session_report(results: dict, open_res: dict, cost: dict, load: list, args) 
            "drafted | same text as plain |", "| --- | --- | --- | --- | --- | --- |"]
     for name, rs in results.items():
         per_step, tps = agg(rs)
-        mem = [r["sources"].get("memory", {}) for r in rs]
-        acc = sum(m.get("accepted", 0) for m in mem)
-        drafted = sum(m.get("drafted", 0) for m in mem)
+        acc, drafted = memory_counts(rs)
         same = sum(r["text"] == p["text"] for r, p in zip(rs, plain, strict=True))
         out.append(f"| {name} | {per_step:.2f} | {tps:.1f} | {tps / base_tps:.2f}x | "
                    f"{f'{acc}/{drafted}' if drafted else '-'} | {same}/{len(rs)} |")
     on, off = (agg(results[f"lookup γ≤16, memory {x}"])[0] for x in ("on", "off"))
     o_plain, o_auto, o_off = (agg(open_res[k])[1] for k in open_res)
-    o_mem = [r["sources"].get("memory", {}) for r in open_res["auto, memory on"]]
+    o_acc, o_drafted = memory_counts(open_res["auto, memory on"])
     out += ["", f"- forced lookup, memory on: {on:.2f} tokens per target step (target >= 3.0), "
             f"{on / off - 1:+.0%} against memory off (target >= +15%)",
             f"- open-ended requests ({len(OPEN_REQUESTS)}, scripts/serve_workloads.py): "
             f"`auto` with the memory {o_auto:.1f} tok/s, plain {o_plain:.1f} tok/s: "
             f"{o_auto / o_plain:.2f}x (target >= 0.97x); `auto` without it {o_off:.1f} "
-            f"tok/s ({o_off / o_plain:.2f}x); the memory drafted "
-            f"{sum(m.get('drafted', 0) for m in o_mem)} tokens on them, "
-            f"{sum(m.get('accepted', 0) for m in o_mem)} accepted",
+            f"tok/s ({o_off / o_plain:.2f}x); the memory drafted {o_drafted} tokens on "
+            f"them, {o_acc} accepted",
             f"- memory cost per step: median {cost['median_us']:.0f} µs (p90 "
             f"{cost['p90_us']:.0f} µs) per lookup of up to 16 tokens, {cost['lookups']} "
             f"lookups on the {cost['tokens']:,}-token memory ({cost['bytes'] / 1024:.0f} KiB) "

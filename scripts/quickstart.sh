@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bridge fetch-models --no-hf-fixture
-# bi scores layers in one pass (about 3 minutes in all on a 2-core AVX2 EPYC, most of it the
-# full model's calibration text); the default, auto, picks shortlist or bi by the time it
+# bi scores layers in one pass (about 2 minutes in all on a quiet 2-core AVX2 EPYC, 3 on a
+# busy one, most of it the full model's calibration text); the default, auto, picks shortlist or bi by the time it
 # predicts on this machine and says so before it starts
 .venv/bin/bridge export smollm2 --prune 0.1 --method bi -o out/smollm2 --force
 .venv/bin/bridge generate out/smollm2/SmolLM2-135M-Instruct-Q4_1.gguf --chat --temp 0 -n 128 \

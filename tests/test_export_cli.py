@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bridge.cli import cli
+from exporters.config import AUTO_METHOD_BUDGET_S
 from runtime import keys
 from runtime.context import LlamaModel
 
@@ -321,7 +322,7 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
     text = " ".join(result.output.split())  # rich wraps long log lines
     chosen = re.search(r"method: (\w+) \(shortlist's scoring is predicted at (\d+) s", text)
     assert chosen and chosen[1] in ("shortlist", "bi"), text
-    assert (chosen[1] == "shortlist") == (float(chosen[2]) <= 60)
+    assert (chosen[1] == "shortlist") == (float(chosen[2]) <= AUTO_METHOD_BUDGET_S)
     assert "estimated time: about" in text
     assert text.index("estimated time") < text.index("calibration text (full model")
     report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
