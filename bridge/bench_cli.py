@@ -44,13 +44,16 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens.")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, help="GPU layers (-1: all).")
 @click.option("--threads", "n_threads", type=int, help="CPU threads.")
+@click.option("--exact", is_flag=True, default=None,
+              help="Exact mode: verify batches whose logits equal one-token steps bitwise.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path),
               help="Also write the figures to this JSON file ('-' for stdout only).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path),
               help="Write a PNG chart of speed and the verify-cost curve.")
 @user_errors
 def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
-              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, json_out, plot_out) -> None:
+              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, json_out,
+              plot_out) -> None:
     """Compare plain decoding and each draft source side by side on this machine."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
@@ -68,7 +71,8 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
         raise ValueError("bench compares draft sources; --drafter none leaves nothing to "
                          "compare (plain decoding is always one of the modes)")
     runtime = RuntimeConfig(**{k: v for k, v in dict(
-        n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads).items() if v is not None})
+        n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        exact=exact).items() if v is not None})
     spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
     use_draft = None if drafter == "lookup" else (draft or "auto")
     with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,
@@ -87,6 +91,8 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
 def _print_tables(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from runtime.bench import cpu_summary
 
     console = Console(width=max(110, Console().width))
     greedy = "greedy" if r["greedy"] else "sampled"
@@ -116,7 +122,8 @@ def _print_tables(r: dict) -> None:
                   "outside llama_decode")
     c = r["costs"]
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
-    console.print(f"cpu: {r['machine']['cpu']}; target step {c['target_step_ms']:.2f} ms; "
+    console.print(f"cpu: {cpu_summary(r['machine'])}; {r['numerics']['describe']}")
+    console.print(f"target step {c['target_step_ms']:.2f} ms; "
                   f"draft step {c['draft_step_ms']} ms (c = {c['c']}); verify k tokens / "
                   f"1 token: {curve}")
 

@@ -32,6 +32,7 @@ from runtime.chat import ChatSession
 from runtime.context import LlamaContext, gpu_offload_supported
 from runtime.controller import PRUNED, GammaController
 from runtime.engine import Engine
+from runtime.numerics import DEFAULT_WIDTHS, measure_bound
 from runtime.speculative import SpeculativeDecoder, Stats
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ModeResult:
 
 def make_modes(engine: Engine, cfg: BenchConfig) -> list[ModeResult]:
     """plain, auto, one adaptive mode per source, forced lookup, fixed pruned gammas."""
-    dm = engine.spec_cfg.draft_max
+    dm = engine.draft_cap(engine.spec_cfg.draft_max)
     have = engine.sources
     has_pruned = PRUNED in have
 
@@ -104,10 +105,11 @@ def make_modes(engine: Engine, cfg: BenchConfig) -> list[ModeResult]:
     if len(have) > 1:
         modes += [mode(src, (src,)) for src in have]
     if "lookup" in have and cfg.lookup_gamma:
-        modes.append(mode(f"lookup γ={cfg.lookup_gamma}", ("lookup",), False,
-                          cfg.lookup_gamma))
+        g = engine.draft_cap(cfg.lookup_gamma)  # exact mode caps the batch width
+        modes.append(mode(f"lookup γ={g}", ("lookup",), False, g))
     if has_pruned:
-        modes += [mode(f"pruned γ={g}", (PRUNED,), False, g) for g in cfg.fixed_gammas]
+        gammas = sorted({engine.draft_cap(g) for g in cfg.fixed_gammas})
+        modes += [mode(f"pruned γ={g}", (PRUNED,), False, g) for g in gammas]
     return modes
 
 
@@ -169,7 +171,25 @@ def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
             log.info("%s: prompt %d/%d done", set_name, i + 1, len(prompts))
         results[set_name] = (modes, all_ids)
     costs = measure_costs(engine, cfg.verify_k_max)
-    return _report(engine, cfg, results, costs)
+    out = _report(engine, cfg, results, costs)
+    out["numerics"] = measure_numerics(engine)
+    return out
+
+
+def measure_numerics(engine: Engine, n_positions: int = 64) -> dict:
+    """This machine's bound on |batched - one-token logits| for the engine's target and
+    settings (``runtime.numerics``), over the batch widths its verification uses."""
+    widths = tuple(w for w in DEFAULT_WIDTHS
+                   if engine.max_rows is None or w <= engine.max_rows)
+    ids = engine.model.tokenize("The history of science is", True)
+
+    def make() -> LlamaContext:
+        return LlamaContext(engine.model, n_ctx=len(ids) + n_positions + 64,
+                            n_threads=engine.runtime.n_threads, numerics=engine.numerics)
+
+    bound = measure_bound(make, ids, n_positions, widths)
+    return {"exact": engine.runtime.exact, "max_rows": engine.max_rows,
+            "bound": bound.as_dict(), "describe": bound.describe()}
 
 
 def _run_mode(engine: Engine, mode: ModeResult, ids: list[int], max_tokens: int):
