@@ -99,18 +99,20 @@ def _print_tables(r: dict) -> None:
     for set_name, res in r["sets"].items():
         t = Table(title=f"{r['model']}: '{set_name}' prompts ({res['n_prompts']} x "
                         f"{r['max_tokens']} tokens, {greedy})")
-        for col in ("mode", "tok/s", "speedup", "theory", "tok/step", "accept", "by source",
-                    "same", "margins", "mean γ", "python"):
+        for col in ("mode", "tok/s", "speedup", "vs llama.cpp", "theory", "tok/step", "accept",
+                    "by source", "same", "margins", "mean γ", "py µs/step"):
             t.add_column(col, justify="right", no_wrap=col != "by source")
         for name, m in res["modes"].items():
             by = " ".join(f"{s} {v['accepted']}/{v['drafted']}" for s, v in m["sources"].items())
+            vs = m.get("vs_llama_cpp")
             t.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x",
+                      f"{vs:.3f}x" if vs else "",
                       f"{m['theoretical_speedup']:.2f}x" if "theoretical_speedup" in m else "",
                       f"{m['tokens_per_step']:.2f}",
                       f"{m['acceptance_rate']:.0%}" if name != "plain" else "", by,
                       f"{m['identical_to_plain']}/{res['n_prompts']}",
                       " ".join(f"{x:.2f}" for x in m["divergence_margins"]),
-                      f"{m['mean_gamma']:.2f}", f"{m['python_overhead']:.1%}")
+                      f"{m['mean_gamma']:.2f}", f"{m['python_us_per_step']:.0f}")
         console.print(t)
         for name, m in res["modes"].items():
             if m.get("note"):
@@ -118,8 +120,10 @@ def _print_tables(r: dict) -> None:
     console.print("speedup: against plain in the same run; theory: the cost model from "
                   "measured alpha and costs; tok/step: tokens per target evaluation; same: "
                   "outputs identical to plain; margins: the full model's top-2 logit gap "
-                  "where an output first differs (small = a near-tie); python: time "
-                  "outside llama_decode")
+                  "where an output first differs (small = a near-tie); vs llama.cpp: "
+                  "against llama_decode + llama.cpp's own greedy sampler with no Python per "
+                  "token; py µs/step: bridge's own time per target step, outside "
+                  "llama_decode")
     c = r["costs"]
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
     console.print(f"cpu: {cpu_summary(r['machine'])}; {r['numerics']['describe']}")

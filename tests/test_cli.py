@@ -190,7 +190,11 @@ def test_bench_json(which, smollm2_gguf, smollm2_draft_gguf, gemma3_gguf, tmp_pa
     assert out.exit_code == 0, out.output
     r = json.loads(out.stdout)
     modes = r["sets"]["prompts"]["modes"]
-    assert set(modes) == {"plain", "auto", "lookup", "pruned", "lookup γ=4", "pruned γ=2"}
+    assert set(modes) == {"plain", "auto", "lookup", "pruned", "lookup γ=4", "pruned γ=2",
+                          "llama.cpp loop"}
+    # llama.cpp's own greedy loop is the baseline, with its own answers compared
+    assert modes["llama.cpp loop"]["vs_llama_cpp"] == 1.0
+    assert all(m["python_us_per_step"] >= 0 for m in modes.values())
     for m in modes.values():  # every difference from plain is reported with its margin
         assert len(m["divergence_margins"]) == 2 - m["identical_to_plain"]
     assert modes["pruned γ=2"]["sources"]["pruned"]["drafted"] > 0
