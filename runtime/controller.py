@@ -39,6 +39,7 @@ _ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it 
 _PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 _MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
+_LOOKUP_PRIOR = 0.5  # a lookup match length never judged yet starts neutral
 CALIBRATION_BATCHES = (2, 4)  # batch sizes measured before the first decision
 _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 # A draft must promise this much over a plain step to be taken. The choice takes the best
@@ -48,6 +49,7 @@ _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 # accepted lookups) clear it easily.
 _MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
+_REFIT_EVERY = 16    # verify samples between refits of the cost curve (see add_verify)
 PRUNED = "pruned"
 
 
@@ -114,11 +116,24 @@ class CostModel:
     def __post_init__(self) -> None:
         self._fit: tuple[float, float, float] | None = None  # (a, b, min t), lazily
         self._memo: dict[int, float] = {}  # k -> verify_cost(k) on the current figures
+        self._since_refit = 0
+        self.version = 0  # bumped whenever the verify curve the decisions read changes
 
-    def add_verify(self, k: int, seconds: float) -> None:
+    def _refit(self) -> None:
         self._fit = None
         self._memo.clear()
+        self._since_refit = 0
+        self.version += 1
+
+    def add_verify(self, k: int, seconds: float) -> None:
+        """One timed batch of k tokens. The curve the decisions read is refitted at once
+        for a size still being calibrated, else every ``_REFIT_EVERY`` samples: each
+        sample moves the average by 15%, so sixteen-step-old figures change a decision
+        only at the margin, and refitting per step cost ~10% of bridge's own time."""
         n = self.n_verify.get(k, 0)
+        self._since_refit += 1
+        if n < 2 or self._since_refit >= _REFIT_EVERY:
+            self._refit()
         self.n_verify[k] = n + 1
         # The second sample replaces the first: a first batch of a new size pays one-off
         # costs (graph allocation, GPU kernel loading) that say nothing about later ones.
@@ -235,6 +250,8 @@ class GammaController:
         self._probe_turn = 0
         self._retime_draft = False
         self._since_retime = 0
+        self._could_pay: dict[tuple, bool] = {}  # wants()'s verdicts per figures
+        self._verdict: tuple[tuple | None, bool] = (None, False)  # _pruned_off()'s
         self.history: list[int] = []           # gamma chosen at each step
         self.source_history: list[str | None] = []
 
@@ -245,7 +262,7 @@ class GammaController:
         if key not in self._acc:
             # priors: a pruned draft of a good layer choice keeps ~0.7; a lookup match
             # starts neutral. Two pseudo-drafts: the first real drafts dominate quickly.
-            self._acc[key] = Acceptance(0.7 if source == PRUNED else 0.5)
+            self._acc[key] = Acceptance(0.7 if source == PRUNED else _LOOKUP_PRIOR)
         return self._acc[key]
 
     @property
@@ -277,6 +294,38 @@ class GammaController:
                 f"{c.draft / t1:.2f}x a target step and verifying 2 tokens "
                 f"{c.verify_cost(2) / t1:.2f}x, so even 100% acceptance would be slower")
 
+    def _pruned_off(self) -> bool:
+        key = (self.costs.version, self.costs.draft, self.draft_max)
+        if self._verdict[0] != key:
+            self._verdict = (key, self.disabled_reason is not None)
+        return self._verdict[1]
+
+    def wants(self, source: str) -> bool:
+        """Whether a lookup-like source (drafts cost ~0) should be asked for an offer this
+        step. Asking costs tens of microseconds (a memory match, a lookup), so it is skipped
+        while even the source's best acceptance, over every match length, could not beat a
+        plain step on the current costs: such an offer would not be taken. Every source is
+        asked when the next probe is due, and always in fixed-gamma mode, so the decisions
+        are the ones asking every step would give."""
+        if not self.adaptive:
+            return True
+        if self.costs.calibration_need(self.has_pruned, self.draft_max + 1) is not None:
+            return False  # calibration steps are plain whatever is offered
+        if self._since_probe + 1 >= self._backoff:
+            return True
+        # the prior of a match length never seen counts too (acceptance() would use it)
+        alphas = [a.alpha for (name, _), a in self._acc.items() if name == source]
+        best = max(alphas + [_LOOKUP_PRIOR] * (len(alphas) < _MATCH_BUCKETS))
+        key = (source, round(best, 3), self.costs.version, self.draft_max)
+        could = self._could_pay.get(key)
+        if could is None:
+            if len(self._could_pay) > 256:
+                self._could_pay.clear()
+            plain = (1 + _MARGIN) * self._rate(0, 0.0, 0.0)
+            could = self._could_pay[key] = self._best(best, 0.0, self.draft_max,
+                                                      gamma_min=1)[1] > plain
+        return could
+
     def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
         """(source, gamma) for the next step; (None, 0) is a plain step."""
         source, gamma = self._choose(offers)
@@ -294,8 +343,9 @@ class GammaController:
             # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
             # a device where speculation cannot pay finds out for almost nothing
             return None, 0
-        # the verdict costs a gamma search: asked only when the pruned draft is on offer
-        pruned_off = PRUNED in live and self.disabled_reason is not None
+        # the verdict costs a gamma search: asked only when the pruned draft is on offer,
+        # and recomputed only when the figures it reads have changed
+        pruned_off = PRUNED in live and self._pruned_off()
         best: tuple[str | None, int, float] = (None, 0,
                                                 (1 + _MARGIN) * self._rate(0, 0.0, 0.0))
         for name, offer in live.items():

@@ -294,8 +294,9 @@ class SpeculativeDecoder:
     def _choose_and_draft(self, seq: list[int], gamma_cap: int
                           ) -> tuple[str | None, int, Draft, str | None]:
         ctrl = self.controller
+        # sources whose offer could not be taken are not asked (GammaController.wants)
         cheap = {name: d.propose(seq, gamma_cap, 0.0) for name, d in self.drafters.items()
-                 if name != PRUNED}
+                 if name != PRUNED and ctrl.wants(name)}
         offers = {name: Offer(len(d.tokens), d.match_len) for name, d in cheap.items()}
         if PRUNED in self.drafters:
             offers[PRUNED] = Offer(gamma_cap)
