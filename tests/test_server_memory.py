@@ -131,8 +131,9 @@ def test_bad_memory_file_warns_and_starts_empty(smollm2_gguf, smollm2_draft_gguf
     finally:
         assert _stop(proc) == 0
     said = _said(log)
-    assert f"draft memory {path} not loaded, starting empty" in said
+    assert "the server starts with an empty memory" in said
     assert ("another model" in said) == (spoil is _foreign)
+    assert (f"{path} is not a bridge drafting-memory file" in said) == (spoil is _corrupt)
 
 
 def test_scope_is_a_hash_of_the_bearer_token():
