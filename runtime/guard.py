@@ -252,3 +252,28 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
             super().connection_lost(exc)
 
     return HeaderTimeoutProtocol
+
+
+def read_keys_file(path) -> tuple[str, ...]:
+    """API keys from a file, one per line (blank lines and ``#`` comments skipped), so that
+    keys stay out of the process list; a file others can read is warned about.
+
+    Raises:
+        ValueError: the file cannot be read or holds no key.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {path}: cannot read it: {e}") from None
+    keys = tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
+    if not keys:
+        raise ValueError(f"--api-key-file {path} holds no key (one per line)")
+    if any(" " in k for k in keys):
+        raise ValueError(f"--api-key-file {path}: a key holds a space; one key per line")
+    if mode & 0o077:
+        log.warning("%s can be read by other users of this machine; chmod 600 it", path)
+    return keys
