@@ -72,7 +72,7 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
         if memory_save else {}
     memory_cfg = MemoryConfig(enabled=not no_shared_drafts,
                               **_given(max_tokens=memory_tokens, path=memory_file), **save)
-    keys = ((api_key,) if api_key else ()) + \
+    keys = ((api_key,) if api_key is not None else ()) + \
         (read_keys_file(api_key_file) if api_key_file else ())
     cfg = ServerConfig(**_given(host=host, port=port, max_body=max_body,
                                 max_messages=max_messages, context_overflow=context_overflow),

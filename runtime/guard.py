@@ -64,16 +64,21 @@ class Guard:
         max_body: most bytes a request body may have (413 beyond).
         body_seconds: a body must arrive within this many seconds (408 otherwise), so a
             client trickling bytes cannot hold a connection open indefinitely.
+        max_buffered: most body bytes held for all requests in flight together (503
+            beyond; default 8 bodies of ``max_body``), so many large bodies at once cannot
+            exhaust memory.
     """
 
     def __init__(self, app, hosts: Iterable[str], origins: Iterable[str] = (),
                  keys: Iterable[str] = (), max_body: int = 8 << 20,
-                 body_seconds: float = 30.0):
+                 body_seconds: float = 30.0, max_buffered: int | None = None):
         self.app = app
         self.hosts = {host_name(h) for h in hosts}
         self.origins = {o.rstrip("/").lower() for o in origins}
         self.keys = [k.strip().encode() for k in keys]
         self.max_body, self.body_seconds = max_body, body_seconds
+        self.max_buffered = max_buffered if max_buffered is not None else 8 * max_body
+        self.buffered = 0  # body bytes held by requests in flight (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -103,16 +108,21 @@ class Guard:
         if err is not None:
             await _respond(err, scope, receive, send)
             return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        held = [0]  # bytes of this body counted in self.buffered
+        try:
             try:
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, receive, held)
             except APIError as e:
                 await _respond(e, scope, receive, send)
                 return
             if body is None:  # the client went away mid-body: nobody to answer
                 return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send)
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.buffered -= held[0]
 
     def _check_host(self, headers: Headers) -> APIError | None:
         if "*" in self.hosts:
@@ -137,7 +147,7 @@ class Guard:
         return APIError("missing or wrong API key: send 'Authorization: Bearer KEY'", 401,
                         code="invalid_api_key", kind="authentication_error")
 
-    async def _read_body(self, headers: Headers, receive) -> bytes | None:
+    async def _read_body(self, headers: Headers, receive, held: list[int]) -> bytes | None:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise _too_large(self.max_body)
@@ -152,6 +162,12 @@ class Guard:
                     size += len(chunk)
                     if size > self.max_body:
                         raise _too_large(self.max_body)
+                    self.buffered += len(chunk)
+                    held[0] += len(chunk)
+                    if self.buffered > self.max_buffered:
+                        raise APIError("the server holds too many large requests at once; "
+                                       "retry shortly", 503, code="server_busy",
+                                       kind="server_error")
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         return b"".join(chunks)

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-One model has one KV cache, so one worker thread runs every llama.cpp call and requests are
-served one at a time, in arrival order; the async handlers only wait on it, so ``/health``
+One model has one KV cache, so one worker thread (``runtime.serve_worker``) runs every
+llama.cpp call and requests are served one at a time, in arrival order; the async handlers
+only wait on it, so ``/health``
 answers and concurrent clients queue instead of failing. Nothing unbounded runs on that
 thread: ``runtime.guard`` bounds the body and checks where it comes from, and
 ``runtime.admission`` checks sizes and renders, tokenizes and fits the prompt on a helper
@@ -34,11 +35,9 @@ import json
 import logging
 import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +51,21 @@ from starlette.exceptions import HTTPException
 from runtime import admission
 from runtime import openai_api as api
 from runtime.admission import Limits
-from runtime.chat import ChatSession, ChatTemplateError
 from runtime.config import GenerationConfig
 from runtime.engine import Chunk, Engine
 from runtime.files import sha256_file_cached
 from runtime.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
 from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.openai_api import APIError
+from runtime.serve_worker import (
+    DONE,
+    Interrupted,
+    Job,
+    Worker,
+    next_item,
+    save_periodically,
+    wait_disconnect,
+)
 from runtime.speculative import Stats
 
 log = logging.getLogger(__name__)
@@ -193,139 +200,6 @@ def scope_of(authorization: str | None) -> str:
     return key_scope(token)
 
 
-# -- the worker: every llama.cpp call on one thread ---------------------------------------
-
-_DONE = object()
-
-
-@dataclass(eq=False)  # jobs are compared (and hashed) by identity
-class Job:
-    """One generation, queued for the worker. Items arrive on ``queue``: ``Chunk``s, then
-    ``_DONE`` or an exception."""
-
-    start: Callable[[Stats], Iterator[Chunk]]
-    loop: asyncio.AbstractEventLoop
-    scope: str = ""
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stats: Stats = field(default_factory=Stats)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: object) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled.set()
-
-
-class Worker:
-    """Runs jobs one at a time, in order, on a single thread that owns the engine.
-
-    Args:
-        engine: the loaded model.
-        memory_cfg: where and how often the drafting memory is saved.
-    """
-
-    def __init__(self, engine: Engine, memory_cfg: MemoryConfig | None = None):
-        self.engine = engine
-        self.memory_cfg = memory_cfg or MemoryConfig()
-        self.kv_scope = ""  # whose prompt the KV cache holds
-        self._unsaved, self._saved_at = 0, time.monotonic()
-        try:
-            self.session: ChatSession | None = ChatSession(engine)
-            self.no_chat: str | None = None
-        except ChatTemplateError as e:  # a base model: /v1/completions only
-            self.session, self.no_chat = None, str(e)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-llama")
-        self._jobs: set[Job] = set()
-        self.n_served = 0  # generations that ran to their end with their client there
-
-    def submit(self, start: Callable[[Stats], Iterator[Chunk]], scope: str = "") -> Job:
-        job = Job(start, asyncio.get_running_loop(), scope)
-        self._jobs.add(job)
-        self._pool.submit(self._run, job)
-        return job
-
-    def _enter_scope(self, scope: str) -> None:
-        """Start from an empty KV cache when the last prompt came from another scope: a
-        reused prefix (``cache_n``, and the speed it buys) would tell this client what
-        the other one sent."""
-        if scope != self.kv_scope:
-            if self.session is not None:
-                self.session.reset()
-            else:
-                self.engine.reset()
-            self.kv_scope = scope
-
-    def _run(self, job: Job) -> None:
-        try:
-            if job.cancelled.is_set():  # its client left while it waited
-                return
-            self._enter_scope(job.scope)
-            stream = job.start(job.stats)
-            try:
-                for chunk in stream:
-                    job.emit(chunk)
-                    if job.cancelled.is_set():
-                        break
-            finally:
-                stream.close()  # the engine's finally: caches end at the emitted tokens
-                self._unsaved += job.stats.n_prompt + job.stats.n_tokens
-            if not job.cancelled.is_set():
-                self.n_served += 1
-            job.emit(_DONE)
-        except ValueError as e:  # the request's fault (prompt too long, bad template...)
-            job.emit(APIError(str(e)))
-        except Exception as e:
-            log.exception("generation failed; resetting the model's caches")
-            self.engine.reset()
-            job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
-        finally:
-            self._jobs.discard(job)
-            self.save_if_due()
-
-    def save_if_due(self) -> None:
-        """Save the drafting memory when ``save_tokens`` were added since the last save,
-        or ``save_seconds`` have passed with anything unsaved. Runs on the worker's
-        thread (after a job, or queued by the timer), so no job adds to it meanwhile."""
-        cfg = self.memory_cfg
-        if cfg.path is None or not self._unsaved:
-            return
-        late = time.monotonic() - self._saved_at >= cfg.save_seconds
-        if self._unsaved >= cfg.save_tokens or late:
-            save_memory(self.engine, cfg)
-            self._unsaved, self._saved_at = 0, time.monotonic()
-
-    def save_soon(self) -> None:
-        """Queue a timed save behind the running job (the timer's call)."""
-        with contextlib.suppress(RuntimeError):  # the pool is shut down: shutdown saves
-            self._pool.submit(self.save_if_due)
-
-    def close(self) -> None:
-        """Cancel queued and running jobs and wait for the thread (within a step)."""
-        for job in list(self._jobs):
-            job.cancelled.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Interrupted(Exception):
-    """The client went away, or the server is stopping, before the job's next item."""
-
-
-async def _next_item(job: Job, watcher: asyncio.Future) -> object:
-    """The job's next item, unless ``watcher`` (disconnect or shutdown) completes first."""
-    getter = asyncio.ensure_future(job.queue.get())
-    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if not getter.done():
-        getter.cancel()
-        raise _Interrupted
-    return getter.result()
-
-
 # -- the app ------------------------------------------------------------------------------
 
 def create_app(engine: Engine, cfg: ServerConfig | None = None,
@@ -342,7 +216,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     default_gen = gen or GenerationConfig()
     model_id = engine.model.path.name
     model_ids = {model_id, model_id.removesuffix(".gguf")}
-    worker = Worker(engine, cfg.memory)
+    save = (lambda: save_memory(engine, cfg.memory)) if cfg.memory.path is not None else None
+    worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens)
     limits = Limits(engine.ctx.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
                     cfg.max_messages, cfg.context_overflow)
     # prompts are rendered and tokenized off the model's thread; large ones one at a time,
@@ -352,7 +227,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        saver = asyncio.create_task(_save_periodically(worker))
+        saver = asyncio.create_task(save_periodically(worker))
         yield
         saver.cancel()
         await asyncio.to_thread(worker.close)
@@ -462,12 +337,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def respond(request: Request, body: api.CompletionBody, start, chat: bool,
                       scope: str, dropped: int = 0):
         job = worker.submit(start, scope)
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
             # the first item decides between an HTTP error (prompt too long) and a stream
-            first = await _next_item(job, watcher)
+            first = await next_item(job, watcher)
             if watcher.done():  # both at once: the disconnect must not be lost
-                raise _Interrupted
+                raise Interrupted
             if isinstance(first, Exception):
                 raise first
             top = api.head("chat" if chat else "text", body.model or model_id,
@@ -476,7 +351,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 whole = await _whole(job, first, top, chat, body.return_tokens, watcher)
                 # trimming was asked for; the response says what it cost
                 return {**whole, "dropped_messages": dropped} if dropped else whole
-        except _Interrupted:  # nobody is left to read an answer
+        except Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
             watcher.cancel()  # a stream's disconnects are sse-starlette's to watch
@@ -491,17 +366,6 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                                    else None)
 
     return app
-
-
-async def _save_periodically(worker: Worker) -> None:
-    """Ask for a timed save of the drafting memory now and then, so an idle server also
-    saves what the last requests added (the worker skips it when nothing is due)."""
-    cfg = worker.memory_cfg
-    if cfg.path is None:
-        return
-    while True:
-        await asyncio.sleep(min(cfg.save_seconds, 30.0))
-        worker.save_soon()
 
 
 def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
@@ -522,12 +386,12 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
                  watcher: asyncio.Future) -> dict:
     text, tokens = [], []
-    while item is not _DONE:
+    while item is not DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
         tokens.extend(item.tokens)
-        item = await _next_item(job, watcher)
+        item = await next_item(job, watcher)
     return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
                               tokens if return_tokens else None)
 
@@ -541,7 +405,7 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
     first, n = True, 0
     watcher = asyncio.ensure_future(stopping.wait())
     try:
-        while item is not _DONE:
+        while item is not DONE:
             if isinstance(item, APIError):
                 yield {"data": json.dumps(item.body())}
                 return
@@ -551,8 +415,8 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                                        item.tokens if return_tokens else None)
                 first = False
             try:
-                item = await _next_item(job, watcher)
-            except _Interrupted:
+                item = await next_item(job, watcher)
+            except Interrupted:
                 err = APIError("the server is shutting down; the answer was cut short", 503,
                                kind="server_error", code="shutting_down")
                 yield {"data": json.dumps(err.body())}

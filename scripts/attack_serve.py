@@ -112,7 +112,8 @@ def err_code(r: httpx.Response) -> str:
     try:
         e = r.json()["error"]
         shape = set(e) == {"message", "type", "param", "code"}
-        return f"{r.status_code} {e['code']}" + ("" if shape else " (not OpenAI's shape)")
+        name = e["code"] or f"{e['type']} (param {e['param']})"
+        return f"{r.status_code} {name}" + ("" if shape else " (not OpenAI's shape)")
     except (ValueError, KeyError, TypeError):
         return f"{r.status_code} (not an OpenAI error object)"
 
@@ -418,7 +419,9 @@ def main() -> None:
              f"{flags or 'none of avx2/avx512/amx'}). The machine was shared with other "
              "work while this ran.", "",
              "| case | expected | outcome | |", "| --- | --- | --- | --- |"]
-    lines += [f"| {c} | {e} | {o} | {'ok' if ok else '**FAIL**'} |" for c, e, o, ok in ROWS]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - markup such as <|im_end|>
+    lines += [f"| {cell(c)} | {cell(e)} | {cell(o)} | {'ok' if ok else '**FAIL**'} |"
+              for c, e, o, ok in ROWS]
     lines += ["", f"{sum(r[3] for r in ROWS)} of {len(ROWS)} cases as expected.", "",
               f"## Load: {args.rounds} rounds of {args.streams} concurrent chat streams, "
               f"max_tokens {args.n}, every third client leaving after its first event", "",
