@@ -27,6 +27,7 @@ from runtime.openai_api import APIError
 OVERFLOW_POLICIES = ("error", "cap", "trim")
 MAX_INT = 2**31 - 1  # llama.cpp's token counts and top-k are int32
 MAX_SEED = 2**64 - 1
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # OpenAI takes 4 stop strings
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,17 @@ class Admitted:
 
 
 def check_ranges(body) -> None:
-    """Integer fields whose size alone could break the engine (a 10**30 seed or top_k)."""
+    """Fields whose size alone could break the engine (a 10**30 seed or top_k) or slow the
+    model's thread (stop strings are searched for after every step)."""
     for name, lo, hi in (("max_tokens", 1, MAX_INT), ("max_completion_tokens", 1, MAX_INT),
                          ("top_k", 0, MAX_INT), ("seed", 0, MAX_SEED)):
         v = getattr(body, name, None)
         if v is not None and not lo <= v <= hi:
             raise APIError(f"{name} must be in {lo}..{hi}, got {v}", param=name)
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                       "characters", param="stop")
 
 
 def policy_of(body, limits: Limits) -> str:

@@ -2,11 +2,11 @@
 
 One model has one KV cache, so one worker thread (``runtime.serve_worker``) runs every
 llama.cpp call and requests are served one at a time, in arrival order; the async handlers
-only wait on it, so ``/health``
-answers and concurrent clients queue instead of failing. Nothing unbounded runs on that
-thread: ``runtime.guard`` bounds the body and checks where it comes from, and
-``runtime.admission`` checks sizes and renders, tokenizes and fits the prompt on a helper
-thread (one at a time) before the request joins the queue. Chat requests go through one
+only wait on it, so ``/health`` answers and concurrent clients queue instead of failing.
+Nothing unbounded runs on that thread: ``runtime.guard`` bounds the body and checks where
+it comes from, and ``runtime.admission`` checks sizes and renders, tokenizes and fits the
+prompt on a helper thread (large prompts one at a time) before the request joins the
+queue. Chat requests go through one
 ``ChatSession`` (the GGUF's own template), which reuses the cached prefix: a follow-up turn
 evaluates only its new tokens. A client that goes away cancels its job, and the worker
 closes the engine's generator within a step (its ``finally`` keeps the caches consistent).

@@ -146,9 +146,12 @@ def freeze(s: Server) -> None:
     row("2,000-message chat (74 KB)", "400 quickly, not minutes",
         f"{err_code(r)} in {dt:.1f} s", r.status_code == 400 and dt < 30)
     r, dt = results["2k-trim"]
-    dropped = r.json().get("dropped_messages") if r.status_code == 200 else None
+    body = r.json() if r.status_code == 200 else {}
+    dropped, t = body.get("dropped_messages"), body.get("timings", {})
     row("2,000-message chat, trimming asked for", "200, dropped_messages reported",
-        f"{r.status_code}, dropped {dropped}, {dt:.1f} s", bool(dropped) and dt < 60)
+        f"{r.status_code}, dropped {dropped}, {dt:.1f} s (of which the kept "
+        f"{t.get('prompt_n')}-token prompt's evaluation {t.get('prompt_ms', 0) / 1e3:.1f} s)",
+        bool(dropped) and dt < 60)
     r, dt = results["20k"]
     row("20,000-message chat (750 KB)", "400 before tokenizing", f"{err_code(r)} in {dt:.2f} s",
         r.status_code == 400 and dt < 10)
@@ -270,6 +273,12 @@ def keys_and_crash(args, model: Path, tmp: Path) -> None:
     wrong = ask("beta", "1234").json()["timings"]["cache_n"]
     row("guessing another key's secret by cache_n", "same cache_n right or wrong",
         f"right guess {right}, wrong guess {wrong}", right == wrong)
+    ask("alpha", "4821")
+    own = ask("alpha", "4821").json()["timings"]["cache_n"]
+    ask("alpha", "1234")
+    own_wrong = ask("alpha", "1234").json()["timings"]["cache_n"]
+    row("the same key repeating its own prompt", "its prefix reused (one scope)",
+        f"cache_n {own} for a repeat", own > wrong and own_wrong > 0)
     r = httpx.get(f"{s.url}/v1/models", headers={"authorization": "Bearer nope"})
     row("wrong key", "401 with WWW-Authenticate",
         f"{err_code(r)}, WWW-Authenticate: {r.headers.get('www-authenticate')}",

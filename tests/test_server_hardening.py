@@ -179,6 +179,7 @@ RANGES = [
     ({"top_k": -1}, "top_k"), ({"seed": 2**70}, "seed"), ({"seed": -5}, "seed"),
     ({"max_completion_tokens": -1}, "max_completion_tokens"),
     ({"context_overflow": "ignore"}, "context_overflow"),
+    ({"stop": ["x"] * 17}, "stop"), ({"stop": "x" * 1001}, "stop"),  # searched every step
 ]
 
 
