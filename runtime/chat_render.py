@@ -103,28 +103,29 @@ class ChatRenderer:
     def render(self, messages: list[dict[str, str]], tokenize: bool = True) -> Rendered:
         """The conversation as text and spans (and token ids unless ``tokenize`` is
         False)."""
-        nonce = secrets.token_hex(8)
-        while any(nonce in m["content"] for m in messages):  # 2^-64 per message
-            nonce = secrets.token_hex(8)
+        # digits only, matched in any case: filters such as upper or trim leave it whole
+        nonce = str(secrets.randbelow(10**16)).zfill(16)
+        while any(nonce in m["content"] for m in messages):  # 10^-16 per message
+            nonce = str(secrets.randbelow(10**16)).zfill(16)
         marked = self.text([{**m, "content": f"BRIDGE{nonce}M{i}E"}
                             for i, m in enumerate(messages)])
-        pieces = re.split(f"BRIDGE{nonce}M(\\d+)E", marked)
+        pieces = re.split(f"BRIDGE{nonce}M(\\d+)E", marked, flags=re.IGNORECASE)
         markup, order = pieces[0::2], [int(i) for i in pieces[1::2]]
         contents = [messages[i]["content"] for i in order]
         text = self.text(messages)
         spans = _locate(text, markup, order, contents)
         if spans is None:
-            # the template changes contents beyond trimming: keep its markup, put the
-            # contents in as sent (the model sees them untrimmed, never as markup)
-            log.debug("chat template transforms message contents; inserting them as sent")
-            parts, spans, pos = [], [], 0
-            for i, piece in enumerate(markup):
-                for part, msg in ((piece, -1),) + (((contents[i], order[i]),)
-                                                   if i < len(order) else ()):
-                    spans.append((pos, pos + len(part), msg))
-                    parts.append(part)
-                    pos += len(part)
-            text = "".join(parts)
+            # the template changes contents beyond trimming, so they cannot be told apart
+            # from its markup: safe only while no content holds control-token text
+            if self._control_re and any(self._control_re.search(m["content"])
+                                        for m in messages):
+                raise ChatTemplateError(
+                    "a message contains the text of a control token (such as the "
+                    "template's turn markers), and this model's chat template changes "
+                    "message contents, so bridge cannot keep that text from acting as "
+                    "markup; remove it from the message")
+            log.debug("chat template transforms message contents; tokenizing it whole")
+            spans = [(0, len(text), -1)]
         out = Rendered(text, self._runs(text, spans))
         if tokenize:
             out.ids = [[ctl] if ctl >= 0 else self._plain(text[a:b])
