@@ -241,6 +241,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not the client's fault: still OpenAI's shape (the log has the traceback)
+        return APIError(f"internal error: {type(exc).__name__}", 500,
+                        kind="server_error").response()
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # 404 and 405 in OpenAI's shape, like every other error
