@@ -14,7 +14,24 @@ from bridge.run_cli import _given, build_engine, engine_options, generation, use
 @click.option("--host", help="Interface to listen on (default 127.0.0.1, this machine only).")
 @click.option("--port", type=int, help="TCP port (default 8080).")
 @click.option("--api-key", envvar="BRIDGE_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (env: BRIDGE_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' (env: BRIDGE_API_KEY, which keeps "
+                   "it out of the process list).")
+@click.option("--api-key-file", type=click.Path(path_type=Path),
+              help="Accept each key in this file (one per line); each key is its own scope "
+                   "for the prompt cache and the drafting memory.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also accept requests whose Host header names NAME (repeatable; '*' "
+                   "accepts any). The bound address and localhost are always accepted.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. https://app.example) call the API "
+                   "(repeatable). Without it, browsers get no CORS access.")
+@click.option("--max-body", type=int, metavar="BYTES",
+              help="Largest request body (default 8 MiB); larger ones get a 413.")
+@click.option("--max-messages", type=int, help="Most messages in a chat (default 4096).")
+@click.option("--context-overflow", type=click.Choice(["error", "cap", "trim"]),
+              help="A request too long for the context: error (default, a 400), cap (a "
+                   "shorter answer) or trim (drop the oldest turns, reported in the "
+                   "response). A request's \"context_overflow\" field overrides it.")
 @click.option("--draft-memory", "memory_tokens", type=int, metavar="TOKENS",
               help="Most tokens the drafting memory across requests keeps (40-60 bytes "
                    "each; GET /stats shows the bound); the oldest requests go first.")
@@ -22,11 +39,18 @@ from bridge.run_cli import _given, build_engine, engine_options, generation, use
               help="No drafting memory: each request drafts only from itself.")
 @click.option("--draft-memory-file", "memory_file", type=click.Path(path_type=Path),
               help="Load the drafting memory from this file at start (if it holds one for "
-                   "this model) and save it there at shutdown.")
+                   "this model) and save it there now and then and at shutdown.")
+@click.option("--draft-memory-save", "memory_save", type=(float, int),
+              metavar="SECONDS TOKENS",
+              help="Save the memory file after SECONDS (default 60) or once TOKENS (default "
+                   "20000) were added since the last save: what a crash can lose.")
 @user_errors
 def serve_cmd(host: str | None, port: int | None, api_key: str | None,
-              memory_tokens: int | None, no_shared_drafts: bool, memory_file: Path | None,
-              **o) -> None:
+              api_key_file: Path | None, allowed_hosts: tuple[str, ...],
+              cors_origins: tuple[str, ...], max_body: int | None, max_messages: int | None,
+              context_overflow: str | None, memory_tokens: int | None,
+              no_shared_drafts: bool, memory_file: Path | None,
+              memory_save: tuple[float, int] | None, **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
     /stats).
 
@@ -37,15 +61,23 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     cleanly.
     """
     try:
+        from runtime.guard import read_keys_file
         from runtime.server import MemoryConfig, ServerConfig, open_memory, serve
     except ImportError as e:
         raise click.ClickException(
             f"bridge serve needs the serve extra ({e.name} is missing): "
             "pip install 'bridge-specdec[serve]'") from None
 
+    save = dict(zip(("save_seconds", "save_tokens"), memory_save, strict=True)) \
+        if memory_save else {}
     memory_cfg = MemoryConfig(enabled=not no_shared_drafts,
-                              **_given(max_tokens=memory_tokens, path=memory_file))
-    cfg = ServerConfig(**_given(host=host, port=port, api_key=api_key), memory=memory_cfg)
+                              **_given(max_tokens=memory_tokens, path=memory_file), **save)
+    keys = ((api_key,) if api_key is not None else ()) + \
+        (read_keys_file(api_key_file) if api_key_file else ())
+    cfg = ServerConfig(**_given(host=host, port=port, max_body=max_body,
+                                max_messages=max_messages, context_overflow=context_overflow),
+                       api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=allowed_hosts,
+                       cors_origins=cors_origins, memory=memory_cfg)
     gen = generation(o)
     with build_engine(o, memory=open_memory(memory_cfg, o["model"])) as engine:
         serve(engine, cfg, gen)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+from runtime.chat_render import ChatRenderer, ChatTemplateError, Rendered, fit
 from runtime.config import GenerationConfig
 from runtime.engine import Chunk, Engine
 from runtime.speculative import Stats
@@ -21,8 +20,7 @@ from runtime.speculative import Stats
 log = logging.getLogger(__name__)
 
 
-class ChatTemplateError(ValueError):
-    """The model has no usable chat template."""
+__all__ = ["ChatSession", "ChatTemplateError"]
 
 
 class ChatSession:
@@ -51,9 +49,7 @@ class ChatSession:
         if not template:
             raise ChatTemplateError(f"{model.path.name} has no chat template; use "
                                     "`bridge generate` without --chat for plain completion")
-        self._bos = _special_text(model, model.meta("tokenizer.ggml.bos_token_id"))
-        eos = _special_text(model, model.meta("tokenizer.ggml.eos_token_id"))
-        self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=self._bos)
+        self.renderer = ChatRenderer(model, template)
 
     @property
     def turns(self) -> list[dict[str, str]]:
@@ -65,22 +61,18 @@ class ChatSession:
 
     def render_text(self, messages: list[dict[str, str]] | None = None) -> str:
         """The conversation in the model's template, ending with the assistant prompt."""
-        try:
-            return self._formatter(messages=messages or self.messages()).prompt
-        except Exception as e:  # a template can raise anything; surface it plainly
-            raise ChatTemplateError(f"the chat template failed to render: {e}") from None
+        return self.renderer.text(messages or self.messages())
 
     def render(self, messages: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids of the conversation followed by the assistant's generation prompt,
-        reusing the cached ids (generated ones included) when the text extends them."""
-        text = self.render_text(messages)
-        model = self.engine.model
-        if self._text and text.startswith(self._text):
-            return self._ids + model.tokenize(text[len(self._text):], add_special=False,
-                                              parse_special=True)
-        # the template may write the BOS text itself; never add a second one
-        add_bos = not (self._bos and text.startswith(self._bos))
-        return model.tokenize(text, add_special=add_bos, parse_special=True)
+        reusing the cached ids (generated ones included) when the text extends them.
+        Only the template's markup becomes control tokens (``runtime.chat_render``)."""
+        return self._ids_for(self.renderer.render(messages or self.messages()))
+
+    def _ids_for(self, rendered: Rendered) -> list[int]:
+        if self._text and rendered.text.startswith(self._text):
+            return self._ids + self.renderer.tokens_from(rendered, len(self._text))
+        return rendered.tokens()
 
     def ask(self, user: str, gen: GenerationConfig, stats: Stats | None = None
             ) -> Iterator[Chunk]:
@@ -90,19 +82,29 @@ class ChatSession:
         return self._answer(gen, stats, {})
 
     def ask_messages(self, messages: list[dict[str, str]], gen: GenerationConfig,
-                     stats: Stats | None = None, **overrides) -> Iterator[Chunk]:
+                     stats: Stats | None = None, rendered: Rendered | None = None,
+                     **overrides) -> Iterator[Chunk]:
         """Answer a whole conversation (ending with a user message), as an API server
         receives it; the part that extends the cached conversation is all that is
-        evaluated. ``overrides`` go to ``Engine.generate`` (sampling, draft_max)."""
+        evaluated. ``rendered`` is ``messages`` already rendered and tokenized (a server
+        does that off the model's thread and checks it fits); without it, the oldest turns
+        are dropped to fit. ``overrides`` go to ``Engine.generate`` (sampling,
+        draft_max)."""
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("the last message must come from the user")
         self.history = [dict(m) for m in messages]
-        return self._answer(gen, stats, overrides)
+        return self._answer(gen, stats, overrides, rendered)
 
-    def _answer(self, gen: GenerationConfig, stats: Stats | None, overrides: dict
-                ) -> Iterator[Chunk]:
+    def _answer(self, gen: GenerationConfig, stats: Stats | None, overrides: dict,
+                rendered: Rendered | None = None) -> Iterator[Chunk]:
         try:
-            prompt, text = self._fit(gen.max_tokens)
+            if rendered is None:
+                prompt, text = self._fit(gen.max_tokens)
+            else:
+                prompt, text = self._ids_for(rendered), rendered.text
+                if len(prompt) + 1 > self.engine.ctx.n_ctx:
+                    raise ValueError(f"the conversation needs {len(prompt)} tokens but the "
+                                     f"context holds {self.engine.ctx.n_ctx}")
         except BaseException:
             self.history.pop()
             raise
@@ -137,26 +139,24 @@ class ChatSession:
         self._text = text + answer
 
     def _fit(self, max_tokens: int) -> tuple[list[int], str]:
-        """Render, dropping the oldest user/assistant pairs until prompt + answer fit."""
+        """Render, dropping the oldest user/assistant pairs until prompt + answer fit (or,
+        when even the last exchange is longer, until the prompt does)."""
         n_ctx = self.engine.ctx.n_ctx
-        ids = self.render()
-        while len(ids) + max_tokens > n_ctx and len(self.turns) > 1:
-            first = next(i for i, m in enumerate(self.history) if m["role"] != "system")
-            del self.history[first:first + 2]
-            self.dropped_turns += 1
-            ids = self.render()
-        if len(ids) + 1 > n_ctx:
-            raise ValueError(f"this message alone needs {len(ids)} tokens but the context "
-                             f"holds {n_ctx}; shorten it or raise -c/--ctx")
-        return ids, self.render_text()
+        try:
+            rendered, kept = fit(self.renderer, self.history, n_ctx - max_tokens)
+        except ValueError:
+            try:  # the answer gets what the context has left
+                rendered, kept = fit(self.renderer, self.history, n_ctx - 1)
+            except ValueError:
+                n = self.renderer.render(self.history[-1:], tokenize=True).n_tokens
+                raise ValueError(f"this message alone needs {n} tokens but the context "
+                                 f"holds {n_ctx}; shorten it or raise -c/--ctx") from None
+        self.dropped_turns += (len(self.history) - len(kept)) // 2
+        self.history = kept
+        return self._ids_for(rendered), rendered.text
 
     def reset(self) -> None:
         self.history = [m for m in self.history if m["role"] == "system"]
         self._text, self._ids = "", []
         self.engine.reset()
 
-
-def _special_text(model, token_id: str | None) -> str:
-    if token_id is None or int(token_id) < 0:
-        return ""
-    return model.token_bytes(int(token_id), special=True).decode("utf-8", "replace")

@@ -419,6 +419,16 @@ class DraftMemory:
             missing, corrupt, of another format version or of another fingerprint.
         """
         memory = cls(max_tokens, **kwargs)
+        if not Path(path).exists():
+            log.warning("draft memory %s does not exist yet; the server starts with an empty "
+                        "memory", path)
+            return memory
+        if not _is_memory_file(path):
+            # say plainly what the file is not, rather than what numpy guessed it was
+            log.warning("%s is not a bridge drafting-memory file (damaged, or something "
+                        "else); the server starts with an empty memory and will replace the "
+                        "file at its next save", path)
+            return memory
         try:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(str(z["header"]))
@@ -448,10 +458,20 @@ class DraftMemory:
                 for sc in memory._scopes.values():
                     sc.rebuild()
         except Exception as e:  # noqa: BLE001 - a bad cache file must never stop a server
-            log.warning("draft memory %s not loaded, starting empty: %s", path,
-                        e if not isinstance(e, FileNotFoundError) else "no such file")
+            log.warning("draft memory %s not loaded (%s); the server starts with an empty "
+                        "memory", path, e)
             return cls(max_tokens, **kwargs)
         return memory
+
+
+def _is_memory_file(path: str | Path) -> bool:
+    """Whether ``path`` is an npz holding a JSON header of bridge's format (any version
+    and model: those are told apart with their own message)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["header"])).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any failure means "not ours"
+        return False
 
 
 class MemoryDrafter:

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime.config import GenerationConfig, SamplingConfig, SpeculativeConfig
 from runtime.speculative import Stats
 
-# engine finish reasons -> OpenAI's; "context" (the context filled up) is kept as is
-FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "context": "context"}
+# engine finish reasons -> OpenAI's; a full context is an answer cut for length, as the
+# capped max_tokens it stands for (OpenAI has no other name for it)
+FINISH_REASONS = {"eog": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
 class APIError(Exception):

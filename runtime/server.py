@@ -1,8 +1,12 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-One model has one KV cache, so one worker thread runs every llama.cpp call and requests are
-served one at a time, in arrival order; the async handlers only wait on it, so ``/health``
-answers and concurrent clients queue instead of failing. Chat requests go through one
+One model has one KV cache, so one worker thread (``runtime.serve_worker``) runs every
+llama.cpp call and requests are served one at a time, in arrival order; the async handlers
+only wait on it, so ``/health`` answers and concurrent clients queue instead of failing.
+Nothing unbounded runs on that thread: ``runtime.guard`` bounds the body and checks where
+it comes from, and ``runtime.admission`` checks sizes and renders, tokenizes and fits the
+prompt on a helper thread (large prompts one at a time) before the request joins the
+queue. Chat requests go through one
 ``ChatSession`` (the GGUF's own template), which reuses the cached prefix: a follow-up turn
 evaluates only its new tokens. A client that goes away cancels its job, and the worker
 closes the engine's generator within a step (its ``finally`` keeps the caches consistent).
@@ -10,8 +14,11 @@ closes the engine's generator within a step (its ``finally`` keeps the caches co
 A drafting memory (``runtime.memory``) remembers every finished request, prompt and
 answer, and later requests draft from it. Requests draft only from earlier requests made
 with the same API key (the scope is a hash of the presented bearer token; without
-``--api-key`` every request shares one scope); ``"shared_drafts": false`` keeps a request
-out of it both ways. ``--draft-memory-file`` loads it at start and saves it at shutdown.
+API keys every request shares one scope); ``"shared_drafts": false`` keeps a request
+out of it both ways. The prompt cache follows the same scopes: a request from another
+scope than the last one starts from an empty KV cache, so neither ``cache_n`` nor speed
+tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
+start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
 
 Request and response shapes live in ``runtime.openai_api``. Responses carry llama-server's
 ``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
@@ -23,17 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
+import dataclasses
 import json
 import logging
 import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,20 +46,33 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
-from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
+from runtime import admission
 from runtime import openai_api as api
-from runtime.chat import ChatSession, ChatTemplateError
+from runtime.admission import Limits
 from runtime.config import GenerationConfig
 from runtime.engine import Chunk, Engine
 from runtime.files import sha256_file_cached
+from runtime.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
 from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.openai_api import APIError
+from runtime.serve_worker import (
+    DONE,
+    Interrupted,
+    Job,
+    Worker,
+    next_item,
+    save_periodically,
+    wait_disconnect,
+)
 from runtime.speculative import Stats
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = LOCAL_NAMES
+WILDCARDS = ("0.0.0.0", "::", "")
+SMALL_PROMPT_BYTES = 64 << 10  # tokenized in a few ms: no need to queue for it
 
 
 @dataclass(frozen=True)
@@ -65,16 +82,23 @@ class MemoryConfig:
     Args:
         enabled: False (``--no-shared-drafts``): no memory at all.
         max_tokens: most tokens stored (``--draft-memory``); the oldest requests go first.
-        path: load the memory from this file at start and save it there at shutdown.
+        path: load the memory from this file at start and save it there at shutdown, and
+            whenever ``save_seconds`` have passed or ``save_tokens`` were added since the
+            last save (a crash loses at most that much).
     """
 
     enabled: bool = True
     max_tokens: int = DEFAULT_MAX_TOKENS
     path: Path | None = None
+    save_seconds: float = 60.0
+    save_tokens: int = 20_000
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"--draft-memory must be >= 1 token, got {self.max_tokens}")
+        if self.save_seconds <= 0 or self.save_tokens < 1:
+            raise ValueError("the memory's save interval must be > 0 s and >= 1 token, got "
+                             f"{self.save_seconds} s and {self.save_tokens} tokens")
         if self.path is not None and not self.enabled:
             raise ValueError("--draft-memory-file needs the memory; drop --no-shared-drafts")
 
@@ -86,22 +110,53 @@ class ServerConfig:
     Args:
         host: interface to bind; anything but loopback exposes the model to the network.
         port: TCP port (0 picks a free one).
-        api_key: when set, every request but ``/health`` needs ``Authorization: Bearer KEY``.
+        api_keys: when any, every request but ``/health`` needs ``Authorization: Bearer
+            KEY`` with one of them; each key is its own scope (prompt cache, memory).
+        allowed_hosts: ``Host`` names accepted besides the bound address and localhost
+            (``*``: any), against DNS rebinding.
+        cors_origins: web origins allowed to call the API from a browser (none: no CORS).
+        max_body: most bytes of a request body (413 beyond).
+        max_messages: most messages of a chat request.
+        context_overflow: what a request too long for the context gets by default:
+            ``error`` (400), ``cap`` (a shorter answer) or ``trim`` (oldest turns dropped).
+        header_seconds: a connection's request headers must arrive within this time.
+        idle_seconds: an idle keep-alive connection is closed after this time.
+        body_seconds: a request body must arrive within this time.
         shutdown_seconds: how long in-flight requests may take to finish on Ctrl-C/SIGTERM.
         memory: the drafting memory across requests.
     """
 
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = 8 << 20
+    max_messages: int = 4096
+    context_overflow: str = "error"
+    header_seconds: float = 10.0
+    idle_seconds: float = 5.0
+    body_seconds: float = 30.0
     shutdown_seconds: float = 3.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key must not be empty")
+        if any(not k.strip() or k != k.strip() or " " in k for k in self.api_keys):
+            raise ValueError("API keys must be non-empty and hold no spaces")
+        if self.max_body < 1024:
+            raise ValueError(f"--max-body must be >= 1024 bytes, got {self.max_body}")
+        for name in ("header_seconds", "idle_seconds", "body_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        Limits(1, 1, self.max_messages, self.context_overflow)  # validates both
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """``Host`` names the guard accepts."""
+        bound = () if self.host in WILDCARDS else (self.host,)
+        return (*bound, *LOOPBACK, *self.allowed_hosts)
 
 
 def open_memory(cfg: MemoryConfig, model: Path) -> DraftMemory | None:
@@ -137,104 +192,12 @@ def save_memory(engine: Engine, cfg: MemoryConfig) -> None:
 
 
 def scope_of(authorization: str | None) -> str:
-    """The memory scope of a request: a hash of its bearer token (never the token
-    itself, which would then sit in the memory file), "" without one."""
+    """The scope of a request (prompt cache, drafting memory): a hash of its bearer token
+    (never the token itself, which would then sit in the memory file), "" without one."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return ""
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
-
-
-# -- the worker: every llama.cpp call on one thread ---------------------------------------
-
-_DONE = object()
-
-
-@dataclass(eq=False)  # jobs are compared (and hashed) by identity
-class Job:
-    """One generation, queued for the worker. Items arrive on ``queue``: ``Chunk``s, then
-    ``_DONE`` or an exception."""
-
-    start: Callable[[Stats], Iterator[Chunk]]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stats: Stats = field(default_factory=Stats)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: object) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled.set()
-
-
-class Worker:
-    """Runs jobs one at a time, in order, on a single thread that owns the engine."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        try:
-            self.session: ChatSession | None = ChatSession(engine)
-            self.no_chat: str | None = None
-        except ChatTemplateError as e:  # a base model: /v1/completions only
-            self.session, self.no_chat = None, str(e)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-llama")
-        self._jobs: set[Job] = set()
-        self.n_served = 0  # generations that ran to their end
-
-    def submit(self, start: Callable[[Stats], Iterator[Chunk]]) -> Job:
-        job = Job(start, asyncio.get_running_loop())
-        self._jobs.add(job)
-        self._pool.submit(self._run, job)
-        return job
-
-    def _run(self, job: Job) -> None:
-        try:
-            if job.cancelled.is_set():  # its client left while it waited
-                return
-            stream = job.start(job.stats)
-            try:
-                for chunk in stream:
-                    job.emit(chunk)
-                    if job.cancelled.is_set():
-                        break
-            finally:
-                stream.close()  # the engine's finally: caches end at the emitted tokens
-            self.n_served += 1
-            job.emit(_DONE)
-        except ValueError as e:  # the request's fault (prompt too long, bad template...)
-            job.emit(APIError(str(e)))
-        except Exception as e:
-            log.exception("generation failed; resetting the model's caches")
-            self.engine.reset()
-            job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
-        finally:
-            self._jobs.discard(job)
-
-    def close(self) -> None:
-        """Cancel queued and running jobs and wait for the thread (within a step)."""
-        for job in list(self._jobs):
-            job.cancelled.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Interrupted(Exception):
-    """The client went away, or the server is stopping, before the job's next item."""
-
-
-async def _next_item(job: Job, watcher: asyncio.Future) -> object:
-    """The job's next item, unless ``watcher`` (disconnect or shutdown) completes first."""
-    getter = asyncio.ensure_future(job.queue.get())
-    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if not getter.done():
-        getter.cancel()
-        raise _Interrupted
-    return getter.result()
+    return key_scope(token)
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -253,21 +216,47 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     default_gen = gen or GenerationConfig()
     model_id = engine.model.path.name
     model_ids = {model_id, model_id.removesuffix(".gguf")}
-    worker = Worker(engine)
+    save = (lambda: save_memory(engine, cfg.memory)) if cfg.memory.path is not None else None
+    worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens)
+    limits = Limits(engine.ctx.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
+                    cfg.max_messages, cfg.context_overflow)
+    # prompts are rendered and tokenized off the model's thread; large ones one at a time,
+    # so a burst of huge requests takes one core, not all of them, and small ones (a few
+    # ms each) do not wait behind them
+    preparing = asyncio.Semaphore(1)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        saver = asyncio.create_task(save_periodically(worker))
         yield
+        saver.cancel()
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="bridge", lifespan=lifespan)
     app.state.worker = worker
-    if cfg.api_key:
-        app.add_middleware(_BearerAuth, key=cfg.api_key)
+    app.add_middleware(Guard, hosts=cfg.hosts, origins=cfg.cors_origins, keys=cfg.api_keys,
+                       max_body=cfg.max_body, body_seconds=cfg.body_seconds)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not the client's fault: still OpenAI's shape (the log has the traceback)
+        return APIError(f"internal error: {type(exc).__name__}", 500,
+                        kind="server_error").response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # 404 and 405 in OpenAI's shape, like every other error
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no such route: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(exc.status_code, str(exc.detail))
+        response = APIError(message, exc.status_code, code=code).response()
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.get("/health")
     async def health() -> dict:
@@ -289,9 +278,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def read(request: Request, kind: type[api.CompletionBody]) -> api.CompletionBody:
         try:
             payload = json.loads(await request.body())
+            body = api.parse(kind, payload)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(f"the request body is not valid JSON: {e}") from None
-        body = api.parse(kind, payload)
+        except RecursionError:  # json and pydantic recurse per level of nesting
+            raise APIError("the request body is nested too deeply") from None
+        admission.check_ranges(body)
         if body.model is not None and body.model not in model_ids:
             raise APIError(f"model {body.model!r} does not exist; this server serves "
                            f"{model_id!r}", param="model", code="model_not_found")
@@ -299,9 +291,22 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
 
     def overrides(request: Request, body: api.CompletionBody) -> tuple[GenerationConfig, dict]:
         s = api.settings(engine.sampling, default_gen, body)
-        # one scope per API key; without --api-key the presented token means nothing
-        scope = scope_of(request.headers.get("authorization")) if cfg.api_key else ""
+        # one scope per API key; without keys the presented token means nothing
+        scope = scope_of(request.headers.get("authorization")) if cfg.api_keys else ""
         return s.gen, s.overrides(scope)
+
+    async def admit(body: api.CompletionBody, g: GenerationConfig, n_bytes: int, fn, *args
+                    ) -> tuple[admission.Admitted, GenerationConfig]:
+        """Render, tokenize and fit the prompt off the model's thread; the answer's
+        length capped to what the context has left when the policy allows."""
+        explicit = (body.max_tokens or body.max_completion_tokens) is not None
+        call = (fn, *args, g.max_tokens, explicit, admission.policy_of(body, limits), limits)
+        if n_bytes <= SMALL_PROMPT_BYTES:
+            adm = await asyncio.to_thread(*call)
+        else:
+            async with preparing:
+                adm = await asyncio.to_thread(*call)
+        return adm, dataclasses.replace(g, max_tokens=adm.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -310,39 +315,49 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         messages = api.messages(body)
         if worker.session is None:
             raise APIError(worker.no_chat, code="no_chat_template")
+        admission.check_messages(messages, limits, admission.policy_of(body, limits))
         session = worker.session
+        n_bytes = sum(len(m["content"]) for m in messages)
+        adm, g = await admit(body, g, n_bytes, admission.admit_chat, session.renderer,
+                             messages)
 
         def start(stats: Stats) -> Iterator[Chunk]:
-            return session.ask_messages(messages, g, stats, **kw)
+            return session.ask_messages(adm.messages, g, stats, rendered=adm.rendered, **kw)
 
-        return await respond(request, body, start, chat=True)
+        return await respond(request, body, start, chat=True, scope=kw["scope"],
+                             dropped=adm.dropped)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read(request, api.CompletionBody)
         g, kw = overrides(request, body)
         prompt = api.completion_prompt(body, engine.model.n_vocab)
+        adm, g = await admit(body, g, len(prompt), admission.admit_completion, engine.model,
+                             prompt)
 
         def start(stats: Stats) -> Iterator[Chunk]:
-            return engine.generate(prompt, g, stats, **kw)
+            return engine.generate(adm.prompt, g, stats, **kw)
 
-        return await respond(request, body, start, chat=False)
+        return await respond(request, body, start, chat=False, scope=kw["scope"])
 
-    async def respond(request: Request, body: api.CompletionBody, start, chat: bool):
-        job = worker.submit(start)
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
+    async def respond(request: Request, body: api.CompletionBody, start, chat: bool,
+                      scope: str, dropped: int = 0):
+        job = worker.submit(start, scope)
+        watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
             # the first item decides between an HTTP error (prompt too long) and a stream
-            first = await _next_item(job, watcher)
+            first = await next_item(job, watcher)
             if watcher.done():  # both at once: the disconnect must not be lost
-                raise _Interrupted
+                raise Interrupted
             if isinstance(first, Exception):
                 raise first
             top = api.head("chat" if chat else "text", body.model or model_id,
                            int(time.time()), uuid.uuid4().hex)
             if not body.stream:
-                return await _whole(job, first, top, chat, body.return_tokens, watcher)
-        except _Interrupted:  # nobody is left to read an answer
+                whole = await _whole(job, first, top, chat, body.return_tokens, watcher)
+                # trimming was asked for; the response says what it cost
+                return {**whole, "dropped_messages": dropped} if dropped else whole
+        except Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
             watcher.cancel()  # a stream's disconnects are sse-starlette's to watch
@@ -350,9 +365,11 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping)
+        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped)
         return EventSourceResponse(events, ping=15, shutdown_event=stopping,
-                                   shutdown_grace_period=1.0)
+                                   shutdown_grace_period=1.0,
+                                   headers={"x-dropped-messages": str(dropped)} if dropped
+                                   else None)
 
     return app
 
@@ -375,25 +392,26 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
                  watcher: asyncio.Future) -> dict:
     text, tokens = [], []
-    while item is not _DONE:
+    while item is not DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
         tokens.extend(item.tokens)
-        item = await _next_item(job, watcher)
+        item = await next_item(job, watcher)
     return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
                               tokens if return_tokens else None)
 
 
 async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event) -> AsyncIterator[dict]:
+                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0
+                  ) -> AsyncIterator[dict]:
     """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
     disconnect cancels this generator; a server shutdown ends it with an error event.
     Either way the job is cancelled."""
     first, n = True, 0
     watcher = asyncio.ensure_future(stopping.wait())
     try:
-        while item is not _DONE:
+        while item is not DONE:
             if isinstance(item, APIError):
                 yield {"data": json.dumps(item.body())}
                 return
@@ -403,15 +421,16 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                                        item.tokens if return_tokens else None)
                 first = False
             try:
-                item = await _next_item(job, watcher)
-            except _Interrupted:
+                item = await next_item(job, watcher)
+            except Interrupted:
                 err = APIError("the server is shutting down; the answer was cut short", 503,
                                kind="server_error", code="shutting_down")
                 yield {"data": json.dumps(err.body())}
                 return
         usage = api.usage(job.stats, n)
+        extra = {"dropped_messages": dropped} if dropped else {}
         yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats), first,
-                               usage=usage, timings=api.timings(job.stats))
+                               usage=usage, timings=api.timings(job.stats), **extra)
         if include_usage:
             yield {"data": json.dumps({**top, "object": "chat.completion.chunk" if chat
                                        else "text_completion", "choices": [],
@@ -420,25 +439,6 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
     finally:
         watcher.cancel()
         job.cancelled.set()
-
-
-class _BearerAuth:
-    """ASGI middleware: 401 unless ``Authorization: Bearer KEY`` (``/health`` is open)."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
-            auth = Headers(scope=scope).get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode(), self.key):
-                err = APIError("missing or wrong API key: send 'Authorization: Bearer KEY'",
-                               401, code="invalid_api_key", kind="authentication_error")
-                await err.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 # -- running it ---------------------------------------------------------------------------
@@ -454,7 +454,10 @@ def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None
 
     if cfg.host not in LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can use the model%s",
-                    cfg.host, "" if cfg.api_key else "; consider --api-key")
+                    cfg.host, "" if cfg.api_keys else "; consider --api-key-file")
+    if cfg.host in WILDCARDS and not cfg.allowed_hosts:
+        log.warning("listening on all interfaces: only requests naming localhost in their "
+                    "Host header are served; name this machine with --allowed-host")
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=family)
@@ -463,7 +466,8 @@ def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None
     port = sock.getsockname()[1]
     app = create_app(engine, cfg, gen)
     server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, timeout_graceful_shutdown=cfg.shutdown_seconds))
+        app, log_config=None, timeout_graceful_shutdown=cfg.shutdown_seconds,
+        http=header_timeout_protocol(cfg.header_seconds), timeout_keep_alive=cfg.idle_seconds))
     log.info("serving %s on http://%s:%d/v1 (Ctrl-C stops)", engine.model.path.name,
              cfg.host, port)
     try:
