@@ -96,6 +96,8 @@ class LlamaModel:
                              "or an architecture this llama.cpp build does not know")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._pieces: dict[int, bytes] = {}  # token_bytes(): token (or -1 - token) -> bytes
+        self._eog: dict[int, bool] = {}
         self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
 
@@ -123,7 +125,16 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        """One token's bytes (a token may hold part of a UTF-8 character)."""
+        """One token's bytes (a token may hold part of a UTF-8 character). The vocabulary
+        never changes, so each token is asked of llama.cpp once (this runs per emitted
+        token)."""
+        key = token if special else -1 - token
+        piece = self._pieces.get(key)
+        if piece is None:
+            piece = self._pieces[key] = self._token_bytes(token, special)
+        return piece
+
+    def _token_bytes(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -136,7 +147,10 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         """End of generation (EOS, EOT, <|im_end|>, ...), as the GGUF declares it."""
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value rendered as a string, or None when absent."""
@@ -259,6 +273,7 @@ class LlamaContext:
         self._batch_live = True
         self.n_past = 0
         self.eval_seconds = 0.0  # cumulative time inside llama_decode (+ logits sync)
+        self._views: dict[tuple[int | None, int], np.ndarray] = {}
 
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` at ``n_past`` and return their logits.
@@ -290,8 +305,20 @@ class LlamaContext:
         # llama_get_logits waits for the backend, so the timing covers GPU work too
         ptr = llama_cpp.llama_get_logits(self._ctx)
         self.eval_seconds += time.perf_counter() - start_time
-        view = np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
-        view.flags.writeable = False
+        return self._logits_view(ptr, n_rows)
+
+    def _logits_view(self, ptr, n_rows: int) -> np.ndarray:
+        """A read-only view [n_rows, n_vocab] of llama.cpp's output buffer. Building one
+        through ctypes costs ~10 µs, every step; llama.cpp keeps the buffer until it
+        needs a bigger one, so views are kept per (address, rows)."""
+        key = (ctypes.cast(ptr, ctypes.c_void_p).value, n_rows)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            view = np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab))
+            view.flags.writeable = False
+            self._views[key] = view
         return view
 
     def _decode(self, chunk: list[int], all_logits: bool, want_last: bool) -> int:
@@ -378,6 +405,7 @@ class LlamaContext:
         self.n_past = 0
 
     def close(self) -> None:
+        self._views.clear()  # they point into llama.cpp's buffer
         if self._batch_live:
             llama_cpp.llama_batch_free(self._batch)
             self._batch_live = False

@@ -118,6 +118,7 @@ class CostModel:
         self._memo: dict[int, float] = {}  # k -> verify_cost(k) on the current figures
         self._since_refit = 0
         self.version = 0  # bumped whenever the verify curve the decisions read changes
+        self._calibrated: set[tuple[bool, int]] = set()  # calibration_need() == None
 
     def _refit(self) -> None:
         self._fit = None
@@ -158,6 +159,8 @@ class CostModel:
         V(2) alone overstates V(k) on the common CPU curve that flattens with k, and the
         controller would then never try the longer drafts that pay. Batches wider than
         ``k_max`` (the widest a step may verify) are not asked for."""
+        if (with_draft, k_max) in self._calibrated:
+            return None  # counts only grow: once complete, always complete
         if self.n_verify.get(1, 0) < 2:
             return "plain"
         for k in CALIBRATION_BATCHES:
@@ -165,6 +168,7 @@ class CostModel:
                 return f"batch:{k}"
         if with_draft and self.n_draft < 2:
             return "draft"
+        self._calibrated.add((with_draft, k_max))
         return None
 
     def verify_cost(self, k: int) -> float:
@@ -250,7 +254,8 @@ class GammaController:
         self._probe_turn = 0
         self._retime_draft = False
         self._since_retime = 0
-        self._could_pay: dict[tuple, bool] = {}  # wants()'s verdicts per figures
+        self._could_pay: tuple[tuple | None, dict[str, bool]] = (None, {})  # wants()'s
+        self._n_judged = 0  # drafts judged so far: acceptance changes only with this
         self._verdict: tuple[tuple | None, bool] = (None, False)  # _pruned_off()'s
         self.history: list[int] = []           # gamma chosen at each step
         self.source_history: list[str | None] = []
@@ -313,17 +318,19 @@ class GammaController:
             return False  # calibration steps are plain whatever is offered
         if self._since_probe + 1 >= self._backoff:
             return True
-        # the prior of a match length never seen counts too (acceptance() would use it)
-        alphas = [a.alpha for (name, _), a in self._acc.items() if name == source]
-        best = max(alphas + [_LOOKUP_PRIOR] * (len(alphas) < _MATCH_BUCKETS))
-        key = (source, round(best, 3), self.costs.version, self.draft_max)
-        could = self._could_pay.get(key)
+        # the verdict holds until the costs are refitted or an acceptance changes
+        key = (self.costs.version, self.draft_max, self._n_judged)
+        if self._could_pay[0] != key:
+            self._could_pay = (key, {})
+        verdicts = self._could_pay[1]
+        could = verdicts.get(source)
         if could is None:
-            if len(self._could_pay) > 256:
-                self._could_pay.clear()
+            # the prior of a match length never seen counts too (acceptance() uses it)
+            alphas = [a.alpha for (name, _), a in self._acc.items() if name == source]
+            best = max(alphas + [_LOOKUP_PRIOR] * (len(alphas) < _MATCH_BUCKETS))
             plain = (1 + _MARGIN) * self._rate(0, 0.0, 0.0)
-            could = self._could_pay[key] = self._best(best, 0.0, self.draft_max,
-                                                      gamma_min=1)[1] > plain
+            could = verdicts[source] = self._best(best, 0.0, self.draft_max,
+                                                  gamma_min=1)[1] > plain
         return could
 
     def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
@@ -436,6 +443,7 @@ class GammaController:
                 c.add_draft(rec.draft_seconds / rec.draft_evals)
             self.acceptance(rec.source, rec.match_len).add(
                 rec.n_accepted + int(rec.rejected), rec.n_accepted)
+            self._n_judged += 1
             if not rec.rejected and self._since_probe == 0 and self._backoff > _FIRST_BACKOFF:
                 self._backoff = _FIRST_BACKOFF  # a clean probe: look again soon
         if rec.gamma:

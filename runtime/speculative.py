@@ -245,7 +245,8 @@ class SpeculativeDecoder:
         total = self.target.eval_seconds
         for d in self.drafters.values():
             ctx = getattr(d, "ctx", None)
-            total += ctx.eval_seconds if ctx is not None else 0.0
+            if ctx is not None:
+                total += ctx.eval_seconds
         return total
 
     def _prefill(self, prompt: list[int], stats: Stats) -> int:
@@ -320,7 +321,8 @@ class SpeculativeDecoder:
         llama0 = self._llama_seconds()
         room = self.target.n_ctx - len(self.kv) - 2
         source, gamma, draft, need = self._propose(min(budget - 1, room))
-        history = self._history() + [self.pending]
+        # the repeat penalty's window (empty when the sampler has no penalty)
+        history = self._history() + [self.pending] if self.sampler.history_window else []
         # Calibration: a plain step run as a k-token batch (the pending token k times)
         # times t_verify(k); row 0 is the plain step's answer and the padding is dropped.
         k = int(need.split(":")[1]) if need and need.startswith("batch:") else 1

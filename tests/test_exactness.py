@@ -113,7 +113,8 @@ def test_exact_mode_is_token_identical(smollm2_gguf, smollm2_draft_gguf):
                 _, got, st = spec.complete(prompt, gen)
                 drafted += st.n_drafted
                 assert got == ids, f"{spec_cfg.drafter}: {prompt[:40]!r} differs in exact mode"
-            assert drafted > 0
+            # forced drafting must really draft; auto may rightly decode plainly on a CPU
+            assert drafted > 0 or spec_cfg.adaptive
 
 
 def _verify_batch_problems(spec: Engine, prompt: list[int], n_tokens: int,
