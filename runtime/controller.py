@@ -49,6 +49,7 @@ _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 _MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 PRUNED = "pruned"
+GRAMMAR = "grammar"  # the tokens a constraint forces: its text is certain, so its prior is high
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ class GammaController:
         if key not in self._acc:
             # priors: a pruned draft of a good layer choice keeps ~0.7; a lookup match
             # starts neutral. Two pseudo-drafts: the first real drafts dominate quickly.
-            self._acc[key] = Acceptance(0.7 if source == PRUNED else 0.5)
+            prior = {PRUNED: 0.7, GRAMMAR: 0.95}.get(source, 0.5)
+            self._acc[key] = Acceptance(prior)
         return self._acc[key]
 
     @property
@@ -310,7 +312,8 @@ class GammaController:
         return self._maybe_probe(live, pruned_off)
 
     def _fixed_choice(self, live: dict[str, Offer]) -> tuple[str, int]:
-        """Fixed gamma: the pruned draft when there is one; else the lookup whose context
+        """Fixed gamma: the pruned draft when there is one; else the grammar's forced
+        tokens when a constraint forces any; else the lookup whose context
         match is longest (ties: the longer draft). A lookup that found only a short match
         pads its draft by repeating the text, so the longer draft alone would nearly always
         be the in-request lookup's; on the 24 session requests of scripts/bench_serve.py,
@@ -318,6 +321,8 @@ class GammaController:
         against 2.87 by draft length."""
         if PRUNED in live:
             name = PRUNED
+        elif GRAMMAR in live:  # forced text first: it is (nearly) always kept
+            name = GRAMMAR
         else:
             name = max(live, key=lambda n: (live[n].match_len, live[n].n_max))
         return name, min(self.draft_max, live[name].n_max)
