@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +205,9 @@ class ConstraintCompiler:
             vocab = self.model._vocab
             # every end-of-generation token may end an answer the grammar accepts
             eog = [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
-            self._tokenizer = lltokenizer_from_vocab(vocab, eos_token=eog or None)
+            with warnings.catch_warnings():  # llguidance calls a deprecated alias per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._tokenizer = lltokenizer_from_vocab(vocab, eos_token=eog or None)
         return self._tokenizer
 
     def compile(self, spec: ConstraintSpec) -> Constraint:

@@ -340,8 +340,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 raise first
             top = api.head("chat" if chat else "text", body.model or model_id,
                            int(time.time()), uuid.uuid4().hex)
+            lp = api.logprob_entries(engine.model) if body.logprobs else None
             if not body.stream:
-                return await _whole(job, first, top, chat, body.return_tokens, watcher)
+                return await _whole(job, first, top, chat, body.return_tokens, watcher, lp)
         except _Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
@@ -350,7 +351,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping)
+        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, lp)
         return EventSourceResponse(events, ping=15, shutdown_event=stopping,
                                    shutdown_grace_period=1.0)
 
@@ -373,20 +374,24 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 
 
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
-                 watcher: asyncio.Future) -> dict:
-    text, tokens = [], []
+                 watcher: asyncio.Future, lp: Callable | None) -> dict:
+    text, tokens, lps = [], [], []
     while item is not _DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
         tokens.extend(item.tokens)
+        if lp is not None:
+            lps.extend(lp(item))
         item = await _next_item(job, watcher)
     return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
-                              tokens if return_tokens else None)
+                              tokens if return_tokens else None,
+                              api.logprobs_object(chat, lps) if lp is not None else None)
 
 
 async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event) -> AsyncIterator[dict]:
+                  return_tokens: bool, stopping: anyio.Event, lp: Callable | None = None
+                  ) -> AsyncIterator[dict]:
     """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
     disconnect cancels this generator; a server shutdown ends it with an error event.
     Either way the job is cancelled."""
@@ -398,9 +403,11 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                 yield {"data": json.dumps(item.body())}
                 return
             n += len(item.tokens)
-            if item.text or first or (return_tokens and item.tokens):
+            entries = lp(item) if lp is not None else []
+            if item.text or first or (return_tokens and item.tokens) or entries:
                 yield api.stream_chunk(top, chat, item.text, None, first,
-                                       item.tokens if return_tokens else None)
+                                       item.tokens if return_tokens else None,
+                                       api.logprobs_object(chat, entries) if entries else None)
                 first = False
             try:
                 item = await _next_item(job, watcher)
