@@ -82,12 +82,13 @@ class ChatSession:
         add_bos = not (self._bos and text.startswith(self._bos))
         return model.tokenize(text, add_special=add_bos, parse_special=True)
 
-    def ask(self, user: str, gen: GenerationConfig, stats: Stats | None = None
-            ) -> Iterator[Chunk]:
+    def ask(self, user: str, gen: GenerationConfig, stats: Stats | None = None,
+            **overrides) -> Iterator[Chunk]:
         """Stream the assistant's answer to ``user``; the answer joins the history even if
-        the stream is closed early (Ctrl-C), holding what was shown."""
+        the stream is closed early (Ctrl-C), holding what was shown. ``overrides`` go to
+        ``Engine.generate`` (a constraint, ...)."""
         self.history.append({"role": "user", "content": user})
-        return self._answer(gen, stats, {})
+        return self._answer(gen, stats, overrides)
 
     def ask_messages(self, messages: list[dict[str, str]], gen: GenerationConfig,
                      stats: Stats | None = None, **overrides) -> Iterator[Chunk]:
