@@ -107,7 +107,8 @@ class Constraint:
         self._m = matcher
         self.n_vocab = n_vocab
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
-        self._allowed: np.ndarray | None = None  # mask at the current state, if computed
+        self._fresh = False  # _bits holds the mask of the current state
+        self._allowed: np.ndarray | None = None  # _bits unpacked, when asked for
         self.start = 0          # sequence position where the answer begins
         self.n_consumed = 0     # answer tokens consumed
         self.seconds = 0.0
@@ -117,7 +118,7 @@ class Constraint:
         """Start a new answer at sequence position ``start`` (the prompt's length)."""
         t = time.perf_counter()
         self._m.reset()
-        self._allowed = None
+        self._fresh, self._allowed = False, None
         self.start, self.n_consumed = start, 0
         self.seconds += time.perf_counter() - t
 
@@ -130,30 +131,35 @@ class Constraint:
     def error(self) -> str:
         return self._m.get_error()
 
+    def _compute(self) -> None:
+        if not self._fresh:
+            t = time.perf_counter()
+            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            self._fresh, self._allowed = True, None
+            self.n_masks += 1
+            self.seconds += time.perf_counter() - t
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows ``token`` next: one bit of the mask, so a greedy
+        choice that is allowed (the common case) never unpacks the whole mask."""
+        self._compute()
+        return bool((int(self._bits[token >> 5]) >> (token & 31)) & 1)
+
     def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next (end-of-generation tokens
         only where the answer may end)."""
+        self._compute()
         if self._allowed is None:
             t = time.perf_counter()
-            self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
             bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
             self._allowed = bits[: self.n_vocab].view(bool)
-            self.n_masks += 1
             self.seconds += time.perf_counter() - t
         return self._allowed
-
-    def masked(self, row: np.ndarray) -> np.ndarray:
-        """A float32 copy of one logits row with every disallowed token at -inf."""
-        allowed = self.allowed()
-        t = time.perf_counter()
-        out = np.where(allowed, row, np.float32(-np.inf)).astype(np.float32, copy=False)
-        self.seconds += time.perf_counter() - t
-        return out
 
     def consume(self, token: int) -> None:
         t = time.perf_counter()
         ok = self._m.consume_token(token)
-        self._allowed = None
+        self._fresh, self._allowed = False, None
         self.seconds += time.perf_counter() - t
         # callers only consume tokens chosen under the mask or validated first
         assert ok, f"the constraint refused token {token}: {self._m.get_error()}"
@@ -182,7 +188,7 @@ class Constraint:
             t = time.perf_counter()
             self._m.rollback(self.n_consumed - n)
             self.n_consumed = n
-            self._allowed = None
+            self._fresh, self._allowed = False, None
             self.seconds += time.perf_counter() - t
 
 

@@ -229,13 +229,18 @@ def _verify_constrained(sampler: Sampler, rows: np.ndarray, drafts: Sequence[int
     """``verify`` under a grammar: row by row, because row i's mask is the grammar's state
     after drafts[:i]; only the rows actually judged cost a mask. Stops early where the
     grammar is complete (a draft that finishes the answer is then the last token)."""
+    plain_greedy = sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0
     n_acc = 0
     while True:
-        allowed = constraint.allowed()
-        if masks is not None:
-            masks.append(allowed)
-        tok = sampler.choose(rows[n_acc], history + list(drafts[:n_acc]), position + n_acc,
-                             allowed)
+        row = rows[n_acc]
+        tok = int(np.argmax(row)) if plain_greedy and masks is None else -1
+        # the target's top token is usually allowed: then it is the masked argmax too
+        if tok < 0 or not constraint.allows(tok):
+            allowed = constraint.allowed()
+            if masks is not None:
+                masks.append(allowed)
+            tok = sampler.choose(row, history + list(drafts[:n_acc]), position + n_acc,
+                                 allowed)
         constraint.consume(tok)
         if n_acc == len(drafts) or tok != drafts[n_acc] or constraint.done:
             return n_acc, tok

@@ -374,7 +374,7 @@ class SpeculativeDecoder:
         rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify
         rows = rows[: len(draft.tokens) + 1]
-        masks: list = []
+        masks: list | None = [] if self.n_logprobs is not None else None
         n_acc, nxt = verify(self.sampler, rows, draft.tokens, history, len(self.kv) + 1,
                             constraint, masks)
         emitted = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog)

@@ -209,17 +209,18 @@ def main() -> None:
         plain = engines["plain"]
         n_single = sum(single_allowed(plain, ConstraintSpec.from_schema(r["schema"]),
                                       r["stats"].n_prompt, r["ids"]) for r in results["plain"])
+        curve = engines["auto"].controller.costs.relative()["verify"]
     finally:
         for e in engines.values():
             e.close()
-    report = render(results, n_valid, n_answers, n_single, args)
+    report = render(results, n_valid, n_answers, n_single, curve, args)
     print(report)
     if args.out:
         args.out.write_text(report)
 
 
 def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_single: int,
-           args) -> str:
+           curve: dict[int, float], args) -> str:
     def tot(name: str, key: str) -> float:
         return sum(getattr(r["stats"], key) for r in results[name])
 
@@ -249,7 +250,9 @@ def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_singl
                if name != "plain free" else "- |"))
     n_plain = tot("plain", "n_tokens")
     tps = {n: (tot(n, "n_tokens") - len(results[n])) / tot(n, "n_steps") for n in results}
-    lines += ["", f"A plain SmolLM2 step here: {free_step * 1e3:.2f} ms. Tokens the grammar "
+    measured = ", ".join(f"V({k}) = {v:.2f}" for k, v in curve.items())
+    lines += ["", f"A plain SmolLM2 step here: {free_step * 1e3:.2f} ms; the verify curve the "
+              f"controller measured, in plain steps: {measured}. Tokens the grammar "
               f"allowed alone (one token in the mask): {n_single}/{n_plain:.0f} = "
               f"{n_single / n_plain:.0%} of the greedy answers' tokens.",
               f"Forced text drafted, tokens per target step: {tps['lookup+forced']:.2f} "
