@@ -127,3 +127,17 @@ def test_bad_constraints_and_unhonoured_fields_get_a_400(server, extra, words):
     err = r.json()["error"]
     assert words in f"{err['message']} {err['param']}", err
     assert httpx.get(f"{server}/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_langchain_structured_output_and_json_mode(server, client):
+    """LangChain's default structured output (json_schema since langchain-openai 0.3) and
+    its json_mode (json_object)."""
+    lc = pytest.importorskip("langchain_openai", reason="optional: pip install langchain-openai")
+    llm = lc.ChatOpenAI(base_url=f"{server}/v1", api_key="unused", temperature=0,
+                        max_tokens=100, max_retries=0,
+                        model=client.models.list().data[0].id)
+    person = llm.with_structured_output(Person).invoke(USER[0]["content"])
+    assert isinstance(person, Person)
+    data = llm.with_structured_output(None, method="json_mode").invoke(
+        "Answer in JSON with a key 'colour': what colour is the sky?")
+    assert isinstance(data, dict)
