@@ -263,12 +263,31 @@ def _mode_row(engine: Engine, m: ModeResult, plain: ModeResult, prompts: list[li
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+    """The CPU (model name and its SIMD flags that change llama.cpp's kernels), core count,
+    and the llama.cpp build, for naming beside every figure."""
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            lines = f.read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines
+                    if ln.startswith("model name")), cpu)
+        have = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        flags = sorted(f for f in have if f == "avx2" or f.startswith(("avx512", "amx")))
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu_offload": gpu_offload_supported(),
-            "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version()}
+    system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+            "gpu_offload": gpu_offload_supported(), "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_system": system, "python": platform.python_version()}
+
+
+def cpu_summary(info: dict | None = None) -> str:
+    """One line naming the CPU for a results table: model, cores, AVX-512/AMX or not."""
+    info = info or machine_info()
+    flags = info.get("cpu_flags", [])
+    wide = [f for f in flags if f.startswith(("avx512", "amx"))]
+    kind = ("AVX-512" if any(f.startswith("avx512") for f in wide) else
+            "AVX2 only" if "avx2" in flags else "no AVX2")
+    amx = ", AMX" if any(f.startswith("amx") for f in wide) else ", no AMX"
+    return (f"{info['cpu']}, {info['cores']} cores, {kind}{amx if wide or flags else ''}; "
+            f"llama-cpp-python {info['llama_cpp_python']}")

@@ -76,12 +76,18 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """llama.cpp resources for the target and draft contexts."""
+    """llama.cpp resources for the target and draft contexts.
+
+    ``exact`` evaluates the target so that a row's logits do not depend on its batch
+    (``runtime.context.Numerics.exact``): greedy output is then token-identical with any
+    drafting, at the cost of a two-row batch for every plain step (measured in README).
+    """
 
     n_ctx: int = 4096
     n_batch: int = 512
     n_gpu_layers: int = -1  # -1: every layer, when the build has a GPU backend
     n_threads: int | None = None
+    exact: bool = False
 
     def __post_init__(self) -> None:
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")

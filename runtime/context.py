@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -75,16 +76,20 @@ class LlamaModel:
         n_gpu_layers: layers to offload; -1 means all of them when the build has a GPU
             backend (and is harmless on CPU-only builds).
         vocab_only: load only the vocabulary and metadata (fast; for tokenizing).
+        repack: let llama.cpp repack weights for its CPU gemm kernels (faster; off in
+            exact mode, where a repacked matrix takes a different kernel for a 4-row
+            group than for a leftover row, so a row's result depends on its batch).
     """
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = -1, vocab_only: bool = False):
+    def __init__(self, path: str | Path, n_gpu_layers: int = -1, vocab_only: bool = False,
+                 repack: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
         params.vocab_only = vocab_only
-        params.use_extra_bufts = _USE_EXTRA_BUFTS
+        params.use_extra_bufts = _USE_EXTRA_BUFTS and repack
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {self.path}: not a valid GGUF, "
@@ -164,6 +169,58 @@ class LlamaModel:
             self.close()
 
 
+# ggml_type ids (ggml.h) of the KV cache types exact mode may choose
+_KV_TYPES = {"f16": 1, "f32": 0}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How llama.cpp computes a batch, where that decides whether a row's logits depend on
+    the other rows in its batch.
+
+    On CPUs, a one-row matrix product takes ggml's vec_dot kernels and a product of two or
+    more rows takes llamafile's tinyBLAS (for F16/F32/BF16/Q8_0/Q4_0 matrices, the KV cache
+    included), whose sums run in another order; repacked weights take a 4-row gemm for full
+    groups of four and a gemv for the rest; flash attention tiles batches of queries. So by
+    default a verify batch and a one-token step differ by rounding, which can flip a near-tie.
+
+    Args:
+        min_rows: evaluate at least this many rows per llama_decode, padding with throwaway
+            rows (2 in exact mode: every product then takes the multi-row kernel, whose
+            result for one row does not depend on how many rows share it).
+        flash_attn: llama.cpp's flash attention: None (its default, auto), True or False.
+        kv_type: the KV cache's type, ``f16`` (llama.cpp's default) or ``f32``.
+        repack: weight repacking for the CPU gemm kernels.
+    """
+
+    min_rows: int = 1
+    flash_attn: bool | None = None
+    kv_type: str = "f16"
+    repack: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rows <= 8:
+            raise ValueError(f"min_rows must be in 1..8, got {self.min_rows}")
+        if self.kv_type not in _KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got "
+                             f"{self.kv_type!r}")
+
+    @classmethod
+    def exact(cls) -> Numerics:
+        """The settings under which a row's logits equal in any batch (measured by
+        ``runtime.numerics``; see README's "What identical means")."""
+        return cls(min_rows=2, flash_attn=False, kv_type="f16", repack=False)
+
+    @property
+    def is_exact(self) -> bool:
+        return self == Numerics.exact()
+
+    def apply(self, params: llama_cpp.llama_context_params) -> None:
+        if self.flash_attn is not None:
+            params.flash_attn_type = 1 if self.flash_attn else 0
+        params.type_k = params.type_v = _KV_TYPES[self.kv_type]
+
+
 class LlamaContext:
     """One KV cache on one model, holding a single sequence of ``n_past`` tokens.
 
@@ -172,25 +229,33 @@ class LlamaContext:
         n_ctx: context length in tokens.
         n_batch: most tokens evaluated per ``llama_decode``; longer inputs are chunked.
         n_threads: CPU threads (default: all cores).
+        numerics: how llama.cpp computes; ``Numerics.exact()`` makes a row's logits
+            independent of the batch it is evaluated in (see ``Numerics``).
     """
 
     def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, numerics: Numerics | None = None):
         self.model = model
+        self.numerics = numerics or Numerics()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
+        # the throwaway rows of a padded batch need cache cells beyond the last token
+        params.n_ctx = n_ctx + self.numerics.min_rows - 1
         params.n_batch = params.n_ubatch = n_batch
         threads = n_threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        self.numerics.apply(params)
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
             raise RuntimeError(f"llama_init_from_model failed for {model.path} (n_ctx={n_ctx})")
-        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx) - (self.numerics.min_rows - 1)
         # llama.cpp may lower the batch sizes (n_batch is capped at the context size) and
         # asserts that no llama_decode exceeds them, so chunk by what it really uses.
         self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self._ctx),
                            llama_cpp.llama_n_ubatch(self._ctx))
+        if self.n_batch < self.numerics.min_rows:
+            raise ValueError(f"a batch of {self.n_batch} tokens cannot hold the "
+                             f"{self.numerics.min_rows} rows exact mode evaluates at least")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._batch_live = True
@@ -234,19 +299,26 @@ class LlamaContext:
     def _decode(self, chunk: list[int], all_logits: bool, want_last: bool) -> int:
         b = self._batch
         n = len(chunk)
-        for i, tok in enumerate(chunk):
-            b.token[i] = tok
+        # Exact mode pads a short batch with throwaway rows (the last token again, at the
+        # next positions, no logits): the causal mask hides them from the real rows, so
+        # the real rows only change kernel, to the one every longer batch takes too.
+        n_rows = max(n, self.numerics.min_rows)
+        for i in range(n_rows):
+            b.token[i] = chunk[min(i, n - 1)]
             b.pos[i] = self.n_past + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = all_logits or (want_last and i == n - 1)
-        b.n_tokens = n
+            b.logits[i] = i < n and (all_logits or (want_last and i == n - 1))
+        b.n_tokens = n_rows
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc == 1:
             raise ContextFullError(f"llama_decode found no KV slot at n_past={self.n_past} "
                                    f"(n_ctx={self.n_ctx})")
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} at n_past={self.n_past}")
+        if n_rows > n and not llama_cpp.llama_memory_seq_rm(self._mem, 0, self.n_past + n, -1):
+            raise RuntimeError(f"llama_memory_seq_rm failed dropping padding at "
+                               f"{self.n_past + n}")
         self.n_past += n
         return n if all_logits else int(want_last)
 

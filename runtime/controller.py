@@ -137,16 +137,17 @@ class CostModel:
         old = self.catchup_per_token
         self.catchup_per_token = per if old is None else old + _EMA * (per - old)
 
-    def calibration_need(self, with_draft: bool) -> str | None:
+    def calibration_need(self, with_draft: bool, k_max: int = 1 << 30) -> str | None:
         """What to measure next before gamma can be judged: two samples each of a plain
         step ("plain"), 2- and 4-token batches ("batch:2", "batch:4") and, with a pruned
         draft, a draft step ("draft"). Three batch sizes, because a line through V(1) and
         V(2) alone overstates V(k) on the common CPU curve that flattens with k, and the
-        controller would then never try the longer drafts that pay."""
+        controller would then never try the longer drafts that pay. Batches wider than
+        ``k_max`` (the widest a step may verify) are not asked for."""
         if self.n_verify.get(1, 0) < 2:
             return "plain"
         for k in CALIBRATION_BATCHES:
-            if self.n_verify.get(k, 0) < 2:
+            if k <= k_max and self.n_verify.get(k, 0) < 2:
                 return f"batch:{k}"
         if with_draft and self.n_draft < 2:
             return "draft"
@@ -262,13 +263,14 @@ class GammaController:
             return None
         if self._retime_draft:
             return "draft"
-        return self.costs.calibration_need(self.has_pruned)
+        return self.costs.calibration_need(self.has_pruned, self.draft_max + 1)
 
     @property
     def disabled_reason(self) -> str | None:
         """Why the pruned draft is out of the choice, from the costs as they are now."""
         c = self.costs
-        if not (self.adaptive and self.has_pruned) or c.calibration_need(True) is not None:
+        if not (self.adaptive and self.has_pruned) \
+                or c.calibration_need(True, self.draft_max + 1) is not None:
             return None
         if self._best(1.0, c.draft, self.draft_max)[0] > 0:
             return None
@@ -290,7 +292,7 @@ class GammaController:
             if not live:
                 return None, 0
             return self._fixed_choice(live)
-        if self.costs.calibration_need(self.has_pruned) is not None:
+        if self.costs.calibration_need(self.has_pruned, self.draft_max + 1) is not None:
             # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
             # a device where speculation cannot pay finds out for almost nothing
             return None, 0

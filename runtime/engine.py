@@ -17,17 +17,21 @@ from pathlib import Path
 from runtime import keys
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
 from runtime.constraint import Constraint, ConstraintCompiler, ConstraintSpec
-from runtime.context import LlamaContext, LlamaModel, llama_cpp_version
+from runtime.context import LlamaContext, LlamaModel, Numerics, llama_cpp_version
 from runtime.controller import CostModel, GammaController
 from runtime.drafting import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
 from runtime.lookup import LookupDrafter
 from runtime.memory import DraftMemory, MemoryDrafter
+from runtime.numerics import exact_width
 from runtime.profiles import load_profile, save_profile
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
 
 log = logging.getLogger(__name__)
+
+# exact mode's probe text (any tokens would do; see runtime.numerics.exact_width)
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and 17 times 23 is 391."
 
 @dataclass
 class Chunk:
@@ -76,8 +80,11 @@ class Engine:
         self._owned: list = []
         self.last_stats: Stats | None = None
         try:
-            self.model = self._own(LlamaModel(model, self.runtime.n_gpu_layers))
-            self.ctx = self._own(self._context(self.model))
+            # only the target needs exact numerics: a draft is a proposal, checked anyway
+            self.numerics = Numerics.exact() if self.runtime.exact else Numerics()
+            self.model = self._own(LlamaModel(model, self.runtime.n_gpu_layers,
+                                              repack=self.numerics.repack))
+            self.ctx = self._own(self._context(self.model, self.numerics))
             self.sampler = Sampler(self.sampling)
             drafters: list = []
             if self.spec_cfg.drafter in ("auto", "lookup"):
@@ -91,16 +98,20 @@ class Engine:
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
                 drafters.append(PrunedDrafter(self.draft_ctx, self.sampler))
+            self.max_rows = self._exact_rows() if self.runtime.exact else None
+            if self.max_rows == 1:
+                drafters = []
             self._profile_key = self._profile_key_for(drafters) if drafters else None
             stored = None if self.spec_cfg.recalibrate or not drafters \
                 else load_profile(self._profile_key)
             self.controller = GammaController(
-                self.spec_cfg.draft_max, self.spec_cfg.adaptive,
+                self.draft_cap(self.spec_cfg.draft_max), self.spec_cfg.adaptive,
                 has_pruned=self.draft_path is not None,
                 costs=CostModel.from_profile(stored) if stored else None)
             self.decoder = SpeculativeDecoder(self.ctx, drafters, self.sampler,
                                               self.controller, self.spec_cfg.p_min,
-                                              self.spec_cfg.forced_drafts)
+                                              max_rows=self.max_rows,
+                                              forced_drafts=self.spec_cfg.forced_drafts)
             self._compiler = ConstraintCompiler(self.model)
             self._compiled: dict[ConstraintSpec, Constraint] = {}
         except BaseException:
@@ -111,9 +122,26 @@ class Engine:
         self._owned.append(obj)
         return obj
 
-    def _context(self, model: LlamaModel) -> LlamaContext:
+    def _context(self, model: LlamaModel, numerics: Numerics | None = None) -> LlamaContext:
         return LlamaContext(model, self.runtime.n_ctx, self.runtime.n_batch,
-                            self.runtime.n_threads)
+                            self.runtime.n_threads, numerics)
+
+    def _exact_rows(self) -> int:
+        """Exact mode: the widest batch that matches one-token steps bitwise here."""
+        rows = exact_width(self.ctx, self.model.tokenize(_PROBE_TEXT, True),
+                           self.spec_cfg.draft_max + 1)
+        if rows == 1:
+            log.warning("exact mode: this llama.cpp build rounds even a 2-token batch "
+                        "differently from a 1-token step on this machine, so drafting is "
+                        "off (output is plain decoding's)")
+        elif rows <= self.spec_cfg.draft_max:
+            log.info("exact mode: drafts capped at %d tokens, the widest batch whose logits "
+                     "match one-token steps bitwise on this machine", rows - 1)
+        return rows
+
+    def draft_cap(self, gamma: int) -> int:
+        """``gamma`` within exact mode's widest bitwise-equal batch (unchanged otherwise)."""
+        return gamma if self.max_rows is None else max(1, min(gamma, self.max_rows - 1))
 
     def _profile_key_for(self, drafters: list) -> str:
         """Which stored device profile applies: same files, threads, offload and build."""
@@ -121,7 +149,8 @@ class Engine:
         rt = self.runtime
         return (f"{sha256_file_cached(self.model.path)}:{draft}:"
                 f"{'+'.join(sorted(d.source for d in drafters))}:t{rt.n_threads or 'all'}:"
-                f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:llama-cpp-python{llama_cpp_version()}")
+                f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:{'exact:' if rt.exact else ''}"
+                f"llama-cpp-python{llama_cpp_version()}")
 
     @staticmethod
     def _resolve_draft(model: Path, draft: str | Path | None) -> Path | None:
@@ -192,7 +221,7 @@ class Engine:
         if sampling is not None:
             self.sampler.reconfigure(sampling)
         if draft_max is not None:
-            self.controller.draft_max = draft_max
+            self.controller.draft_max = self.draft_cap(draft_max)
         memory = self.decoder.drafters.get("memory")
         if memory is not None:
             memory.scope = scope

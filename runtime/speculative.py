@@ -169,12 +169,16 @@ class SpeculativeDecoder:
         sampler: shared by verification and drafting.
         controller: chooses the source and gamma per step.
         p_min: the pruned drafter's confidence cut-off.
+        max_rows: the most rows a target batch may have (exact mode's widest batch that
+            matches one-token steps bitwise); None for no limit.
         forced_drafts: under a constraint, offer the tokens it forces as a draft source.
     """
 
     def __init__(self, target: LlamaContext, drafters: list[Drafter], sampler: Sampler,
-                 controller: GammaController, p_min: float, forced_drafts: bool = True):
+                 controller: GammaController, p_min: float, max_rows: int | None = None,
+                 forced_drafts: bool = True):
         self.target = target
+        self.max_rows = max_rows
         self.drafters = {d.source: d for d in drafters}
         self.sampler = sampler
         self.controller = controller
@@ -368,8 +372,10 @@ class SpeculativeDecoder:
         # Calibration: a plain step run as a k-token batch (the pending token k times)
         # times t_verify(k); row 0 is the plain step's answer and the padding is dropped.
         k = int(need.split(":")[1]) if need and need.startswith("batch:") else 1
-        batch = [self.pending] * k if k > 1 and room >= k - 2 and not draft.tokens \
+        pad_ok = k > 1 and room >= k - 2 and (self.max_rows is None or k <= self.max_rows)
+        batch = [self.pending] * k if pad_ok and not draft.tokens \
             else [self.pending, *draft.tokens]
+        assert self.max_rows is None or len(batch) <= self.max_rows
         t_verify = time.perf_counter()
         rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
-from runtime.context import LlamaContext, LlamaModel
+from runtime.context import LlamaModel
 from runtime.engine import Engine
-from runtime.sampling import gumbel_noise
 from runtime.speculative import Stats
+from tests.exactness import batch_bound, same_or_near_tie
 
 GREEDY = SamplingConfig(temp=0.0)
 # Fixed gamma (no adaptation) so every step really drafts and verifies.
@@ -54,63 +54,40 @@ def engines(smollm2_gguf, smollm2_draft_gguf):
     plain.close()
 
 
-def _first_divergence(a: list[int], b: list[int]) -> int:
-    pairs = enumerate(zip(a, b, strict=False))
-    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+@pytest.fixture(scope="module")
+def bound(smollm2_gguf):
+    """How far batched and one-token logits differ on this machine (see tests/exactness)."""
+    return batch_bound(smollm2_gguf)
 
 
-def _top2_margin(model, context_tokens: list[int], sampler=None) -> float:
-    """The full model's top-2 gap for the next token after ``context_tokens``, from a
-    one-token-at-a-time context: logits, or under sampling the perturbed scores
-    z / temp + G(seed, position, x) that the coupled draw maximizes."""
-    with LlamaContext(model, n_ctx=1024, n_threads=1) as ctx:
-        row = np.array(ctx.eval(context_tokens)[0], dtype=np.float64)
-    if sampler is not None and not sampler.cfg.greedy:
-        cand, z = sampler.candidates(row, [])
-        row = z + gumbel_noise(sampler.seed, len(context_tokens), cand)
-    row = np.sort(row)
-    return float(row[-1] - row[-2])
-
-
-NEAR_TIE = 0.1
-
-
-def _same_or_near_tie(model, prompt, ids_spec: list[int], ids_plain: list[int],
-                      sampler=None) -> bool:
-    """True when identical; otherwise assert that the first divergence is a near-tie of the
-    full model (top-2 within NEAR_TIE), as batched and single-token kernels may round a
-    near-tie differently on some CPUs. A divergence anywhere else would be a real bug."""
-    if ids_spec == ids_plain:
-        return True
-    i = _first_divergence(ids_spec, ids_plain)
-    ctx = (model.tokenize(prompt, True, True) if isinstance(prompt, str) else list(prompt))
-    margin = _top2_margin(model, ctx + ids_plain[:i], sampler)
-    assert margin < NEAR_TIE, f"{prompt!r}: diverged at token {i} with top-2 margin {margin:.3f}"
-    print(f"near-tie divergence at token {i}: margin {margin:.4f}")
-    return False
+def _plain(plain: Engine, prompt, gen: GenerationConfig) -> list[int]:
+    """Plain decoding from an empty cache: the shapes ``plain_margin`` replays."""
+    plain.reset()
+    return plain.complete(prompt, gen)[1]
 
 
 def _report(name: str, n_same: int, n: int) -> None:
     print(f"{name}: {n_same}/{n} outputs identical to plain decoding; every other one "
-          "first differs at a near-tie")
+          "first differs where rounding can swap the top two")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_tokens", [256])
-def test_greedy_speculative_equals_plain(engines, n_tokens):
+def test_greedy_speculative_equals_plain(engines, bound, n_tokens):
     """20 prompts x 256 tokens. Where outputs differ, batched and single-token kernels
-    must disagree on a near-tie of the full model (top-2 logits within 0.1), not a bug.
-    How many are identical depends on the CPU's rounding, so it is printed, not asserted."""
+    must disagree where plain decoding's top-2 margin is within twice this machine's
+    measured bound, not elsewhere. How many are identical depends on the CPU's rounding,
+    so it is printed, not asserted."""
     spec, plain = engines
     gen = GenerationConfig(max_tokens=n_tokens)
     n_identical, drafted, accepted = 0, 0, 0
     for text in PROMPTS:
         prompt = chat_prompt(text)
         _, ids_spec, st = spec.complete(prompt, gen)
-        _, ids_plain, _ = plain.complete(prompt, gen)
+        ids_plain = _plain(plain, prompt, gen)
         drafted, accepted = drafted + st.n_drafted, accepted + st.n_accepted
         assert st.n_drafted > 0
-        n_identical += _same_or_near_tie(plain.model, prompt, ids_spec, ids_plain)
+        n_identical += same_or_near_tie(plain.model, prompt, ids_spec, ids_plain, bound)
     _report("pruned draft, gamma 4", n_identical, len(PROMPTS))
     assert 0.3 < accepted / drafted <= 1.0
 
@@ -145,14 +122,15 @@ def test_same_batches_give_the_same_text(engines):
     assert spec.complete(prompt, gen)[1] == spec.complete(prompt, gen)[1]
 
 
-def test_greedy_identical_short(engines):
+def test_greedy_identical_short(engines, bound):
     spec, plain = engines
     gen = GenerationConfig(max_tokens=48)
     n_same = 0
     for text in PROMPTS[:3]:
         a = spec.complete(chat_prompt(text), gen)
+        plain.reset()
         b = plain.complete(chat_prompt(text), gen)
-        n_same += _same_or_near_tie(plain.model, chat_prompt(text), a[1], b[1])
+        n_same += same_or_near_tie(plain.model, chat_prompt(text), a[1], b[1], bound)
         assert a[2].n_steps < b[2].n_steps  # drafts were accepted: fewer steps
     _report("short greedy", n_same, 3)
 
@@ -183,7 +161,7 @@ def test_finish_reasons(engines):
     assert st.finish_reason == "eog" and spec.model.is_eog(ids[-1])
 
 
-def test_caches_stay_consistent_when_stopped_early(engines):
+def test_caches_stay_consistent_when_stopped_early(engines, bound):
     """Closing the stream mid-answer leaves both caches matching the emitted tokens, so the
     next call continues exactly as a fresh engine would."""
     spec, plain = engines
@@ -198,14 +176,14 @@ def test_caches_stay_consistent_when_stopped_early(engines):
     assert all(len(d._seen) <= len(dec.kv) for d in dec.drafters.values())
     gen = GenerationConfig(max_tokens=40)
     again = spec.complete(prompt, gen)[1]
-    _same_or_near_tie(plain.model, prompt, again, plain.complete(prompt, gen)[1])
+    same_or_near_tie(plain.model, prompt, again, _plain(plain, prompt, gen), bound)
 
 
 SAMPLED = SamplingConfig(temp=0.8, seed=1234)
 
 
 @pytest.mark.slow
-def test_same_seed_same_text_with_any_drafting(smollm2_gguf, smollm2_draft_gguf):
+def test_same_seed_same_text_with_any_drafting(smollm2_gguf, smollm2_draft_gguf, bound):
     """Issue 11's seed contract: with one seed, --no-draft, adaptive drafting, fixed gamma 1
     and 4, and lookup drafts all print the same text, except where a batch-size rounding
     flips a near-tie of the perturbed scores."""
@@ -225,7 +203,7 @@ def test_same_seed_same_text_with_any_drafting(smollm2_gguf, smollm2_draft_gguf)
             runs[name] = eng.complete(prompt, gen)[1]
             sampler = eng.sampler
     with LlamaModel(smollm2_gguf) as model:
-        same = sum(_same_or_near_tie(model, prompt, ids, runs["none"], sampler)
+        same = sum(same_or_near_tie(model, prompt, ids, runs["none"], bound, sampler)
                    for ids in runs.values())
     _report("seed 1234 across drafting settings", same, len(runs))
 
@@ -280,7 +258,7 @@ COPY = chat_prompt("Repeat the following text exactly, then add one sentence tha
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
-def test_lookup_drafts_keep_the_output(smollm2_gguf, sampling):
+def test_lookup_drafts_keep_the_output(smollm2_gguf, bound, sampling):
     """Lookup drafts (no draft file at all): forced gamma 8, greedy and sampled, give plain
     decoding's tokens (near-ties aside), and copy-heavy text emits several tokens per
     target step."""
@@ -293,7 +271,7 @@ def test_lookup_drafts_keep_the_output(smollm2_gguf, sampling):
         assert look.sources == ["lookup"] and plain.sources == []
         _, ids_look, st = look.complete(COPY, gen)
         _, ids_plain, _ = plain.complete(COPY, gen)
-        _same_or_near_tie(plain.model, COPY, ids_look, ids_plain, look.sampler)
+        same_or_near_tie(plain.model, COPY, ids_look, ids_plain, bound, look.sampler)
     assert st.sources["lookup"]["accepted"] > 0
     print(f"lookup: {st.tokens_per_step:.2f} tokens per target step")
     if sampling.greedy:
@@ -301,7 +279,7 @@ def test_lookup_drafts_keep_the_output(smollm2_gguf, sampling):
 
 
 @pytest.mark.parametrize("which", ["target", "draft"])
-def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which):
+def test_interrupt_inside_decode_keeps_caches_usable(engines, bound, monkeypatch, which):
     """Ctrl-C arriving right after llama_decode returns (before Python books the tokens)
     must leave a state from which the next answer is exactly the plain one."""
     spec, plain = engines
@@ -329,8 +307,8 @@ def test_interrupt_inside_decode_keeps_caches_usable(engines, monkeypatch, which
     # continue exactly where the cache ends, as a chat's next turn does
     follow_up = list(spec.decoder.kv) + spec.model.tokenize(" And then?", False)
     gen = GenerationConfig(max_tokens=30)
-    _same_or_near_tie(plain.model, follow_up, spec.complete(follow_up, gen)[1],
-                      plain.complete(follow_up, gen)[1])
+    same_or_near_tie(plain.model, follow_up, spec.complete(follow_up, gen)[1],
+                     _plain(plain, follow_up, gen), bound)
 
 
 def test_context_limits(smollm2_gguf, smollm2_draft_gguf):
@@ -365,13 +343,18 @@ def test_small_context_answers_or_refuses_cleanly(smollm2_gguf, n_ctx):
                 assert 0 < len(ids) <= real - n_prompt + 1
 
 
+GEMMA_PROMPTS = ["The history of the Roman Empire began", "def quicksort(arr):",
+                 "Water boils at 100 degrees Celsius because", "My favourite recipe is"]
+
+
 @pytest.mark.slow
-def test_gemma3_greedy_speculative_equals_plain(gemma3_gguf, tmp_path):
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_gemma3_greedy_speculative_equals_plain(gemma3_gguf, tmp_path, exact):
     """Gemma 3 (sliding-window attention, 262k vocabulary) with an exported 17-layer draft.
-    On AVX2 CPUs its batched and single-token logits often order near-ties differently,
-    so only the guarantee is asserted: any divergence sits on a near-tie. Gemma 3 270M is
-    fragile: dropping layer 16 keeps ~50% top-1 agreement, so acceptance is only checked
-    to be real."""
+    By default its batched and one-token logits differ by several units on some CPUs, so
+    only the measured rule is asserted there; with ``exact`` the output must be identical.
+    Gemma 3 270M is fragile: dropping layer 16 keeps ~50% top-1 agreement, so acceptance
+    is only checked to be real."""
     from exporters.prune import DraftInfo, write_draft
     from runtime.files import sha256_file_cached
 
@@ -379,16 +362,21 @@ def test_gemma3_greedy_speculative_equals_plain(gemma3_gguf, tmp_path):
     write_draft(gemma3_gguf, draft, [i for i in range(18) if i != 16],
                 DraftInfo("manual", sha256_file_cached(gemma3_gguf)))
     gen = GenerationConfig(max_tokens=64)
-    prompts = ["The history of the Roman Empire began", "def quicksort(arr):",
-               "Water boils at 100 degrees Celsius because", "My favourite recipe is"]
-    with Engine(gemma3_gguf, draft=draft, runtime=RT, speculative=FORCED,
+    rt = RuntimeConfig(n_ctx=RT.n_ctx, n_threads=RT.n_threads, exact=exact)
+    bound = None if exact else batch_bound(gemma3_gguf)
+    with Engine(gemma3_gguf, draft=draft, runtime=rt, speculative=FORCED,
                 sampling=GREEDY) as spec, \
-            Engine(gemma3_gguf, draft=None, runtime=RT, sampling=GREEDY) as plain:
+            Engine(gemma3_gguf, draft=None, runtime=rt, sampling=GREEDY) as plain:
         same, drafted, accepted = 0, 0, 0
-        for prompt in prompts:
+        for prompt in GEMMA_PROMPTS:
+            spec.reset()
             _, ids_spec, st = spec.complete(prompt, gen)
-            _, ids_plain, _ = plain.complete(prompt, gen)
+            ids_plain = _plain(plain, prompt, gen)
             drafted, accepted = drafted + st.n_drafted, accepted + st.n_accepted
-            same += _same_or_near_tie(plain.model, prompt, ids_spec, ids_plain)
-    _report("Gemma 3, pruned draft", same, len(prompts))
+            if exact:
+                assert ids_spec == ids_plain, f"{prompt!r}: exact mode differs from plain"
+                same += 1
+            else:
+                same += same_or_near_tie(plain.model, prompt, ids_spec, ids_plain, bound)
+    _report(f"Gemma 3, pruned draft{' (exact)' if exact else ''}", same, len(GEMMA_PROMPTS))
     assert drafted > 0 and accepted / drafted > 0.15

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Which llama.cpp settings make a verify batch's logits equal a one-token step's.
+
+For each bundled model (or the GGUFs given) and each combination of KV cache type, flash
+attention, weight repacking and minimum batch rows, it measures the largest logit
+difference between one-token and batched evaluation of the same greedy tokens
+(``runtime.numerics.measure_bound``) and prints one row per setting, with the CPU named.
+
+    .venv/bin/python scripts/batch_numerics.py [MODEL.gguf ...] [-n 96] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exporters import testmodels  # noqa: E402
+from runtime.bench import cpu_summary  # noqa: E402
+from runtime.context import LlamaContext, LlamaModel, Numerics  # noqa: E402
+from runtime.numerics import measure_bound  # noqa: E402
+
+PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain it."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("-n", "--positions", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="default and exact settings only")
+    args = ap.parse_args()
+    models = args.models or [testmodels.fetch_gguf(testmodels.SMOLLM2),
+                             testmodels.fetch_gguf(testmodels.GEMMA3)]
+    if args.quick:
+        settings = [Numerics(), Numerics.exact()]
+    else:
+        settings = [Numerics(min_rows=r, flash_attn=fa, kv_type=kv, repack=rp)
+                    for r, fa, kv, rp in itertools.product(
+                        (1, 2), (None, False), ("f16", "f32"), (True, False))]
+    print(f"# {cpu_summary()}")
+    print("| model | min rows | flash attn | KV | repack | max abs | median | bitwise equal "
+          "rows | argmax flips |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path in models:
+        for num in settings:
+            with LlamaModel(path, repack=num.repack) as model:
+                ids = model.tokenize(PROMPT, True, True)
+                b = measure_bound(lambda m=model, n=num: LlamaContext(
+                    m, n_ctx=512, n_threads=args.threads, numerics=n), ids, args.positions)
+            total = b.n_positions * len(b.widths)
+            fa = {None: "auto", True: "on", False: "off"}[num.flash_attn]
+            print(f"| {path.name} | {num.min_rows} | {fa} | {num.kv_type} | "
+                  f"{'on' if num.repack else 'off'} | {b.max_abs:.4g} | {b.median_abs:.3g} | "
+                  f"{b.n_identical}/{total} | {b.argmax_flips} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
