@@ -19,10 +19,10 @@ from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, Spec
 from runtime.constraint import Constraint, ConstraintCompiler, ConstraintSpec
 from runtime.context import LlamaContext, LlamaModel, Numerics, llama_cpp_version
 from runtime.controller import CostModel, GammaController
-from runtime.drafting import PrunedDrafter
+from runtime.drafters.lookup import LookupDrafter
+from runtime.drafters.memory import DraftMemory, MemoryDrafter
+from runtime.drafters.pruned import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
-from runtime.lookup import LookupDrafter
-from runtime.memory import DraftMemory, MemoryDrafter
 from runtime.numerics import exact_width
 from runtime.profiles import load_profile, save_profile
 from runtime.sampling import Sampler

@@ -32,9 +32,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from runtime.constraint import Constraint, GrammarDrafter
+from runtime.constraint import Constraint
 from runtime.context import LlamaContext
 from runtime.controller import GRAMMAR, PRUNED, GammaController, Offer, StepRecord
+from runtime.drafters.grammar import GrammarDrafter
 from runtime.drafting import Draft, Drafter
 from runtime.sampling import Sampler, logprobs, verify
 

@@ -1,20 +1,21 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-One model has one KV cache, so one worker thread runs every llama.cpp call and requests are
-served one at a time, in arrival order; the async handlers only wait on it, so ``/health``
-answers and concurrent clients queue instead of failing. Chat requests go through one
-``ChatSession`` (the GGUF's own template), which reuses the cached prefix: a follow-up turn
-evaluates only its new tokens. A client that goes away cancels its job, and the worker
-closes the engine's generator within a step (its ``finally`` keeps the caches consistent).
+One model has one KV cache, so one worker thread (``runtime.serve.worker``) runs every
+llama.cpp call and requests are served one at a time, in arrival order; the async handlers
+only wait on it, so ``/health`` answers and concurrent clients queue instead of failing.
+Chat requests go through one ``ChatSession`` (the GGUF's own template), which reuses the
+cached prefix: a follow-up turn evaluates only its new tokens. A client that goes away
+cancels its job, and the worker closes the engine's generator within a step (its
+``finally`` keeps the caches consistent).
 
-A drafting memory (``runtime.memory``) remembers every finished request, prompt and
-answer, and later requests draft from it. Requests draft only from earlier requests made
+A drafting memory (``runtime.drafters.memory``) remembers every finished request, prompt
+and answer, and later requests draft from it. Requests draft only from earlier requests made
 with the same API key (the scope is a hash of the presented bearer token; without
 ``--api-key`` every request shares one scope); ``"shared_drafts": false`` keeps a request
 out of it both ways. ``--draft-memory-file`` loads it at start and saves it at shutdown.
 
-Request and response shapes live in ``runtime.openai_api``. Responses carry llama-server's
-``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
+Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
+llama-server's ``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
 ``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
 ``serve`` extra.
 """
@@ -29,11 +30,9 @@ import json
 import logging
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +43,13 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
 
-from runtime import openai_api as api
-from runtime.chat import ChatSession, ChatTemplateError
 from runtime.config import GenerationConfig
+from runtime.drafters.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.engine import Chunk, Engine
 from runtime.files import sha256_file_cached
-from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
-from runtime.openai_api import APIError
+from runtime.serve import openai_api as api
+from runtime.serve.openai_api import APIError
+from runtime.serve.worker import DONE, Job, Worker
 from runtime.speculative import Stats
 
 log = logging.getLogger(__name__)
@@ -143,79 +142,6 @@ def scope_of(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         return ""
     return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
-
-
-# -- the worker: every llama.cpp call on one thread ---------------------------------------
-
-_DONE = object()
-
-
-@dataclass(eq=False)  # jobs are compared (and hashed) by identity
-class Job:
-    """One generation, queued for the worker. Items arrive on ``queue``: ``Chunk``s, then
-    ``_DONE`` or an exception."""
-
-    start: Callable[[Stats], Iterator[Chunk]]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stats: Stats = field(default_factory=Stats)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: object) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled.set()
-
-
-class Worker:
-    """Runs jobs one at a time, in order, on a single thread that owns the engine."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        try:
-            self.session: ChatSession | None = ChatSession(engine)
-            self.no_chat: str | None = None
-        except ChatTemplateError as e:  # a base model: /v1/completions only
-            self.session, self.no_chat = None, str(e)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-llama")
-        self._jobs: set[Job] = set()
-        self.n_served = 0  # generations that ran to their end
-
-    def submit(self, start: Callable[[Stats], Iterator[Chunk]]) -> Job:
-        job = Job(start, asyncio.get_running_loop())
-        self._jobs.add(job)
-        self._pool.submit(self._run, job)
-        return job
-
-    def _run(self, job: Job) -> None:
-        try:
-            if job.cancelled.is_set():  # its client left while it waited
-                return
-            stream = job.start(job.stats)
-            try:
-                for chunk in stream:
-                    job.emit(chunk)
-                    if job.cancelled.is_set():
-                        break
-            finally:
-                stream.close()  # the engine's finally: caches end at the emitted tokens
-            self.n_served += 1
-            job.emit(_DONE)
-        except ValueError as e:  # the request's fault (prompt too long, bad template...)
-            job.emit(APIError(str(e)))
-        except Exception as e:
-            log.exception("generation failed; resetting the model's caches")
-            self.engine.reset()
-            job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
-        finally:
-            self._jobs.discard(job)
-
-    def close(self) -> None:
-        """Cancel queued and running jobs and wait for the thread (within a step)."""
-        for job in list(self._jobs):
-            job.cancelled.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -376,7 +302,7 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
                  watcher: asyncio.Future, lp: Callable | None) -> dict:
     text, tokens, lps = [], [], []
-    while item is not _DONE:
+    while item is not DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
@@ -398,7 +324,7 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
     first, n = True, 0
     watcher = asyncio.ensure_future(stopping.wait())
     try:
-        while item is not _DONE:
+        while item is not DONE:
             if isinstance(item, APIError):
                 yield {"data": json.dumps(item.body())}
                 return

@@ -1,7 +1,8 @@
 """The OpenAI API's shapes for ``bridge serve``: request bodies, their validation into
 bridge's settings, and the response objects (whole answers, stream chunks, ``timings``).
 
-Everything here is pure: no model, no HTTP. ``runtime.server`` owns the worker and the app.
+Everything here is pure: no model, no HTTP. ``runtime.serve.app`` owns the app and
+``runtime.serve.worker`` the worker.
 
 bridge's extensions are top-level request fields, as llama-server's are: ``top_k``,
 ``min_p``, ``repeat_penalty``, ``speculative.n_max``, ``shared_drafts`` (false: this
