@@ -286,7 +286,8 @@ class SpeculativeDecoder:
         return total
 
     def _prefill(self, prompt: list[int], stats: Stats) -> Step:
-        """Evaluate what the cache lacks of ``prompt``; return the first new token."""
+        """Evaluate what the cache lacks of ``prompt``; return the step of the first new
+        token (chosen under the constraint, if any)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.target.n_ctx:
