@@ -342,9 +342,12 @@ class GammaController:
             self._retime_draft = True  # is the verdict still true? re-time the draft step
             self._since_retime = 0
         # a lookup probe needs a real match: one shared token predicts little, and a
-        # probe on it would cost a batch for almost no evidence
+        # probe on it would cost a batch for almost no evidence. Forced text is never
+        # probed: its acceptance is known (it is the grammar's own text), so whether it
+        # pays depends on the verify costs alone, and a probe would only pay a batch to
+        # learn nothing (its clean result would even reset the back-off every time).
         names = sorted(n for n, o in live.items()
-                       if not (n == PRUNED and pruned_off)
+                       if n != GRAMMAR and not (n == PRUNED and pruned_off)
                        and (n == PRUNED or o.match_len >= _PROBE_MIN_MATCH))
         if not names:
             return None, 0
