@@ -11,7 +11,9 @@ unless named "free":
 - ``lookup``: forced lookup (fixed gamma 8), forced-text drafting off;
 - ``lookup+forced``: the same with the grammar's forced text drafted too;
 - ``auto``: the adaptive controller with lookup and forced text.
-Then ``--seeds`` sampled answers (temperature 1.0) per prompt under ``auto`` for validity.
+Then ``--seeds`` sampled answers (temperature 1.0) per prompt under ``auto`` for validity,
+and (unless ``--no-serve``) the same workload through a real ``bridge serve`` started from
+this checkout, asked by the ``openai`` client with ``response_format: json_schema``.
 Tokens per target step and the share of forced tokens do not depend on the hardware;
 tokens/s do. Predicted speedups for other verify curves use the measured step sizes.
 """
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -181,6 +185,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4, help="sampled answers per prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
+    ap.add_argument("--no-serve", action="store_true",
+                    help="skip the run through bridge serve and the openai client")
     args = ap.parse_args()
     model = args.model or testmodels.fetch_gguf(testmodels.SMOLLM2)
     rt = RuntimeConfig(n_ctx=1024, n_threads=args.threads)
@@ -214,6 +220,8 @@ def main() -> None:
         for e in engines.values():
             e.close()
     report = render(results, n_valid, n_answers, n_single, curve, args)
+    if not args.no_serve:
+        report += "\n" + through_serve(model, args)
     print(report)
     if args.out:
         args.out.write_text(report)
@@ -268,6 +276,56 @@ def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_singl
                  for v in CURVES.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def through_serve(model: Path, args) -> str:
+    """The workload through a real ``bridge serve`` (this checkout's code, lookup and forced
+    text, adaptive) and the ``openai`` client: validity and the server's own timings."""
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", str(model),
+                             "--port", str(port), "--threads", str(args.threads),
+                             "-c", "1024", "--drafter", "lookup"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    try:
+        for _ in range(600):
+            try:
+                model_id = client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("bridge serve did not start")
+        n_valid = n = tokens = steps = forced = 0
+        seconds = 0.0
+        for temp, seeds in ((0.0, [0]), (1.0, range(args.seeds))):
+            for _, schema, text in WORKLOAD:
+                fmt = {"type": "json_schema",
+                       "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+                for seed in seeds:
+                    r = client.chat.completions.create(
+                        model=model_id, messages=[{"role": "user", "content": text}],
+                        temperature=temp, seed=seed, max_tokens=200, response_format=fmt)
+                    n += 1
+                    n_valid += valid(r.choices[0].message.content, schema)
+                    t = r.model_extra["timings"]
+                    tokens, steps = tokens + t["predicted_n"], steps + t["n_steps"]
+                    seconds += t["predicted_ms"] / 1e3
+                    forced += t["sources"].get("grammar", {}).get("accepted", 0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return (f"**Through `bridge serve`** (`--drafter lookup`, adaptive; the `openai` client, "
+            f"`response_format: json_schema`, strict): {n_valid}/{n} answers valid, "
+            f"{tokens} tokens at {tokens / seconds:.1f} tok/s, "
+            f"{(tokens - n) / max(1, steps):.2f} tokens per target step, "
+            f"{forced / max(1, tokens):.0%} of tokens drafted from forced text and kept.\n")
 
 
 if __name__ == "__main__":
