@@ -205,7 +205,7 @@ class ConstraintCompiler:
         if self._tokenizer is None:
             from llguidance.llamacpp import lltokenizer_from_vocab
 
-            vocab = self.model._vocab
+            vocab = self.model.vocab
             # every end-of-generation token may end an answer the grammar accepts
             eog = [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
             with warnings.catch_warnings():  # llguidance calls a deprecated alias per token
