@@ -44,13 +44,16 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens.")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, help="GPU layers (-1: all).")
 @click.option("--threads", "n_threads", type=int, help="CPU threads.")
+@click.option("--exact", is_flag=True, default=None,
+              help="Exact mode: verify batches whose logits equal one-token steps bitwise.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path),
               help="Also write the figures to this JSON file ('-' for stdout only).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path),
               help="Write a PNG chart of speed and the verify-cost curve.")
 @user_errors
 def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
-              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, json_out, plot_out) -> None:
+              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, json_out,
+              plot_out) -> None:
     """Compare plain decoding and each draft source side by side on this machine."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
@@ -68,7 +71,8 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
         raise ValueError("bench compares draft sources; --drafter none leaves nothing to "
                          "compare (plain decoding is always one of the modes)")
     runtime = RuntimeConfig(**{k: v for k, v in dict(
-        n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads).items() if v is not None})
+        n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        exact=exact).items() if v is not None})
     spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
     use_draft = None if drafter == "lookup" else (draft or "auto")
     with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,
@@ -88,23 +92,27 @@ def _print_tables(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from runtime.bench import cpu_summary
+
     console = Console(width=max(110, Console().width))
     greedy = "greedy" if r["greedy"] else "sampled"
     for set_name, res in r["sets"].items():
         t = Table(title=f"{r['model']}: '{set_name}' prompts ({res['n_prompts']} x "
                         f"{r['max_tokens']} tokens, {greedy})")
-        for col in ("mode", "tok/s", "speedup", "theory", "tok/step", "accept", "by source",
-                    "same", "margins", "mean γ", "python"):
+        for col in ("mode", "tok/s", "speedup", "vs llama.cpp", "theory", "tok/step", "accept",
+                    "by source", "same", "margins", "mean γ", "py µs/step"):
             t.add_column(col, justify="right", no_wrap=col != "by source")
         for name, m in res["modes"].items():
             by = " ".join(f"{s} {v['accepted']}/{v['drafted']}" for s, v in m["sources"].items())
+            vs = m.get("vs_llama_cpp")
             t.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x",
+                      f"{vs:.3f}x" if vs else "",
                       f"{m['theoretical_speedup']:.2f}x" if "theoretical_speedup" in m else "",
                       f"{m['tokens_per_step']:.2f}",
                       f"{m['acceptance_rate']:.0%}" if name != "plain" else "", by,
                       f"{m['identical_to_plain']}/{res['n_prompts']}",
                       " ".join(f"{x:.2f}" for x in m["divergence_margins"]),
-                      f"{m['mean_gamma']:.2f}", f"{m['python_overhead']:.1%}")
+                      f"{m['mean_gamma']:.2f}", f"{m['python_us_per_step']:.0f}")
         console.print(t)
         for name, m in res["modes"].items():
             if m.get("note"):
@@ -112,11 +120,14 @@ def _print_tables(r: dict) -> None:
     console.print("speedup: against plain in the same run; theory: the cost model from "
                   "measured alpha and costs; tok/step: tokens per target evaluation; same: "
                   "outputs identical to plain; margins: the full model's top-2 logit gap "
-                  "where an output first differs (small = a near-tie); python: time "
-                  "outside llama_decode")
+                  "where an output first differs (small = a near-tie); vs llama.cpp: "
+                  "against llama_decode + llama.cpp's own greedy sampler with no Python per "
+                  "token; py µs/step: bridge's own time per target step, outside "
+                  "llama_decode")
     c = r["costs"]
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
-    console.print(f"cpu: {r['machine']['cpu']}; target step {c['target_step_ms']:.2f} ms; "
+    console.print(f"cpu: {cpu_summary(r['machine'])}; {r['numerics']['describe']}")
+    console.print(f"target step {c['target_step_ms']:.2f} ms; "
                   f"draft step {c['draft_step_ms']} ms (c = {c['c']}); verify k tokens / "
                   f"1 token: {curve}")
 

@@ -48,6 +48,10 @@ def engine_options(f: Callable) -> Callable:
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int,
                      help="Layers offloaded to the GPU (-1: all)."),
         click.option("--threads", "n_threads", type=int, help="CPU threads."),
+        click.option("--exact", is_flag=True, default=None,
+                     help="Evaluate the model so that a verify batch's logits equal a "
+                          "one-token step's bitwise: greedy output is then identical with "
+                          "any drafting (costs a 2-row batch per plain step; see README)."),
         click.option("--temp", type=float, help="Temperature; 0 is greedy."),
         click.option("--top-k", type=int), click.option("--top-p", type=float),
         click.option("--min-p", type=float), click.option("--repeat-penalty", type=float),
@@ -114,7 +118,7 @@ def build_engine(o: dict, memory=None):
     from runtime.engine import Engine
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
-                                     n_threads=o["n_threads"]))
+                                     n_threads=o["n_threads"], exact=o["exact"]))
     drafter = "none" if o["no_draft"] else o["drafter"]
     if o["no_draft"] and o["drafter"] not in (None, "none"):
         raise ValueError(f"--no-draft contradicts --drafter {o['drafter']}; give one of them")

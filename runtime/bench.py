@@ -32,9 +32,12 @@ from runtime.chat import ChatSession
 from runtime.context import LlamaContext, gpu_offload_supported
 from runtime.controller import PRUNED, GammaController
 from runtime.engine import Engine
+from runtime.numerics import DEFAULT_WIDTHS, measure_bound
 from runtime.speculative import SpeculativeDecoder, Stats
 
 log = logging.getLogger(__name__)
+
+LEAN = "llama.cpp loop"  # llama_decode + llama.cpp's greedy sampler, no Python per token
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ModeResult:
     name: str
     sources: tuple[str, ...]      # () is plain decoding
     controller: GammaController
+    lean: bool = False            # llama.cpp's own greedy loop, not bridge's
     stats: list[Stats] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -92,7 +96,7 @@ class ModeResult:
 
 def make_modes(engine: Engine, cfg: BenchConfig) -> list[ModeResult]:
     """plain, auto, one adaptive mode per source, forced lookup, fixed pruned gammas."""
-    dm = engine.spec_cfg.draft_max
+    dm = engine.draft_cap(engine.spec_cfg.draft_max)
     have = engine.sources
     has_pruned = PRUNED in have
 
@@ -101,13 +105,18 @@ def make_modes(engine: Engine, cfg: BenchConfig) -> list[ModeResult]:
                           GammaController(gamma, adaptive, has_pruned=PRUNED in sources))
 
     modes = [mode("plain", (), adaptive=False), mode("auto", have)]
+    # the baseline "never slower than plain" is checked against: llama.cpp's own loop on
+    # the same context (not in exact mode, whose numerics are not llama.cpp's defaults)
+    if engine.sampling.greedy and not engine.runtime.exact:
+        modes.append(ModeResult(LEAN, (), GammaController(1, False), lean=True))
     if len(have) > 1:
         modes += [mode(src, (src,)) for src in have]
     if "lookup" in have and cfg.lookup_gamma:
-        modes.append(mode(f"lookup γ={cfg.lookup_gamma}", ("lookup",), False,
-                          cfg.lookup_gamma))
+        g = engine.draft_cap(cfg.lookup_gamma)  # exact mode caps the batch width
+        modes.append(mode(f"lookup γ={g}", ("lookup",), False, g))
     if has_pruned:
-        modes += [mode(f"pruned γ={g}", (PRUNED,), False, g) for g in cfg.fixed_gammas]
+        gammas = sorted({engine.draft_cap(g) for g in cfg.fixed_gammas})
+        modes += [mode(f"pruned γ={g}", (PRUNED,), False, g) for g in gammas]
     return modes
 
 
@@ -169,10 +178,48 @@ def run_bench(engine: Engine, cfg: BenchConfig) -> dict:
             log.info("%s: prompt %d/%d done", set_name, i + 1, len(prompts))
         results[set_name] = (modes, all_ids)
     costs = measure_costs(engine, cfg.verify_k_max)
-    return _report(engine, cfg, results, costs)
+    out = _report(engine, cfg, results, costs)
+    out["numerics"] = measure_numerics(engine)
+    return out
+
+
+def measure_numerics(engine: Engine, n_positions: int = 64) -> dict:
+    """This machine's bound on |batched - one-token logits| for the engine's target and
+    settings (``runtime.numerics``), over the batch widths its verification uses."""
+    widths = tuple(w for w in DEFAULT_WIDTHS
+                   if engine.max_rows is None or w <= engine.max_rows)
+    ids = engine.model.tokenize("The history of science is", True)
+
+    def make() -> LlamaContext:
+        return LlamaContext(engine.model, n_ctx=len(ids) + n_positions + 64,
+                            n_threads=engine.runtime.n_threads, numerics=engine.numerics)
+
+    bound = measure_bound(make, ids, n_positions, widths)
+    return {"exact": engine.runtime.exact, "max_rows": engine.max_rows,
+            "bound": bound.as_dict(), "describe": bound.describe()}
+
+
+def _run_lean(engine: Engine, ids: list[int], max_tokens: int) -> tuple[Stats, list[int]]:
+    """llama.cpp's own loop (``LlamaContext.greedy_native``) from the same prefill."""
+    engine.reset()
+    ctx = engine.ctx
+    first = int(np.argmax(ctx.eval(ids)[-1]))
+    stats = Stats(mode=LEAN, n_prompt=len(ids))
+    tokens = [first]
+    if not engine.model.is_eog(first) and max_tokens > 1:
+        more, stats.decode_seconds = ctx.greedy_native(first, max_tokens - 1,
+                                                       engine.model.is_eog)
+        tokens += more
+    stats.llama_seconds = stats.decode_seconds
+    stats.n_tokens, stats.n_steps = len(tokens), len(tokens) - 1
+    ctx.reset()
+    engine.reset()
+    return stats, tokens
 
 
 def _run_mode(engine: Engine, mode: ModeResult, ids: list[int], max_tokens: int):
+    if mode.lean:
+        return _run_lean(engine, ids, max_tokens)
     drafters = [engine.drafters[s] for s in mode.sources]
     decoder = SpeculativeDecoder(engine.ctx, drafters, engine.sampler, mode.controller,
                                  engine.spec_cfg.p_min if mode.controller.adaptive else 0.0)
@@ -217,6 +264,10 @@ def _report(engine: Engine, cfg: BenchConfig, results: dict, costs: dict) -> dic
     }
     for set_name, (modes, prompts) in results.items():
         rows = {m.name: _mode_row(engine, m, modes[0], prompts, costs) for m in modes}
+        lean = rows.get(LEAN)
+        for row in rows.values():  # "never slower than plain", against llama.cpp itself
+            row["vs_llama_cpp"] = round(row["tokens_per_s"] / lean["tokens_per_s"], 3) \
+                if lean and lean["tokens_per_s"] else None
         out["sets"][set_name] = {"n_prompts": len(prompts), "modes": rows}
     return out
 
@@ -250,6 +301,7 @@ def _mode_row(engine: Engine, m: ModeResult, plain: ModeResult, prompts: list[li
                                                           strict=True)),
         "divergence_margins": [round(x, 4) for x in margins if x is not None],
         "python_overhead": round(statistics.mean(s.python_overhead for s in m.stats), 4),
+        "python_us_per_step": round(_python_us(m.stats), 1),
         "mean_gamma": round(statistics.mean(gammas), 3) if gammas else 0.0,
         "gamma_over_time": gammas[:64],
     }
@@ -260,6 +312,14 @@ def _mode_row(engine: Engine, m: ModeResult, plain: ModeResult, prompts: list[li
     if notes:
         row["note"] = sorted(notes)[0]
     return row
+
+
+def _python_us(stats: list[Stats]) -> float:
+    """bridge's own microseconds per target step over a mode's runs (time outside
+    llama_decode, pooled over prompts so short answers do not weigh as much as long)."""
+    steps = sum(s.n_steps for s in stats)
+    outside = sum(max(0.0, s.decode_seconds - s.llama_seconds) for s in stats)
+    return 1e6 * outside / steps if steps else 0.0
 
 
 def machine_info() -> dict:

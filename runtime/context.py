@@ -185,15 +185,17 @@ class Numerics:
     the other rows in its batch.
 
     On CPUs, a one-row matrix product takes ggml's vec_dot kernels and a product of two or
-    more rows takes llamafile's tinyBLAS (for F16/F32/BF16/Q8_0/Q4_0 matrices, the KV cache
-    included), whose sums run in another order; repacked weights take a 4-row gemm for full
-    groups of four and a gemv for the rest; flash attention tiles batches of queries. So by
-    default a verify batch and a one-token step differ by rounding, which can flip a near-tie.
+    more rows takes llamafile's tinyBLAS (for F16/F32/BF16/Q8_0/Q4_0/Q5_0 matrices, the KV
+    cache included), whose sums run in another order; repacked weights take a 4-row gemm
+    for full groups of four and a gemv for the rest; flash attention tiles batches of
+    queries. So by default a verify batch and a one-token step differ by rounding, which can
+    flip a near-tie.
 
     Args:
         min_rows: evaluate at least this many rows per llama_decode, padding with throwaway
-            rows (2 in exact mode: every product then takes the multi-row kernel, whose
-            result for one row does not depend on how many rows share it).
+            rows (2 in exact mode: every product then takes the multi-row kernels, whose
+            result for one row does not depend on how many rows share it, up to a width
+            that ``runtime.numerics.exact_width`` measures: Gemma 3 changes at 8 rows).
         flash_attn: llama.cpp's flash attention: None (its default, auto), True or False.
         kv_type: the KV cache's type, ``f16`` (llama.cpp's default) or ``f32``.
         repack: weight repacking for the CPU gemm kernels.
@@ -216,10 +218,6 @@ class Numerics:
         """The settings under which a row's logits equal in any batch (measured by
         ``runtime.numerics``; see README's "What identical means")."""
         return cls(min_rows=2, flash_attn=False, kv_type="f16", repack=False)
-
-    @property
-    def is_exact(self) -> bool:
-        return self == Numerics.exact()
 
     def apply(self, params: llama_cpp.llama_context_params) -> None:
         if self.flash_attn is not None:
@@ -327,6 +325,41 @@ class LlamaContext:
                                f"{self.n_past + n}")
         self.n_past += n
         return n if all_logits else int(want_last)
+
+    def greedy_native(self, first: int, n_tokens: int, is_eog) -> tuple[list[int], float]:
+        """The leanest greedy loop llama-cpp-python allows, as a benchmark baseline: one
+        token per ``llama_decode`` and llama.cpp's own greedy sampler, no logits copied to
+        Python. Continues after ``first`` (already chosen, not yet evaluated) for up to
+        ``n_tokens`` tokens or an end-of-generation token.
+
+        Returns:
+            (tokens generated, seconds the loop took).
+        """
+        if self.n_past + n_tokens > self.n_ctx:
+            raise ContextFullError(f"{self.n_past} + {n_tokens} tokens exceed the context")
+        smpl = llama_cpp.llama_sampler_init_greedy()
+        batch = self._batch
+        batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, True
+        out: list[int] = []
+        tok = first
+        try:
+            start = time.perf_counter()
+            for _ in range(n_tokens):
+                batch.token[0], batch.pos[0] = tok, self.n_past
+                rc = llama_cpp.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc} at n_past={self.n_past}")
+                self.n_past += 1
+                tok = llama_cpp.llama_sampler_sample(smpl, self._ctx, -1)
+                out.append(tok)
+                if is_eog(tok):
+                    break
+            return out, time.perf_counter() - start
+        except BaseException:
+            self._resync()
+            raise
+        finally:
+            llama_cpp.llama_sampler_free(smpl)
 
     def truncate(self, n_keep: int) -> None:
         """Forget every token from position ``n_keep`` on (roll back the KV cache)."""

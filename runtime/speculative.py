@@ -113,6 +113,14 @@ class Stats:
         return max(0.0, 1.0 - self.llama_seconds / self.decode_seconds)
 
     @property
+    def python_us_per_step(self) -> float:
+        """bridge's own time per target step (drafting by lookup, the controller, sampling,
+        bookkeeping), in microseconds: decode time outside llama_decode."""
+        if not self.n_steps:
+            return 0.0
+        return 1e6 * max(0.0, self.decode_seconds - self.llama_seconds) / self.n_steps
+
+    @property
     def main_source(self) -> str | None:
         """The source that contributed most accepted tokens."""
         best = max(self.sources.items(), key=lambda kv: kv[1]["accepted"], default=None)
@@ -155,6 +163,7 @@ class Stats:
             "prompt_seconds": round(self.prompt_seconds, 4),
             "decode_seconds": round(self.decode_seconds, 4),
             "python_overhead": round(self.python_overhead, 4),
+            "python_us_per_step": round(self.python_us_per_step, 1),
             "gamma": self.gamma_summary(),
             "note": self.note,
         }

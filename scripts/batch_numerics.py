@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exporters import testmodels  # noqa: E402
 from runtime.bench import cpu_summary  # noqa: E402
 from runtime.context import LlamaContext, LlamaModel, Numerics  # noqa: E402
-from runtime.numerics import measure_bound  # noqa: E402
+from runtime.numerics import exact_width, measure_bound  # noqa: E402
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain it."
 
@@ -43,19 +43,24 @@ def main() -> None:
                         (1, 2), (None, False), ("f16", "f32"), (True, False))]
     print(f"# {cpu_summary()}")
     print("| model | min rows | flash attn | KV | repack | max abs | median | bitwise equal "
-          "rows | argmax flips |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "rows | argmax flips | widest equal batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in models:
         for num in settings:
             with LlamaModel(path, repack=num.repack) as model:
                 ids = model.tokenize(PROMPT, True, True)
-                b = measure_bound(lambda m=model, n=num: LlamaContext(
-                    m, n_ctx=512, n_threads=args.threads, numerics=n), ids, args.positions)
+                def make(m=model, n=num):
+                    return LlamaContext(m, n_ctx=512, n_threads=args.threads, numerics=n)
+
+                b = measure_bound(make, ids, args.positions)
+                with make() as ctx:
+                    widest = exact_width(ctx, ids, 17)
             total = b.n_positions * len(b.widths)
             fa = {None: "auto", True: "on", False: "off"}[num.flash_attn]
             print(f"| {path.name} | {num.min_rows} | {fa} | {num.kv_type} | "
                   f"{'on' if num.repack else 'off'} | {b.max_abs:.4g} | {b.median_abs:.3g} | "
-                  f"{b.n_identical}/{total} | {b.argmax_flips} |", flush=True)
+                  f"{b.n_identical}/{total} | {b.argmax_flips} | "
+                  f"{widest if widest < 17 else '17+'} |", flush=True)
 
 
 if __name__ == "__main__":

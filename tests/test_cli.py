@@ -190,12 +190,40 @@ def test_bench_json(which, smollm2_gguf, smollm2_draft_gguf, gemma3_gguf, tmp_pa
     assert out.exit_code == 0, out.output
     r = json.loads(out.stdout)
     modes = r["sets"]["prompts"]["modes"]
-    assert set(modes) == {"plain", "auto", "lookup", "pruned", "lookup γ=4", "pruned γ=2"}
+    assert set(modes) == {"plain", "auto", "lookup", "pruned", "lookup γ=4", "pruned γ=2",
+                          "llama.cpp loop"}
+    # llama.cpp's own greedy loop is the baseline, with its own answers compared
+    assert modes["llama.cpp loop"]["vs_llama_cpp"] == 1.0
+    assert all(m["python_us_per_step"] >= 0 for m in modes.values())
     for m in modes.values():  # every difference from plain is reported with its margin
         assert len(m["divergence_margins"]) == 2 - m["identical_to_plain"]
     assert modes["pruned γ=2"]["sources"]["pruned"]["drafted"] > 0
     assert r["costs"]["verify_curve"]["1"] == 1.0 and len(r["costs"]["verify_curve"]) == 16
     assert modes["plain"]["tokens_per_s"] > 0
+    # the machine's measured bound on batched vs one-token logits is part of every report
+    bound = r["numerics"]["bound"]
+    assert bound["max_abs"] >= 0 and bound["n_positions"] > 0 and not r["numerics"]["exact"]
+    assert "single-token logits" in r["numerics"]["describe"]
+    assert r["machine"]["cpu_flags"] is not None and "llama_cpp_system" in r["machine"]
+
+
+def test_bench_exact_caps_the_batch(smollm2_gguf, smollm2_draft_gguf, tmp_path):
+    """`bridge bench --exact`: every greedy answer equals plain decoding's, and the
+    report says the bound is zero over the widths exact mode verifies."""
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Why is the sky blue?\nWrite a haiku about rain.\n")
+    out = CliRunner().invoke(cli, ["bench", str(smollm2_gguf), "--draft",
+                                   str(smollm2_draft_gguf), "--prompts", str(prompts), "-n",
+                                   "24", "--gammas", "4", "--threads", "1", "--exact",
+                                   "--json", "-"])
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert r["numerics"]["exact"] and r["numerics"]["bound"]["max_abs"] == 0.0
+    assert max(r["numerics"]["bound"]["widths"]) <= r["numerics"]["max_rows"]
+    for name, m in r["sets"]["prompts"]["modes"].items():
+        assert m["identical_to_plain"] == 2, name
 
 
 # -- constraints on the answer: --json-schema, --format json, --grammar --------------------
