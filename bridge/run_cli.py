@@ -64,6 +64,50 @@ def engine_options(f: Callable) -> Callable:
     return f
 
 
+def constraint_options(f: Callable) -> Callable:
+    """What the answer must match (generate and chat): at most one of these."""
+    opts = [
+        click.option("--json-schema", "json_schema", type=click.Path(path_type=Path),
+                     help="Answer with JSON valid against this JSON schema file."),
+        click.option("--format", "answer_format", type=click.Choice(["text", "json"]),
+                     help="json: answer with one JSON object [default: text]."),
+        click.option("--grammar", type=click.Path(path_type=Path),
+                     help="Answer in the language of this GBNF grammar file "
+                          "(llama.cpp's format)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def constraint_spec(o: dict):
+    """The ``ConstraintSpec`` the options ask for, or None. Bad files raise ValueError or
+    FileNotFoundError with the path in the message."""
+    from runtime.constraint import ConstraintSpec
+
+    given = [name for name, on in (("--json-schema", o["json_schema"]),
+                                   ("--format json", o["answer_format"] == "json"),
+                                   ("--grammar", o["grammar"])) if on]
+    if len(given) > 1:
+        raise ValueError(f"give one of --json-schema, --format json and --grammar, not "
+                         f"{' and '.join(given)}")
+    if o["answer_format"] == "json":
+        return ConstraintSpec("json")
+    for key, kind in (("json_schema", "json_schema"), ("grammar", "gbnf")):
+        path = o[key]
+        if path is None:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"--{key.replace('_', '-')}: file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            return ConstraintSpec.from_schema(text) if kind == "json_schema" \
+                else ConstraintSpec(kind, text)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return None
+
+
 def _given(**kwargs):
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -128,6 +172,7 @@ def stats_line(stats) -> str:
               help="Wrap the prompt as a user message in the model's chat template.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@constraint_options
 @user_errors
 def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, **o) -> None:
     """Generate text with lossless speculative decoding."""
@@ -137,13 +182,16 @@ def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, 
     if prompt == "-":
         prompt = sys.stdin.read()
     gen = generation(o)
+    spec = constraint_spec(o)
     with build_engine(o) as engine:
+        if spec is not None:
+            engine.compile(spec)  # a bad schema or grammar fails before any decoding
         stats = Stats()
         if as_chat:
             session = ChatSession(engine, system)
-            stream = session.ask(prompt, gen, stats)
+            stream = session.ask(prompt, gen, stats, constraint=spec)
         else:
-            stream = engine.generate(prompt, gen, stats)
+            stream = engine.generate(prompt, gen, stats, constraint=spec)
         text, tokens = [], []
         for chunk in stream:
             text.append(chunk.text)
@@ -165,6 +213,7 @@ CHAT_HELP = "/reset clears the conversation, /stats shows the last answer's figu
 @click.command("chat")
 @engine_options
 @click.option("--system", help="System message.")
+@constraint_options
 @user_errors
 def chat_cmd(system: str | None, **o) -> None:
     """Interactive multi-turn chat with speculative decoding (Ctrl-C stops an answer)."""
@@ -172,7 +221,10 @@ def chat_cmd(system: str | None, **o) -> None:
     from runtime.speculative import Stats
 
     gen = generation(o)
+    spec = constraint_spec(o)
     with build_engine(o) as engine:
+        if spec is not None:
+            engine.compile(spec)  # a bad schema or grammar fails before the first prompt
         session = ChatSession(engine, system)
         sources = ", ".join(s if s != "pruned" else f"pruned ({engine.draft_path.name})"
                             for s in engine.sources) or "none (plain decoding)"
@@ -204,15 +256,15 @@ def chat_cmd(system: str | None, **o) -> None:
             if cmd.startswith("/"):
                 click.echo(f"unknown command {cmd}; {CHAT_HELP}", err=True)
                 continue
-            last = _answer(session, line, gen)
+            last = _answer(session, line, gen, spec)
 
 
-def _answer(session, line: str, gen: GenerationConfig):
+def _answer(session, line: str, gen: GenerationConfig, spec=None):
     from runtime.speculative import Stats
 
     stats = Stats()
     dropped = session.dropped_turns
-    stream = session.ask(line, gen, stats)
+    stream = session.ask(line, gen, stats, constraint=spec)
     try:
         for chunk in stream:
             click.echo(chunk.text, nl=False)

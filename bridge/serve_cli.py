@@ -61,8 +61,8 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     cleanly.
     """
     try:
-        from runtime.guard import read_keys_file
-        from runtime.server import MemoryConfig, ServerConfig, open_memory, serve
+        from runtime.serve.app import MemoryConfig, ServerConfig, open_memory, serve
+        from runtime.serve.guard import read_keys_file
     except ImportError as e:
         raise click.ClickException(
             f"bridge serve needs the serve extra ({e.name} is missing): "

@@ -74,12 +74,13 @@ class ChatSession:
             return self._ids + self.renderer.tokens_from(rendered, len(self._text))
         return rendered.tokens()
 
-    def ask(self, user: str, gen: GenerationConfig, stats: Stats | None = None
-            ) -> Iterator[Chunk]:
+    def ask(self, user: str, gen: GenerationConfig, stats: Stats | None = None,
+            **overrides) -> Iterator[Chunk]:
         """Stream the assistant's answer to ``user``; the answer joins the history even if
-        the stream is closed early (Ctrl-C), holding what was shown."""
+        the stream is closed early (Ctrl-C), holding what was shown. ``overrides`` go to
+        ``Engine.generate`` (a constraint, ...)."""
         self.history.append({"role": "user", "content": user})
-        return self._answer(gen, stats, {})
+        return self._answer(gen, stats, overrides)
 
     def ask_messages(self, messages: list[dict[str, str]], gen: GenerationConfig,
                      stats: Stats | None = None, rendered: Rendered | None = None,

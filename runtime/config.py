@@ -55,6 +55,9 @@ class SpeculativeConfig:
             (gamma 0 is plain decoding); off means always draft ``draft_max`` tokens.
         recalibrate: measure this device's costs afresh instead of reusing the profile
             stored by an earlier run with the same files and settings.
+        forced_drafts: under a constraint (a JSON schema, a grammar), draft the text it
+            forces (a source named ``grammar``); off only to measure what it buys. Plain
+            decoding (``drafter="none"``) drafts nothing, forced text included.
     """
 
     drafter: str = "auto"
@@ -62,6 +65,7 @@ class SpeculativeConfig:
     p_min: float = 0.5
     adaptive: bool = True
     recalibrate: bool = False
+    forced_drafts: bool = True
 
     def __post_init__(self) -> None:
         _check(self.drafter in DRAFTERS,

@@ -51,6 +51,7 @@ _MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 _REFIT_EVERY = 16    # verify samples between refits of the cost curve (see add_verify)
 PRUNED = "pruned"
+GRAMMAR = "grammar"  # the tokens a constraint forces: its text is certain, so its prior is high
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class StepRecord:
     @property
     def rejected(self) -> bool:
         return self.n_accepted < self.n_drafted
+
+
+def _prior(source: str) -> float:
+    """Acceptance before any draft was judged: a pruned draft of a good layer choice keeps
+    ~0.7, grammar-forced text nearly always matches, a lookup match starts neutral."""
+    return {PRUNED: 0.7, GRAMMAR: 0.95}.get(source, _LOOKUP_PRIOR)
 
 
 class Acceptance:
@@ -265,9 +272,8 @@ class GammaController:
     def acceptance(self, source: str, match_len: int = 0) -> Acceptance:
         key = (source, 0 if source == PRUNED else min(max(match_len, 1), _MATCH_BUCKETS))
         if key not in self._acc:
-            # priors: a pruned draft of a good layer choice keeps ~0.7; a lookup match
-            # starts neutral. Two pseudo-drafts: the first real drafts dominate quickly.
-            self._acc[key] = Acceptance(0.7 if source == PRUNED else _LOOKUP_PRIOR)
+            # two pseudo-drafts at the prior: the first real drafts dominate quickly
+            self._acc[key] = Acceptance(_prior(source))
         return self._acc[key]
 
     @property
@@ -327,7 +333,7 @@ class GammaController:
         if could is None:
             # the prior of a match length never seen counts too (acceptance() uses it)
             alphas = [a.alpha for (name, _), a in self._acc.items() if name == source]
-            best = max(alphas + [_LOOKUP_PRIOR] * (len(alphas) < _MATCH_BUCKETS))
+            best = max(alphas + [_prior(source)] * (len(alphas) < _MATCH_BUCKETS))
             plain = (1 + _MARGIN) * self._rate(0, 0.0, 0.0)
             could = verdicts[source] = self._best(best, 0.0, self.draft_max,
                                                   gamma_min=1)[1] > plain
@@ -369,13 +375,16 @@ class GammaController:
         return self._maybe_probe(live, pruned_off)
 
     def _fixed_choice(self, live: dict[str, Offer]) -> tuple[str, int]:
-        """Fixed gamma: the pruned draft when there is one; else the lookup whose context
+        """Fixed gamma: the grammar's forced tokens when a constraint forces any; else the
+        pruned draft when there is one; else the lookup whose context
         match is longest (ties: the longer draft). A lookup that found only a short match
         pads its draft by repeating the text, so the longer draft alone would nearly always
         be the in-request lookup's; on the 24 session requests of scripts/bench_serve.py,
         teacher-forced, choosing by match length gives 3.22 tokens per target step
         against 2.87 by draft length."""
-        if PRUNED in live:
+        if GRAMMAR in live:  # forced text first: it is (nearly) always kept, for free
+            name = GRAMMAR
+        elif PRUNED in live:
             name = PRUNED
         else:
             name = max(live, key=lambda n: (live[n].match_len, live[n].n_max))
@@ -394,9 +403,12 @@ class GammaController:
             self._retime_draft = True  # is the verdict still true? re-time the draft step
             self._since_retime = 0
         # a lookup probe needs a real match: one shared token predicts little, and a
-        # probe on it would cost a batch for almost no evidence
+        # probe on it would cost a batch for almost no evidence. Forced text is never
+        # probed: its acceptance is known (it is the grammar's own text), so whether it
+        # pays depends on the verify costs alone, and a probe would only pay a batch to
+        # learn nothing (its clean result would even reset the back-off every time).
         names = sorted(n for n, o in live.items()
-                       if not (n == PRUNED and pruned_off)
+                       if n != GRAMMAR and not (n == PRUNED and pruned_off)
                        and (n == PRUNED or o.match_len >= _PROBE_MIN_MATCH))
         if not names:
             return None, 0

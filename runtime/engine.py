@@ -16,12 +16,13 @@ from pathlib import Path
 
 from runtime import keys
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
+from runtime.constraint import Constraint, ConstraintCompiler, ConstraintSpec
 from runtime.context import LlamaContext, LlamaModel, Numerics, llama_cpp_version
 from runtime.controller import CostModel, GammaController
-from runtime.drafting import PrunedDrafter
+from runtime.drafters.lookup import LookupDrafter
+from runtime.drafters.memory import DraftMemory, MemoryDrafter
+from runtime.drafters.pruned import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
-from runtime.lookup import LookupDrafter
-from runtime.memory import DraftMemory, MemoryDrafter
 from runtime.numerics import exact_width
 from runtime.profiles import load_profile, save_profile
 from runtime.sampling import Sampler
@@ -41,6 +42,8 @@ class Chunk:
     text: str
     tokens: list[int]
     finish_reason: str | None = None
+    # per token, when asked for: (log-prob, [(token, log-prob) of the most likely])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class Engine:
@@ -107,7 +110,10 @@ class Engine:
                 costs=CostModel.from_profile(stored) if stored else None)
             self.decoder = SpeculativeDecoder(self.ctx, drafters, self.sampler,
                                               self.controller, self.spec_cfg.p_min,
-                                              max_rows=self.max_rows)
+                                              max_rows=self.max_rows,
+                                              forced_drafts=self.spec_cfg.forced_drafts)
+            self._compiler = ConstraintCompiler(self.model)
+            self._compiled: dict[ConstraintSpec, Constraint] = {}
         except BaseException:
             self.close()
             raise
@@ -173,9 +179,23 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------
 
+    def compile(self, spec: ConstraintSpec) -> Constraint:
+        """The constraint for ``spec`` on this model's vocabulary (the last few compiled
+        are kept: a server sees the same schema again and again).
+
+        Raises:
+            ValueError: an invalid schema or grammar, naming the problem.
+        """
+        c = self._compiled.pop(spec, None) or self._compiler.compile(spec)
+        self._compiled[spec] = c  # most recently used last
+        while len(self._compiled) > 16:
+            del self._compiled[next(iter(self._compiled))]
+        return c
+
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  stats: Stats | None = None, sampling: SamplingConfig | None = None,
-                 draft_max: int | None = None, scope: str = "", use_memory: bool = True
+                 draft_max: int | None = None, scope: str = "", use_memory: bool = True,
+                 constraint: ConstraintSpec | None = None, logprobs: int | None = None
                  ) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt`` (text, tokenized with special tokens parsed,
         or token ids). The last chunk carries ``finish_reason`` (``eog``, ``stop``,
@@ -183,9 +203,16 @@ class Engine:
         text ends, stop strings included. ``sampling`` and ``draft_max`` override the
         engine's settings for this call only. With a drafting memory, ``scope`` says whose
         earlier requests may be drafted from (and where this one is stored); ``use_memory``
-        False keeps this request out of the memory both ways. Figures land in
-        ``stats``."""
+        False keeps this request out of the memory both ways. ``constraint``: what the
+        answer must match (it ends where the grammar is complete). ``logprobs``: each
+        chunk carries its tokens' log-probs and this many top alternatives. Figures land
+        in ``stats``.
+
+        Raises:
+            ValueError: an invalid constraint (before anything is evaluated).
+        """
         gen = gen or GenerationConfig()
+        compiled = self.compile(constraint) if constraint is not None else None
         ids = self.model.tokenize(prompt, add_special=True, parse_special=True) \
             if isinstance(prompt, str) else list(prompt)
         stats = stats if stats is not None else Stats()
@@ -202,7 +229,7 @@ class Engine:
                 del self.decoder.drafters["memory"]
         out: list[int] = []
         try:
-            for chunk in self._stream(ids, gen, stats):
+            for chunk in self._stream(ids, gen, stats, compiled, logprobs):
                 out.extend(chunk.tokens)
                 yield chunk
         finally:
@@ -215,12 +242,14 @@ class Engine:
             if self._profile_key and self.spec_cfg.adaptive:
                 save_profile(self._profile_key, self.controller.costs.to_profile())
 
-    def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats) -> Iterator[Chunk]:
+    def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats,
+                constraint: Constraint | None, n_logprobs: int | None) -> Iterator[Chunk]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         held = ""      # text held back because it may be the start of a stop string
         shown = 0      # characters yielded so far
         ends: list[int] = []  # text length after each generated token
-        steps = self.decoder.generate(ids, gen.max_tokens, self.model.is_eog, stats)
+        steps = self.decoder.generate(ids, gen.max_tokens, self.model.is_eog, stats,
+                                      constraint, n_logprobs)
         try:
             for step in steps:
                 for t in step.tokens:
@@ -230,7 +259,7 @@ class Engine:
                 out, held, cut = _split_stop(held, gen.stop)
                 if cut is None:
                     shown += len(out)
-                    yield Chunk(out, step.tokens, stats.finish_reason)
+                    yield Chunk(out, step.tokens, stats.finish_reason, step.logprobs)
                     continue
                 # a stop string: keep the tokens whose text ends before it, and no more
                 n_keep = bisect.bisect_right(ends, shown + cut)
@@ -240,7 +269,7 @@ class Engine:
                 self.decoder.keep(len(ids) + n_keep)
                 stats.n_tokens, stats.finish_reason = n_keep, "stop"
                 yield Chunk(out[: max(0, text_end - shown)], step.tokens[:max(0, n_step)],
-                            "stop")
+                            "stop", step.logprobs[:max(0, n_step)] if step.logprobs else None)
                 return
             held += decoder.decode(b"", final=True)
             if held:

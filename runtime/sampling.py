@@ -100,15 +100,22 @@ class Sampler:
             return int(np.argmax(logits))
         return int(np.argmax(self.penalized(logits, history)))
 
-    def candidates(self, logits: np.ndarray, history: Sequence[int]
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, logits: np.ndarray, history: Sequence[int],
+                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(token ids the filters keep, their logits / temp), after penalty, top-k, top-p
-        and min-p in llama.cpp's order."""
+        and min-p in llama.cpp's order. ``allowed`` (bool [n_vocab]) is a constraint's
+        mask, applied first: the filters then see only the allowed tokens."""
         cfg = self.cfg
         # without a penalty the row is read in place (float32): only the kept candidates
         # are widened to float64, the same values the full copy would give
         row = logits if cfg.repeat_penalty == 1.0 else self.penalized(logits, history)
-        cand = top_k_ids(row, cfg.top_k)
+        if allowed is None:
+            cand = top_k_ids(row, cfg.top_k)
+        else:
+            # the filters run on the allowed subset, so top-k never fills up with
+            # forbidden tokens and no -inf reaches the softmax
+            ids = np.flatnonzero(allowed)
+            cand = ids[top_k_ids(row[ids], cfg.top_k)]
         z = row[cand].astype(np.float64)
         if cfg.top_p < 1.0 or cfg.min_p > 0.0:
             # top-p and min-p judge the untempered softmax, as llama.cpp does
@@ -126,20 +133,27 @@ class Sampler:
             cand, z = cand[keep], z[keep]
         return cand, z / (cfg.temp if cfg.temp > 0 else 1.0)
 
-    def probs(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+    def probs(self, logits: np.ndarray, history: Sequence[int],
+              allowed: np.ndarray | None = None) -> np.ndarray:
         """The dense filtered distribution p [n_vocab] that ``choose`` draws from."""
-        cand, z = self.candidates(logits, history)
+        cand, z = self.candidates(logits, history, allowed)
         out = np.zeros(logits.shape[-1], dtype=np.float64)
         e = np.exp(z - z.max())
         out[cand] = e / e.sum()
         return out
 
-    def choose(self, logits: np.ndarray, history: Sequence[int], position: int) -> int:
+    def choose(self, logits: np.ndarray, history: Sequence[int], position: int,
+               allowed: np.ndarray | None = None) -> int:
         """The token at absolute ``position``: greedy argmax, or the coupled draw
-        argmax(z / temp + G(seed, position, x)) over the filtered candidates x."""
-        if self.cfg.greedy:
+        argmax(z / temp + G(seed, position, x)) over the filtered candidates x; with a
+        constraint's ``allowed`` mask, among the allowed tokens only."""
+        if self.cfg.greedy and allowed is None:
             return self.argmax(logits, history)
-        cand, z = self.candidates(logits, history)
+        if self.cfg.greedy:
+            ids = np.flatnonzero(allowed)
+            row = logits if self.cfg.repeat_penalty == 1.0 else self.penalized(logits, history)
+            return int(ids[np.argmax(row[ids])])
+        cand, z = self.candidates(logits, history, allowed)
         return int(cand[np.argmax(z + gumbel_noise(self.seed, position, cand))])
 
 
@@ -171,7 +185,8 @@ def top1_prob(logits: np.ndarray) -> float:
 
 
 def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
-           history: list[int], position: int) -> tuple[int, int]:
+           history: list[int], position: int, constraint=None,
+           masks: list[np.ndarray] | None = None) -> tuple[int, int]:
     """Keep drafts while each equals the target's own choice; exact for greedy and for
     coupled sampling alike.
 
@@ -181,10 +196,17 @@ def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
         drafts: the drafted tokens.
         history: tokens emitted so far (for the repeat penalty).
         position: absolute position of the token that row 0 predicts.
+        constraint: a ``runtime.constraint.Constraint`` that has consumed everything
+            before row 0 (drafts already cut to what it accepts). Row i is then masked by
+            its state after drafts[:i], and every emitted token is consumed.
+        masks: when given, the mask each emitted token was chosen under is appended.
 
     Returns:
         (number of drafts accepted, the target's own next token after them).
     """
+    if constraint is not None:
+        return _verify_constrained(sampler, target_rows, drafts, history, position,
+                                   constraint, masks)
     if sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0:
         # one vectorized argmax over every row
         best = np.argmax(target_rows, axis=1)
@@ -199,3 +221,47 @@ def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
         if n_acc == len(drafts) or tok != drafts[n_acc]:
             return n_acc, tok
         n_acc += 1
+
+
+def _verify_constrained(sampler: Sampler, rows: np.ndarray, drafts: Sequence[int],
+                        history: list[int], position: int, constraint,
+                        masks: list[np.ndarray] | None) -> tuple[int, int]:
+    """``verify`` under a grammar: row by row, because row i's mask is the grammar's state
+    after drafts[:i]; only the rows actually judged cost a mask. Stops early where the
+    grammar is complete (a draft that finishes the answer is then the last token)."""
+    plain_greedy = sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0
+    n_acc = 0
+    while True:
+        row = rows[n_acc]
+        tok = int(np.argmax(row)) if plain_greedy and masks is None else -1
+        # the target's top token is usually allowed: then it is the masked argmax too
+        if tok < 0 or not constraint.allows(tok):
+            allowed = constraint.allowed()
+            if masks is not None:
+                masks.append(allowed)
+            tok = sampler.choose(row, history + list(drafts[:n_acc]), position + n_acc,
+                                 allowed)
+        constraint.consume(tok)
+        if n_acc == len(drafts) or tok != drafts[n_acc] or constraint.done:
+            return n_acc, tok
+        n_acc += 1
+
+
+def logprobs(row: np.ndarray, token: int, n_top: int, allowed: np.ndarray | None = None
+             ) -> tuple[float, list[tuple[int, float]]]:
+    """The target's log-probability of ``token`` and its ``n_top`` most likely tokens, from
+    the softmax of the raw logits (before temperature and the sampling filters), over the
+    ``allowed`` tokens when a constraint masked the row."""
+    ids = np.flatnonzero(allowed) if allowed is not None else None
+    z = (row[ids] if ids is not None else row).astype(np.float64)
+    top = z.max()
+    lse = top + np.log(np.exp(z - top).sum())
+    lp_tok = float(row[token]) - lse
+    out: list[tuple[int, float]] = []
+    if n_top > 0:
+        k = min(n_top, z.size)
+        part = np.argpartition(-z, k - 1)[:k]
+        part = part[np.argsort(-z[part], kind="stable")]
+        toks = ids[part] if ids is not None else part
+        out = [(int(t), float(z[i] - lse)) for t, i in zip(toks, part, strict=True)]
+    return float(lp_tok), out

@@ -12,6 +12,13 @@ continues with one emitted-but-unevaluated token, ``self.pending``. Each step:
    batch that verified it;
 4. every cache is rolled back to exactly the emitted tokens.
 
+Under a constraint (``runtime.constraint``) drafts are first cut where the grammar rejects
+them, row i of the batch is masked by the grammar's state after [pending] + drafts[:i],
+and each emitted token is the target's own choice among the allowed tokens. The grammar
+state is one more cache: it has consumed exactly kv + [pending] past the prompt and is
+rolled back with the others. The tokens the grammar forces are one more draft source
+(``GrammarDrafter``), chosen by the controller like any other.
+
 A ``try/finally`` restores the invariant whatever interrupts a step (a stop string in
 the consumer, Ctrl-C, an error), so a chat can always continue from what was emitted.
 Timing is taken here only as raw figures in a ``StepRecord``; the controller judges them.
@@ -25,10 +32,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from runtime.constraint import Constraint
 from runtime.context import LlamaContext
-from runtime.controller import PRUNED, GammaController, Offer, StepRecord
+from runtime.controller import GRAMMAR, PRUNED, GammaController, Offer, StepRecord
+from runtime.drafters.grammar import GrammarDrafter
 from runtime.drafting import Draft, Drafter
-from runtime.sampling import Sampler, verify
+from runtime.sampling import Sampler, logprobs, verify
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ class Step:
     n_drafted: int
     n_accepted: int
     source: str | None = None
+    # per token, when asked for: (log-prob, [(token, log-prob) of the most likely])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def rejected(self) -> bool:
@@ -170,23 +181,31 @@ class SpeculativeDecoder:
         p_min: the pruned drafter's confidence cut-off.
         max_rows: the most rows a target batch may have (exact mode's widest batch that
             matches one-token steps bitwise); None for no limit.
+        forced_drafts: under a constraint, offer the tokens it forces as a draft source.
     """
 
     def __init__(self, target: LlamaContext, drafters: list[Drafter], sampler: Sampler,
-                 controller: GammaController, p_min: float, max_rows: int | None = None):
+                 controller: GammaController, p_min: float, max_rows: int | None = None,
+                 forced_drafts: bool = True):
         self.target = target
         self.max_rows = max_rows
         self.drafters = {d.source: d for d in drafters}
         self.sampler = sampler
         self.controller = controller
         self.p_min = p_min
+        self.forced_drafts = forced_drafts
         self.kv: list[int] = []       # exactly the target's KV cache
         self.pending: int | None = None
+        # the last generation's constraint: kept after it ends, so that keep() past a
+        # stop string rolls it back with the caches
+        self.constraint: Constraint | None = None
+        self.n_logprobs: int | None = None  # top log-probs per token, when asked for
 
     def reset(self) -> None:
         self.target.reset()
         self.kv.clear()
         self.pending = None
+        self.constraint = None
         for d in self.drafters.values():
             d.reset()
 
@@ -200,13 +219,27 @@ class SpeculativeDecoder:
             del self.kv[n:]
         for d in self.drafters.values():
             d.rollback(len(self.kv))
+        if self.constraint is not None:
+            self.constraint.rollback(n)
 
     def generate(self, prompt: list[int], max_tokens: int, is_eog: Callable[[int], bool],
-                 stats: Stats) -> Iterator[Step]:
+                 stats: Stats, constraint: Constraint | None = None,
+                 n_logprobs: int | None = None) -> Iterator[Step]:
         """Yield steps continuing ``prompt`` until an end-of-generation token, ``max_tokens``
         or a full context; ``stats.finish_reason`` says which. Reuses the KV cache for the
         longest common prefix with the last call, so a chat turn evaluates only its new
-        tokens."""
+        tokens.
+
+        Args:
+            constraint: what the answer must match; the answer ends (``eog``) where the
+                grammar is complete, or at an end-of-generation token it allows.
+            n_logprobs: attach each token's log-prob and this many top ones to the steps.
+        """
+        self.constraint, self.n_logprobs = constraint, n_logprobs
+        if constraint is not None:
+            constraint.bind(len(prompt))
+            if self.forced_drafts and self.drafters:
+                self.drafters[GRAMMAR] = GrammarDrafter(constraint)
         stats.mode = "speculative" if self.drafters else "plain"
         stats.n_prompt = len(prompt)
         t_start = time.perf_counter()
@@ -219,8 +252,8 @@ class SpeculativeDecoder:
             stats.n_tokens = 1
             t_start = time.perf_counter()
             llama_start = self._llama_seconds()
-            yield Step([first], 0, 0, 0)
-            if is_eog(first):
+            yield first
+            if self._ended(first.tokens[-1], is_eog):
                 stats.finish_reason = "eog"
                 return
             while stats.n_tokens < limit:
@@ -228,11 +261,12 @@ class SpeculativeDecoder:
                 stats.add_step(step)
                 stats.decode_seconds = time.perf_counter() - t_start
                 yield step
-                if is_eog(step.tokens[-1]):
+                if self._ended(step.tokens[-1], is_eog):
                     stats.finish_reason = "eog"
                     return
             stats.finish_reason = reason
         finally:
+            self.drafters.pop(GRAMMAR, None)
             stats.decode_seconds = time.perf_counter() - t_start
             stats.llama_seconds = self._llama_seconds() - llama_start
             note = self.controller.disabled_reason if PRUNED in self.drafters else None
@@ -240,6 +274,18 @@ class SpeculativeDecoder:
                 stats.mode = "plain (speculation off)"
             stats.note = note
             self._restore()
+
+    def _ended(self, token: int, is_eog: Callable[[int], bool]) -> bool:
+        """The answer is complete: an end-of-generation token, or a grammar that admits
+        nothing more (no token then needs to be spent on the end itself)."""
+        if is_eog(token):
+            return True
+        c = self.constraint
+        if c is not None and c.done:
+            if c.error:
+                log.warning("the constraint stopped with an error: %s", c.error)
+            return True
+        return False
 
     def _llama_seconds(self) -> float:
         total = self.target.eval_seconds
@@ -249,8 +295,9 @@ class SpeculativeDecoder:
                 total += ctx.eval_seconds
         return total
 
-    def _prefill(self, prompt: list[int], stats: Stats) -> int:
-        """Evaluate what the cache lacks of ``prompt``; return the first new token."""
+    def _prefill(self, prompt: list[int], stats: Stats) -> Step:
+        """Evaluate what the cache lacks of ``prompt``; return the step of the first new
+        token (chosen under the constraint, if any)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.target.n_ctx:
@@ -268,9 +315,19 @@ class SpeculativeDecoder:
         self.kv.extend(prompt[n:])
         stats.n_prompt_new = len(prompt) - n
         stats.prompt_seconds = time.perf_counter() - start
-        first = self.sampler.choose(rows[-1], self._history(), len(self.kv))
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        first = self.sampler.choose(rows[-1], self._history(), len(self.kv), allowed)
+        if self.constraint is not None:
+            self.constraint.consume(first)
         self.pending = first
-        return first
+        return Step([first], 0, 0, 0, logprobs=self._logprobs(rows[-1:], [first], [allowed]))
+
+    def _logprobs(self, rows, tokens: list[int], masks: list) -> list | None:
+        """Each emitted token's log-prob from the row that chose it, under its mask."""
+        if self.n_logprobs is None:
+            return None
+        return [logprobs(rows[i], tok, self.n_logprobs, masks[i])
+                for i, tok in enumerate(tokens)]
 
     def _history(self) -> list[int]:
         w = self.sampler.history_window
@@ -321,6 +378,9 @@ class SpeculativeDecoder:
         llama0 = self._llama_seconds()
         room = self.target.n_ctx - len(self.kv) - 2
         source, gamma, draft, need = self._propose(min(budget - 1, room))
+        constraint = self.constraint
+        if constraint is not None:  # a draft is first cut where the grammar rejects it
+            draft.tokens = draft.tokens[:constraint.validate(draft.tokens)]
         # the repeat penalty's window (empty when the sampler has no penalty)
         history = self._history() + [self.pending] if self.sampler.history_window else []
         # Calibration: a plain step run as a k-token batch (the pending token k times)
@@ -334,8 +394,11 @@ class SpeculativeDecoder:
         rows = self.target.eval(batch, all_logits=True)
         verify_seconds = time.perf_counter() - t_verify
         rows = rows[: len(draft.tokens) + 1]
-        n_acc, nxt = verify(self.sampler, rows, draft.tokens, history, len(self.kv) + 1)
+        masks: list | None = [] if self.n_logprobs is not None else None
+        n_acc, nxt = verify(self.sampler, rows, draft.tokens, history, len(self.kv) + 1,
+                            constraint, masks)
         emitted = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog)
+        lps = self._logprobs(rows, emitted, masks or [None] * len(emitted))
         # roll back: the cache keeps pending + the accepted drafts that were emitted
         self.kv.append(self.pending)
         self.kv.extend(emitted[:-1])
@@ -343,13 +406,15 @@ class SpeculativeDecoder:
         self.pending = emitted[-1]
         for d in self.drafters.values():
             d.rollback(len(self.kv))
+        if constraint is not None:
+            constraint.rollback(len(self.kv) + 1)
         overhead = (time.perf_counter() - t0) - (self._llama_seconds() - llama0)
         self.controller.observe(StepRecord(
             source if draft.tokens else None, gamma, len(batch), len(draft.tokens), n_acc,
             draft.match_len, draft.seconds, draft.n_evals, draft.catchup_seconds,
             draft.n_catchup, verify_seconds, overhead))
         return Step(emitted, gamma, len(draft.tokens), min(n_acc, len(emitted)),
-                    source if draft.tokens else None)
+                    source if draft.tokens else None, lps)
 
     def _restore(self) -> None:
         """Make every cache agree with ``self.kv`` (a no-op unless a step was cut short)."""
@@ -358,6 +423,8 @@ class SpeculativeDecoder:
         del self.kv[self.target.n_past:]
         for d in self.drafters.values():
             d.rollback(len(self.kv))
+        if self.constraint is not None:
+            self.constraint.rollback(len(self.kv) + (self.pending is not None))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

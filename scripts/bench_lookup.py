@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.lookup import LookupDrafter  # noqa: E402
-from runtime.memory import DraftMemory, MemoryDrafter  # noqa: E402
+from runtime.drafters.lookup import LookupDrafter  # noqa: E402
+from runtime.drafters.memory import DraftMemory, MemoryDrafter  # noqa: E402
 
 # words, single punctuation marks, runs of spaces, newlines: roughly what BPE merges
 _WORD = re.compile(r"\w+| +|\n|[^\w\s]")

@@ -273,7 +273,7 @@ def memory_step_cost(path: Path, plain_step: float) -> dict:
     asks it; every context was stored, so each lookup finds and walks a match."""
     import numpy as np
 
-    from runtime.memory import DraftMemory, MemoryDrafter
+    from runtime.drafters.memory import DraftMemory, MemoryDrafter
 
     with np.load(path) as z:  # the saved file's own arrays: the stored token sequences
         tokens, lengths = z["tokens"].tolist(), z["lengths"].tolist()

@@ -1,4 +1,4 @@
-"""runtime.admission without a model: the context policies, the cheap bounds and the
+"""runtime.serve.admission without a model: the context policies, the cheap bounds and the
 field ranges, as tables of cases."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import pytest
 
 pytest.importorskip("fastapi", reason="bridge serve needs the serve extra")
 
-from runtime.admission import (  # noqa: E402
+from runtime.serve.admission import (  # noqa: E402
     Limits,
     admit_completion,
     check_messages,
     check_ranges,
     policy_of,
 )
-from runtime.openai_api import APIError  # noqa: E402
+from runtime.serve.openai_api import APIError  # noqa: E402
 
 LIMITS = Limits(n_ctx=100, max_piece=4)
 

@@ -224,3 +224,60 @@ def test_bench_exact_caps_the_batch(smollm2_gguf, smollm2_draft_gguf, tmp_path):
     assert max(r["numerics"]["bound"]["widths"]) <= r["numerics"]["max_rows"]
     for name, m in r["sets"]["prompts"]["modes"].items():
         assert m["identical_to_plain"] == 2, name
+
+
+# -- constraints on the answer: --json-schema, --format json, --grammar --------------------
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    files = {"bad.json": "{not json", "bad_schema.json": '{"type": 7}',
+             "bad.gbnf": 'root ::= "a', "empty.gbnf": "  \n",
+             "yes.gbnf": 'root ::= "yes" | "no"',
+             "person.json": '{"type": "object", "additionalProperties": false, '
+                            '"required": ["name", "age"], "properties": {"name": '
+                            '{"type": "string", "maxLength": 20}, "age": {"type": '
+                            '"integer", "minimum": 0, "maximum": 120}}}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat"])
+@pytest.mark.parametrize("opts, message", [
+    # each bad file or combination: one line naming the problem, exit 1
+    (["--json-schema", "bad.json"], "not valid JSON"),
+    (["--json-schema", "bad_schema.json"], "invalid JSON schema"),
+    (["--json-schema", "missing.json"], "file not found"),
+    (["--grammar", "bad.gbnf"], "grammar"),
+    (["--grammar", "empty.gbnf"], "the gbnf is empty"),
+    (["--grammar", "yes.gbnf", "--format", "json"], "give one of"),
+])
+def test_bad_constraint_files_fail_in_one_line(smollm2_gguf, tmp_path, cmd, opts, message):
+    files = _files(tmp_path)
+    opts = [str(files.get(o, tmp_path / o)) if o.endswith((".json", ".gbnf")) else o
+            for o in opts]
+    argv = [cmd, str(smollm2_gguf), "--threads", "1", "--no-draft", *opts]
+    if cmd == "generate":
+        argv += ["-p", "hi"]
+    out = CliRunner().invoke(cli, argv, input="")
+    assert out.exit_code == 1, out.output
+    assert message in out.output and out.output.startswith("Error:"), out.output
+    assert "Traceback" not in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_generate_with_a_schema_and_a_grammar(smollm2_gguf, tmp_path):
+    import json
+
+    files = _files(tmp_path)
+    base = ["generate", str(smollm2_gguf), "--threads", "1", "--temp", "0", "--chat",
+            "--json", "-n", "64"]
+    out = CliRunner().invoke(cli, [*base, "--json-schema", str(files["person.json"]),
+                                   "-p", "Extract the person: Ann Bell, 29."])
+    assert out.exit_code == 0, out.output
+    answer = json.loads(out.output.strip().splitlines()[-1])
+    person = json.loads(answer["text"])
+    assert set(person) == {"name", "age"} and 0 <= person["age"] <= 120
+    assert answer["finish_reason"] == "eog"
+    out = CliRunner().invoke(cli, [*base, "--grammar", str(files["yes.gbnf"]),
+                                   "-p", "Is the sky blue?"])
+    assert json.loads(out.output.strip().splitlines()[-1])["text"] in ("yes", "no")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from runtime import costmodel
-from runtime.controller import PRUNED, CostModel, GammaController, Offer, StepRecord
+from runtime.controller import GRAMMAR, PRUNED, CostModel, GammaController, Offer, StepRecord
 
 # Verify curves in units of one plain step, V(k) for k = 1..9.
 COMMITTED_CPU = {1: 1.0, 2: 1.3, 3: 1.7, 4: 2.1, 5: 2.45, 8: 3.5}   # bench/results CPU
@@ -236,3 +236,20 @@ def test_a_marginal_bet_is_not_taken():
     assert ctrl.choose({"lookup": Offer(8, 6)}) == (None, 0)
     acc.acc = 1.0  # E(8) / V(9) = 9 / 8.2: +10%
     assert ctrl.choose({"lookup": Offer(8, 6)}) == ("lookup", 8)
+
+
+# the AVX-512 EPYC of bench/results/2026-12-02-structured-*: a batch costs more than its
+# tokens would in plain steps, so no draft can pay
+BATCH_COSTLY_CPU = {1: 1.0, 2: 4.1, 3: 5.9, 4: 7.8}
+
+
+@pytest.mark.parametrize("points, pays", [(BATCH_COSTLY_CPU, False), (GPU, True)])
+def test_forced_text_is_taken_where_it_pays_and_never_probed(points, pays):
+    """A constraint's forced text (acceptance ~1) is drafted whenever the verify curve
+    lets it pay; where batching costs too much it is never probed, since a probe could
+    only confirm an acceptance that is known already."""
+    ctrl = GammaController(draft_max=8, has_pruned=False)
+    Sim(ctrl, curve(points), 0.0, lambda i, s, n: n).run(
+        400, offers=lambda i: {GRAMMAR: Offer(4, 4)})
+    drafted = sum(1 for g in ctrl.history[10:] if g > 0)
+    assert drafted > 300 if pays else drafted == 0

@@ -1,4 +1,4 @@
-"""runtime.drafting.PrunedDrafter on a simulated context: catch-up is timed apart from
+"""runtime.drafters.pruned.PrunedDrafter on a simulated context: catch-up is timed apart from
 drafting, and the cache stays a prefix of the real sequence."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.config import SamplingConfig
-from runtime.drafting import PrunedDrafter
+from runtime.drafters.pruned import PrunedDrafter
 from runtime.sampling import Sampler
 
 VOCAB = 16

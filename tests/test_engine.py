@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
+from runtime.drafters.memory import DraftMemory
 from runtime.engine import Engine
-from runtime.memory import DraftMemory
 
 RT = RuntimeConfig(n_ctx=1024, n_threads=1)
 GREEDY = SamplingConfig(temp=0)

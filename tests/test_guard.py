@@ -1,4 +1,4 @@
-"""runtime.guard on a stand-in app (no model): the checks that keep web pages, rebinding
+"""runtime.serve.guard on a stand-in app (no model): the checks that keep web pages, rebinding
 DNS names, unkeyed clients, oversized bodies and slow clients away from `bridge serve`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="bridge serve needs the serve ex
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from runtime.guard import Guard, header_timeout_protocol, host_name  # noqa: E402
+from runtime.serve.guard import Guard, header_timeout_protocol, host_name  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 

@@ -67,3 +67,15 @@ def test_runtime_never_imports_the_exporter():
         if hits:
             bad[str(f.relative_to(ROOT))] = hits
     assert not bad, f"runtime modules import the exporter or torch: {bad}"
+
+
+def test_only_the_server_imports_the_server():
+    # the decode loop, the drafters and the engine work without the serve extra
+    # (FastAPI, uvicorn): only runtime/serve/ itself may import runtime.serve
+    bad = {}
+    for f in sorted((ROOT / "runtime").rglob("*.py")):
+        if (ROOT / "runtime" / "serve") in f.parents:
+            continue
+        if hits := imports_package(ast.parse(f.read_text(), str(f)), "runtime.serve"):
+            bad[str(f.relative_to(ROOT))] = hits
+    assert not bad, f"runtime modules outside runtime/serve/ import it: {bad}"

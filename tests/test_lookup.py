@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from runtime import memory as memory_mod
-from runtime.lookup import LookupDrafter
-from runtime.memory import DraftMemory, MemoryDrafter
+from runtime.drafters import memory as memory_mod
+from runtime.drafters.lookup import LookupDrafter
+from runtime.drafters.memory import DraftMemory, MemoryDrafter
 
 # ---------------------------------------------------------------- brute-force references
 
@@ -259,7 +259,7 @@ def test_memory_bad_file_gives_empty_memory_and_one_warning(tmp_path, caplog, ca
         mem.save(path, fingerprint="other-model")
     elif case == "pickle":   # an object array must not be unpickled
         np.savez(path, header=np.array([{"a": 1}], dtype=object))
-    with caplog.at_level(logging.WARNING, logger="runtime.memory"):
+    with caplog.at_level(logging.WARNING, logger="runtime.drafters.memory"):
         mem = DraftMemory.load(path, fingerprint="this-model", max_tokens=50)
     assert mem.n_tokens == 0 and mem.max_tokens == 50
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -149,7 +149,7 @@ def test_max_tokens_beyond_the_context_is_capped_with_length(served):
     assert "max_tokens <=" in _error(r, 400, "context_length_exceeded")["message"]
 
 
-# -- 3. closed to web pages (runtime.guard's own tests cover every case) -------------------
+# -- 3. closed to web pages (runtime.serve.guard's own tests cover every case) -------------------
 
 def test_web_pages_cannot_drive_the_server(served):
     url, _, _ = served
@@ -285,7 +285,7 @@ def test_sigterm_stops_a_server_busy_with_a_huge_request(smollm2_gguf, smollm2_d
 
 
 def test_api_key_file_errors_are_one_line(tmp_path):
-    from runtime.guard import read_keys_file
+    from runtime.serve.guard import read_keys_file
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")

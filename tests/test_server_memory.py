@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.memory import DraftMemory
-from runtime.server import MemoryConfig, open_memory, scope_of
+from runtime.drafters.memory import DraftMemory
+from runtime.serve.app import MemoryConfig, open_memory, scope_of
 from tests.exactness import batch_bound, same_or_near_tie
 from tests.test_server import _start, _stop
 from tests.test_speculative import chat_prompt

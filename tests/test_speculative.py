@@ -244,7 +244,7 @@ def test_sampling_distribution_matches_plain(smollm2_gguf, smollm2_draft_gguf, m
     assert _tv(spec, other) < 0.2            # the sampling noise of 300 draws
     assert same >= 0.9 * n                   # only near-ties of perturbed scores differ
 
-    def accept_all(sampler, rows, drafts, history, position):
+    def accept_all(sampler, rows, drafts, history, position, constraint=None, masks=None):
         return len(drafts), sampler.choose(rows[len(drafts)], history, position + len(drafts))
 
     monkeypatch.setattr(speculative, "verify", accept_all)

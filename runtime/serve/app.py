@@ -1,18 +1,18 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-One model has one KV cache, so one worker thread (``runtime.serve_worker``) runs every
+One model has one KV cache, so one worker thread (``runtime.serve.worker``) runs every
 llama.cpp call and requests are served one at a time, in arrival order; the async handlers
 only wait on it, so ``/health`` answers and concurrent clients queue instead of failing.
-Nothing unbounded runs on that thread: ``runtime.guard`` bounds the body and checks where
-it comes from, and ``runtime.admission`` checks sizes and renders, tokenizes and fits the
-prompt on a helper thread (large prompts one at a time) before the request joins the
-queue. Chat requests go through one
-``ChatSession`` (the GGUF's own template), which reuses the cached prefix: a follow-up turn
-evaluates only its new tokens. A client that goes away cancels its job, and the worker
-closes the engine's generator within a step (its ``finally`` keeps the caches consistent).
+Nothing unbounded runs on that thread: ``runtime.serve.guard`` bounds the body and checks
+where it comes from, and ``runtime.serve.admission`` checks sizes and renders, tokenizes
+and fits the prompt on a helper thread (large prompts one at a time) before the request
+joins the queue. Chat requests go through one ``ChatSession`` (the GGUF's own template),
+which reuses the cached prefix: a follow-up turn evaluates only its new tokens. A client
+that goes away cancels its job, and the worker closes the engine's generator within a step
+(its ``finally`` keeps the caches consistent).
 
-A drafting memory (``runtime.memory``) remembers every finished request, prompt and
-answer, and later requests draft from it. Requests draft only from earlier requests made
+A drafting memory (``runtime.drafters.memory``) remembers every finished request, prompt
+and answer, and later requests draft from it. Requests draft only from earlier requests made
 with the same API key (the scope is a hash of the presented bearer token; without
 API keys every request shares one scope); ``"shared_drafts": false`` keeps a request
 out of it both ways. The prompt cache follows the same scopes: a request from another
@@ -20,8 +20,8 @@ scope than the last one starts from an empty KV cache, so neither ``cache_n`` no
 tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
 start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
 
-Request and response shapes live in ``runtime.openai_api``. Responses carry llama-server's
-``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
+Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
+llama-server's ``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
 ``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
 ``serve`` extra.
 """
@@ -37,7 +37,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +48,16 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from runtime import admission
-from runtime import openai_api as api
-from runtime.admission import Limits
 from runtime.config import GenerationConfig
+from runtime.drafters.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.engine import Chunk, Engine
 from runtime.files import sha256_file_cached
-from runtime.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
-from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
-from runtime.openai_api import APIError
-from runtime.serve_worker import (
+from runtime.serve import admission
+from runtime.serve import openai_api as api
+from runtime.serve.admission import Limits
+from runtime.serve.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
+from runtime.serve.openai_api import APIError
+from runtime.serve.worker import (
     DONE,
     Interrupted,
     Job,
@@ -353,8 +353,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 raise first
             top = api.head("chat" if chat else "text", body.model or model_id,
                            int(time.time()), uuid.uuid4().hex)
+            lp = api.logprob_entries(engine.model) if body.logprobs else None
             if not body.stream:
-                whole = await _whole(job, first, top, chat, body.return_tokens, watcher)
+                whole = await _whole(job, first, top, chat, body.return_tokens, watcher, lp)
                 # trimming was asked for; the response says what it cost
                 return {**whole, "dropped_messages": dropped} if dropped else whole
         except Interrupted:  # nobody is left to read an answer
@@ -365,7 +366,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped)
+        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
+                         lp)
         return EventSourceResponse(events, ping=15, shutdown_event=stopping,
                                    shutdown_grace_period=1.0,
                                    headers={"x-dropped-messages": str(dropped)} if dropped
@@ -390,20 +392,24 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 
 
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
-                 watcher: asyncio.Future) -> dict:
-    text, tokens = [], []
+                 watcher: asyncio.Future, lp: Callable | None) -> dict:
+    text, tokens, lps = [], [], []
     while item is not DONE:
         if isinstance(item, Exception):
             raise item
         text.append(item.text)
         tokens.extend(item.tokens)
+        if lp is not None:
+            lps.extend(lp(item))
         item = await next_item(job, watcher)
     return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
-                              tokens if return_tokens else None)
+                              tokens if return_tokens else None,
+                              api.logprobs_object(chat, lps) if lp is not None else None)
 
 
 async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0
+                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0,
+                  lp: Callable | None = None
                   ) -> AsyncIterator[dict]:
     """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
     disconnect cancels this generator; a server shutdown ends it with an error event.
@@ -416,9 +422,11 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                 yield {"data": json.dumps(item.body())}
                 return
             n += len(item.tokens)
-            if item.text or first or (return_tokens and item.tokens):
+            entries = lp(item) if lp is not None else []
+            if item.text or first or (return_tokens and item.tokens) or entries:
                 yield api.stream_chunk(top, chat, item.text, None, first,
-                                       item.tokens if return_tokens else None)
+                                       item.tokens if return_tokens else None,
+                                       api.logprobs_object(chat, entries) if entries else None)
                 first = False
             try:
                 item = await next_item(job, watcher)

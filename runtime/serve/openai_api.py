@@ -1,18 +1,25 @@
 """The OpenAI API's shapes for ``bridge serve``: request bodies, their validation into
 bridge's settings, and the response objects (whole answers, stream chunks, ``timings``).
 
-Everything here is pure: no model, no HTTP. ``runtime.server`` owns the worker and the app.
+Everything here is pure: no model, no HTTP. ``runtime.serve.app`` owns the app and
+``runtime.serve.worker`` the worker.
 
 bridge's extensions are top-level request fields, as llama-server's are: ``top_k``,
 ``min_p``, ``repeat_penalty``, ``speculative.n_max``, ``shared_drafts`` (false: this
 request neither drafts from nor adds to the server's drafting memory) and
 ``return_tokens`` (true: each choice also carries the generated token ids).
+
+Structured output: ``response_format`` (``json_schema``, ``json_object``, ``text``), and
+llama-server's top-level ``json_schema`` and ``grammar`` (GBNF); at most one of them.
+A field that would change what the answer must be and that bridge does not honour is
+refused with a 400, never ignored: they are all listed in ``_REFUSED``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.config import GenerationConfig, SamplingConfig, SpeculativeConfig
+from runtime.constraint import ConstraintSpec
 from runtime.speculative import Stats
 
 # engine finish reasons -> OpenAI's; a full context is an answer cut for length, as the
@@ -82,7 +90,10 @@ class CompletionBody(_Body):
     shared_drafts: bool = True  # bridge: false keeps this request out of the memory
     return_tokens: bool = False  # bridge (llama-server's name): token ids in each choice
     logprobs: bool | int | None = None
-    echo: bool = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    grammar: str | None = None  # llama-server: a GBNF grammar
+    json_schema: dict | None = None  # llama-server: a JSON schema
 
 
 class Message(_Body):
@@ -109,15 +120,38 @@ def parse(model: type[BaseModel], payload: object) -> BaseModel:
 
 # -- from a request to bridge's settings --------------------------------------------------
 
-# fields bridge would otherwise silently ignore, and why they are refused when set
-_REFUSED = {
-    "presence_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
-                        "thing: pass repeat_penalty)",
-    "frequency_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
-                         "thing: pass repeat_penalty)",
-    "logprobs": "logprobs are not supported", "echo": "echo is not supported",
-    "tools": "tools are not supported",
+# THE list of request fields that would change what the answer must be and that bridge
+# does not honour: each is refused (400) unless absent, null or at its neutral value.
+# Other unknown fields (user, metadata, store, cache_prompt, ...) cannot change the answer
+# and are accepted and ignored.
+_PENALTY = ("only 0 is supported (llama.cpp's repeat penalty is a different thing: pass "
+            "repeat_penalty)")
+_REFUSED: dict[str, tuple[tuple, str]] = {
+    # field: (neutral values, why it is refused otherwise)
+    "presence_penalty": ((0, 0.0), _PENALTY),
+    "frequency_penalty": ((0, 0.0), _PENALTY),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": (("",), "suffix (fill-in-the-middle) is not supported"),
+    "best_of": ((1,), "best_of must be 1"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "tools": (([],), "tools are not supported"),
+    "tool_choice": (("none",), "tools are not supported"),
+    "functions": (([],), "functions are not supported"),
+    "function_call": (("none",), "functions are not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "audio": ((), "audio output is not supported"),
+    "modalities": ((["text"],), "only text output is supported"),
+    # llama-server's sampler extensions bridge does not implement
+    "n_probs": ((0,), "use logprobs/top_logprobs"),
+    "typical_p": ((1, 1.0), "typical sampling is not supported"),
+    "tfs_z": ((1, 1.0), "tail-free sampling is not supported"),
+    "mirostat": ((0,), "mirostat is not supported"),
+    "dry_multiplier": ((0, 0.0), "DRY sampling is not supported"),
+    "xtc_probability": ((0, 0.0), "XTC sampling is not supported"),
+    "ignore_eos": ((False,), "ignore_eos is not supported"),
+    "samplers": ((), "a custom sampler chain is not supported"),
 }
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -128,11 +162,14 @@ class RequestSettings:
     sampling: SamplingConfig
     draft_max: int | None
     use_memory: bool
+    constraint: ConstraintSpec | None = None
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs
 
     def overrides(self, scope: str) -> dict:
         """Keyword arguments for ``Engine.generate`` (and ``ChatSession.ask_messages``)."""
         return {"sampling": self.sampling, "draft_max": self.draft_max, "scope": scope,
-                "use_memory": self.use_memory}
+                "use_memory": self.use_memory, "constraint": self.constraint,
+                "logprobs": self.logprobs}
 
 
 def settings(default_sampling: SamplingConfig, default_gen: GenerationConfig,
@@ -142,8 +179,10 @@ def settings(default_sampling: SamplingConfig, default_gen: GenerationConfig,
     if body.n not in (None, 1):
         raise APIError(f"n must be 1, got {body.n}: bridge serves one choice per request",
                        param="n")
-    for name, why in _REFUSED.items():
-        if getattr(body, name, None):
+    extra = body.model_extra or {}
+    for name, (neutral, why) in _REFUSED.items():
+        value = extra.get(name, getattr(body, name, None))
+        if value is not None and value not in neutral:
             raise APIError(f"{name}: {why}", param=name)
     given = {k: v for k, v in (("temp", body.temperature), ("top_p", body.top_p),
                                ("top_k", body.top_k), ("min_p", body.min_p),
@@ -166,7 +205,71 @@ def settings(default_sampling: SamplingConfig, default_gen: GenerationConfig,
     stop = default_gen.stop if body.stop is None else \
         tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop) if s)
     gen = dataclasses.replace(default_gen, max_tokens=n or default_gen.max_tokens, stop=stop)
-    return RequestSettings(gen, sampling, draft_max, body.shared_drafts)
+    return RequestSettings(gen, sampling, draft_max, body.shared_drafts, constraint(body),
+                           n_logprobs(body))
+
+
+def constraint(body: CompletionBody) -> ConstraintSpec | None:
+    """The one constraint a request asks for: ``response_format``, or llama-server's
+    ``json_schema`` or ``grammar``; two of them is an error."""
+    given = []
+    rf = body.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        given.append("response_format")
+    if body.json_schema is not None:
+        given.append("json_schema")
+    if body.grammar is not None:
+        given.append("grammar")
+    if len(given) > 1:
+        raise APIError(f"give one of response_format, json_schema and grammar, not "
+                       f"{' and '.join(given)}", param=given[1])
+    try:
+        if body.grammar is not None:
+            return ConstraintSpec("gbnf", body.grammar)
+        if body.json_schema is not None:
+            return ConstraintSpec.from_schema(body.json_schema)
+        if rf is None:
+            return None
+        return _response_format(rf)
+    except ValueError as e:
+        raise APIError(str(e), param=given[0] if given else None) from None
+
+
+def _response_format(rf: dict) -> ConstraintSpec | None:
+    kind = rf.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        # llama-server also takes a schema here
+        schema = rf.get("schema")
+        return ConstraintSpec.from_schema(schema) if schema is not None \
+            else ConstraintSpec("json")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ValueError("response_format.json_schema.schema is missing")
+        # strict or not, the schema is enforced: every answer validates against it
+        return ConstraintSpec.from_schema(spec["schema"])
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, "
+                     f"got {kind!r}")
+
+
+def n_logprobs(body: CompletionBody) -> int | None:
+    """How many top log-probs per token the request wants (None: no logprobs). Chat asks
+    with ``logprobs: true`` and ``top_logprobs: N``; completions with ``logprobs: N``."""
+    lp, top = body.logprobs, body.top_logprobs
+    if isinstance(body, ChatBody):
+        if lp not in (None, True, False):
+            raise APIError("logprobs must be true or false", param="logprobs")
+        if top is not None and not lp:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        n = (top or 0) if lp else None
+    else:
+        n = None if lp is None or lp is False else int(lp) if lp is not True else 0
+    if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise APIError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {n}",
+                       param="top_logprobs" if isinstance(body, ChatBody) else "logprobs")
+    return n
 
 
 def messages(body: ChatBody) -> list[dict[str, str]]:
@@ -241,14 +344,44 @@ def head(kind: Literal["chat", "text"], model: str, created: int, uid: str) -> d
             "created": created, "model": model}
 
 
+def logprobs_object(chat: bool, entries: list[tuple[bytes, float, list[tuple[bytes, float]]]]
+                    ) -> dict:
+    """OpenAI's ``logprobs`` of a choice from (token bytes, log-prob, [(bytes, log-prob)]
+    of the top alternatives) per token: chat's ``content`` list, or the completions API's
+    parallel lists."""
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", errors="replace")
+
+    if chat:
+        return {"content": [
+            {"token": text(b), "logprob": lp, "bytes": list(b),
+             "top_logprobs": [{"token": text(tb), "logprob": tlp, "bytes": list(tb)}
+                              for tb, tlp in tops]}
+            for b, lp, tops in entries]}
+    return {"tokens": [text(b) for b, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text(tb): tlp for tb, tlp in tops} for _, _, tops in entries]}
+
+
+def logprob_entries(model) -> Callable[[object], list]:
+    """A function from an engine ``Chunk`` to ``logprobs_object``'s entries for its tokens
+    (end-of-generation tokens, which have no text, left out)."""
+    def entries(chunk) -> list:
+        return [(model.token_bytes(t), lp, [(model.token_bytes(a), alp) for a, alp in tops])
+                for t, (lp, tops) in zip(chunk.tokens, chunk.logprobs or [], strict=False)
+                if not model.is_eog(t)]
+
+    return entries
+
+
 def whole_response(top: dict, chat: bool, text: str, n_tokens: int, stats: Stats,
-                   tokens: list[int] | None = None) -> dict:
+                   tokens: list[int] | None = None, logprobs: dict | None = None) -> dict:
     """A non-streamed answer of ``n_tokens``; ``tokens`` (their ids) only when asked for."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason(stats)}
+                  "logprobs": logprobs, "finish_reason": finish_reason(stats)}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None,
+        choice = {"index": 0, "text": text, "logprobs": logprobs,
                   "finish_reason": finish_reason(stats)}
     if tokens is not None:
         choice["tokens"] = tokens
@@ -257,16 +390,18 @@ def whole_response(top: dict, chat: bool, text: str, n_tokens: int, stats: Stats
 
 
 def stream_chunk(top: dict, chat: bool, text: str | None, reason: str | None, first: bool,
-                 tokens: list[int] | None = None, **extra) -> dict:
+                 tokens: list[int] | None = None, logprobs: dict | None = None,
+                 **extra) -> dict:
     """One SSE event in OpenAI's chunk format (``text`` None: no content, as on the last
     chunk); ``first`` adds the assistant role to a chat delta."""
     if chat:
         delta = {} if text is None else {"content": text}
         if text is not None and first:
             delta["role"] = "assistant"
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+                  "finish_reason": reason}
     if tokens is not None:
         choice["tokens"] = tokens
     obj = {**top, "object": "chat.completion.chunk" if chat else "text_completion",

@@ -21,7 +21,7 @@ from fastapi import Request
 
 from runtime.chat import ChatSession, ChatTemplateError
 from runtime.engine import Chunk, Engine
-from runtime.openai_api import APIError
+from runtime.serve.openai_api import APIError
 from runtime.speculative import Stats
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from runtime.openai_api import APIError
+from runtime.serve.openai_api import APIError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.chat_render import ChatRenderer, Rendered, fit
-from runtime.openai_api import APIError
+from runtime.serve.openai_api import APIError
 
 OVERFLOW_POLICIES = ("error", "cap", "trim")
 MAX_INT = 2**31 - 1  # llama.cpp's token counts and top-k are int32
