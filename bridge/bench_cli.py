@@ -94,7 +94,7 @@ def _print_tables(r: dict) -> None:
 
     from runtime.bench import cpu_summary
 
-    console = Console(width=max(110, Console().width))
+    console = Console(width=max(150, Console().width))
     greedy = "greedy" if r["greedy"] else "sampled"
     for set_name, res in r["sets"].items():
         t = Table(title=f"{r['model']}: '{set_name}' prompts ({res['n_prompts']} x "

@@ -195,6 +195,7 @@ class SpeculativeDecoder:
         self.p_min = p_min
         self.forced_drafts = forced_drafts
         self.kv: list[int] = []       # exactly the target's KV cache
+        self._draft_ctxs: list[LlamaContext] = []  # the drafters' contexts (timing)
         self.pending: int | None = None
         # the last generation's constraint: kept after it ends, so that keep() past a
         # stop string rolls it back with the caches
@@ -240,6 +241,8 @@ class SpeculativeDecoder:
             constraint.bind(len(prompt))
             if self.forced_drafts and self.drafters:
                 self.drafters[GRAMMAR] = GrammarDrafter(constraint)
+        self._draft_ctxs = [c for d in self.drafters.values()
+                            if (c := getattr(d, "ctx", None)) is not None]
         stats.mode = "speculative" if self.drafters else "plain"
         stats.n_prompt = len(prompt)
         t_start = time.perf_counter()
@@ -288,12 +291,9 @@ class SpeculativeDecoder:
         return False
 
     def _llama_seconds(self) -> float:
-        total = self.target.eval_seconds
-        for d in self.drafters.values():
-            ctx = getattr(d, "ctx", None)
-            if ctx is not None:
-                total += ctx.eval_seconds
-        return total
+        """Seconds inside llama_decode so far, target and draft models (read twice a step:
+        the contexts are listed once per generation, when the drafters are settled)."""
+        return self.target.eval_seconds + sum(c.eval_seconds for c in self._draft_ctxs)
 
     def _prefill(self, prompt: list[int], stats: Stats) -> Step:
         """Evaluate what the cache lacks of ``prompt``; return the step of the first new
