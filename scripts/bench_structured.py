@@ -187,6 +187,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the Markdown report here")
     ap.add_argument("--no-serve", action="store_true",
                     help="skip the run through bridge serve and the openai client")
+    ap.add_argument("--llama-server", type=Path,
+                    help="also run the workload through this llama-server binary (built by "
+                         "scripts/bench_llamacpp.py from the pinned sources), for comparison")
     args = ap.parse_args()
     model = args.model or testmodels.fetch_gguf(testmodels.SMOLLM2)
     rt = RuntimeConfig(n_ctx=1024, n_threads=args.threads)
@@ -222,6 +225,8 @@ def main() -> None:
     report = render(results, n_valid, n_answers, n_single, curve, args)
     if not args.no_serve:
         report += "\n" + through_serve(model, args)
+    if args.llama_server:
+        report += "\n" + through_llama_server(model, args)
     print(report)
     if args.out:
         args.out.write_text(report)
@@ -281,43 +286,23 @@ def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_singl
 def through_serve(model: Path, args) -> str:
     """The workload through a real ``bridge serve`` (this checkout's code, lookup and forced
     text, adaptive) and the ``openai`` client: validity and the server's own timings."""
-    import openai
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", str(model),
                              "--port", str(port), "--threads", str(args.threads),
                              "-c", "1024", "--drafter", "lookup"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                           max_retries=0, timeout=300)
     try:
-        for _ in range(600):
-            try:
-                model_id = client.models.list().data[0].id
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("bridge serve did not start")
-        n_valid = n = tokens = steps = forced = 0
-        seconds = 0.0
-        for temp, seeds in ((0.0, [0]), (1.0, range(args.seeds))):
-            for _, schema, text in WORKLOAD:
-                fmt = {"type": "json_schema",
-                       "json_schema": {"name": "answer", "strict": True, "schema": schema}}
-                for seed in seeds:
-                    r = client.chat.completions.create(
-                        model=model_id, messages=[{"role": "user", "content": text}],
-                        temperature=temp, seed=seed, max_tokens=200, response_format=fmt)
-                    n += 1
-                    n_valid += valid(r.choices[0].message.content, schema)
-                    t = r.model_extra["timings"]
-                    tokens, steps = tokens + t["predicted_n"], steps + t["n_steps"]
-                    seconds += t["predicted_ms"] / 1e3
-                    forced += t["sources"].get("grammar", {}).get("accepted", 0)
+        client, model_id = _client_when_up(port, "bridge serve")
+        counts = {"steps": 0, "forced": 0}
+
+        def timing(t: dict) -> tuple[int, float]:
+            counts["steps"] += t["n_steps"]
+            counts["forced"] += t["sources"].get("grammar", {}).get("accepted", 0)
+            return t["predicted_n"], t["predicted_ms"] / 1e3
+
+        n_valid, n, tokens, seconds = _serve_workload(client, model_id, args, True, timing)
+        steps, forced = counts["steps"], counts["forced"]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -326,6 +311,75 @@ def through_serve(model: Path, args) -> str:
             f"{tokens} tokens at {tokens / seconds:.1f} tok/s, "
             f"{(tokens - n) / max(1, steps):.2f} tokens per target step, "
             f"{forced / max(1, tokens):.0%} of tokens drafted from forced text and kept.\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _client_when_up(port: int, what: str):
+    """An ``openai`` client for the server on ``port`` once it answers, and its model id."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    for _ in range(600):
+        try:
+            return client, client.models.list().data[0].id
+        except (openai.APIConnectionError, openai.APIStatusError):
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start")
+
+
+def _serve_workload(client, model_id: str, args, constrained: bool,
+                    timing) -> tuple[int, int, int, float]:
+    """(valid, answers, tokens, seconds) of the workload, greedy and sampled; ``timing``
+    reads (tokens, seconds) from a response's server timings."""
+    n_valid = n = tokens = 0
+    seconds = 0.0
+    for temp, seeds in ((0.0, [0]), (1.0, range(args.seeds))):
+        for _, schema, text in WORKLOAD:
+            fmt = {"type": "json_schema",
+                   "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+            for seed in seeds:
+                r = client.chat.completions.create(
+                    model=model_id, messages=[{"role": "user", "content": text}],
+                    temperature=temp, seed=seed, max_tokens=200,
+                    **({"response_format": fmt} if constrained else {}))
+                n += 1
+                n_valid += valid(r.choices[0].message.content or "", schema)
+                t, sec = timing(r.model_extra["timings"])
+                tokens, seconds = tokens + t, seconds + sec
+    return n_valid, n, tokens, seconds
+
+
+def through_llama_server(model: Path, args) -> str:
+    """The same workload through llama-server (``--jinja``, the same model, threads and
+    context) with the same ``json_schema``, and without it for its own unconstrained
+    speed: validity and tok/s from its ``timings``."""
+    port = _free_port()
+    proc = subprocess.Popen([str(args.llama_server), "-m", str(model), "--port", str(port),
+                             "--host", "127.0.0.1", "-t", str(args.threads), "-c", "1024",
+                             "--jinja", "-np", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def timing(t: dict) -> tuple[int, float]:
+        return t["predicted_n"], t["predicted_ms"] / 1e3
+
+    try:
+        client, model_id = _client_when_up(port, "llama-server")
+        valid_c, n, tok_c, sec_c = _serve_workload(client, model_id, args, True, timing)
+        valid_f, _, tok_f, sec_f = _serve_workload(client, model_id, args, False, timing)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return (f"**Through llama-server** (`{args.llama_server.name} --jinja -t {args.threads} "
+            f"-c 1024`, the same requests): with `json_schema` {valid_c}/{n} answers valid, "
+            f"{tok_c / sec_c:.1f} tok/s; without it {valid_f}/{n} happen to validate, "
+            f"{tok_f / sec_f:.1f} tok/s; constrained/unconstrained "
+            f"{(tok_c / sec_c) / (tok_f / sec_f):.2f}x.\n")
 
 
 if __name__ == "__main__":
