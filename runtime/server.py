@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -48,7 +49,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from runtime import admission
+from runtime import admission, tools
 from runtime import openai_api as api
 from runtime.admission import Limits
 from runtime.config import GenerationConfig
@@ -67,6 +68,7 @@ from runtime.serve_worker import (
     wait_disconnect,
 )
 from runtime.speculative import Stats
+from runtime.tools import CallReading
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +314,24 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def chat_completions(request: Request):
         body = await read(request, api.ChatBody)
         g, kw = overrides(request, body)
+        spec = api.tool_spec(body)
         messages = api.messages(body)
         if worker.session is None:
             raise APIError(worker.no_chat, code="no_chat_template")
         admission.check_messages(messages, limits, admission.policy_of(body, limits))
         session = worker.session
+        calls = CallReading.of(session, spec)
+        messages, tpl_tools = tools.prepare(calls.fmt, messages, spec)
         n_bytes = sum(len(m["content"]) for m in messages)
-        adm, g = await admit(body, g, n_bytes, admission.admit_chat, session.renderer,
-                             messages)
+        fn = functools.partial(admission.admit_chat, tools=tpl_tools, prefill=calls.prefill,
+                               tool_text=json.dumps(spec.tools) if spec.active else "")
+        adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
         def start(stats: Stats) -> Iterator[Chunk]:
             return session.ask_messages(adm.messages, g, stats, rendered=adm.rendered, **kw)
 
         return await respond(request, body, start, chat=True, scope=kw["scope"],
-                             dropped=adm.dropped)
+                             dropped=adm.dropped, calls=calls if spec.active else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -341,7 +347,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         return await respond(request, body, start, chat=False, scope=kw["scope"])
 
     async def respond(request: Request, body: api.CompletionBody, start, chat: bool,
-                      scope: str, dropped: int = 0):
+                      scope: str, dropped: int = 0, calls: CallReading | None = None):
         job = worker.submit(start, scope)
         watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -354,7 +360,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
             top = api.head("chat" if chat else "text", body.model or model_id,
                            int(time.time()), uuid.uuid4().hex)
             if not body.stream:
-                whole = await _whole(job, first, top, chat, body.return_tokens, watcher)
+                whole = await _whole(job, first, top, chat, body.return_tokens, watcher,
+                                     calls)
                 # trimming was asked for; the response says what it cost
                 return {**whole, "dropped_messages": dropped} if dropped else whole
         except Interrupted:  # nobody is left to read an answer
@@ -365,7 +372,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped)
+        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
+                         calls)
         return EventSourceResponse(events, ping=15, shutdown_event=stopping,
                                    shutdown_grace_period=1.0,
                                    headers={"x-dropped-messages": str(dropped)} if dropped
@@ -390,25 +398,36 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 
 
 async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
-                 watcher: asyncio.Future) -> dict:
-    text, tokens = [], []
+                 watcher: asyncio.Future, calls: CallReading | None = None) -> dict:
+    parser = calls.parser() if calls is not None else None
+    text, tokens, found = [], [], []
     while item is not DONE:
         if isinstance(item, Exception):
             raise item
-        text.append(item.text)
+        if parser is None:
+            text.append(item.text)
+        else:
+            text += [e for kind, e in parser.feed(item.text, item.tokens) if kind == "content"]
         tokens.extend(item.tokens)
         item = await next_item(job, watcher)
-    return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
-                              tokens if return_tokens else None)
+    content: str | None = "".join(text)
+    if parser is not None:
+        content = "".join([content] + [e for kind, e in parser.finish() if kind == "content"])
+        found = parser.calls
+        content = (content.strip() or None) if found else content
+    return api.whole_response(top, chat, content, len(tokens), job.stats,
+                              tokens if return_tokens else None, found)
 
 
 async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0
-                  ) -> AsyncIterator[dict]:
+                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0,
+                  calls: CallReading | None = None) -> AsyncIterator[dict]:
     """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
     disconnect cancels this generator; a server shutdown ends it with an error event.
-    Either way the job is cancelled."""
+    Either way the job is cancelled. With tools, text that may open a call is held back
+    until it is known, and each call goes out as ``delta.tool_calls`` chunks."""
     first, n = True, 0
+    parser = calls.parser() if calls is not None else None
     watcher = asyncio.ensure_future(stopping.wait())
     try:
         while item is not DONE:
@@ -416,7 +435,12 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                 yield {"data": json.dumps(item.body())}
                 return
             n += len(item.tokens)
-            if item.text or first or (return_tokens and item.tokens):
+            if parser is not None:
+                for chunk in _tool_chunks(top, parser.feed(item.text, item.tokens), parser,
+                                          first):
+                    first = False
+                    yield chunk
+            elif item.text or first or (return_tokens and item.tokens):
                 yield api.stream_chunk(top, chat, item.text, None, first,
                                        item.tokens if return_tokens else None)
                 first = False
@@ -427,9 +451,14 @@ async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: 
                                kind="server_error", code="shutting_down")
                 yield {"data": json.dumps(err.body())}
                 return
+        if parser is not None:
+            for chunk in _tool_chunks(top, parser.finish(), parser, first):
+                first = False
+                yield chunk
         usage = api.usage(job.stats, n)
         extra = {"dropped_messages": dropped} if dropped else {}
-        yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats), first,
+        called = parser is not None and bool(parser.calls)
+        yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats, called), first,
                                usage=usage, timings=api.timings(job.stats), **extra)
         if include_usage:
             yield {"data": json.dumps({**top, "object": "chat.completion.chunk" if chat
@@ -489,3 +518,19 @@ def _signals_end_quietly():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _tool_chunks(top: dict, events: list, parser: tools.CallParser, first: bool
+                 ) -> Iterator[dict]:
+    """Stream chunks for a parser's events: content deltas, and per call the
+    ``delta.tool_calls`` entries OpenAI sends (index = the call's place in the answer)."""
+    for kind, e in events:
+        if kind == "content":
+            if e:
+                yield api.stream_chunk(top, True, e, None, first)
+                first = False
+            continue
+        index = parser.calls.index(e)
+        for delta in api.call_deltas(e, index):
+            yield api.stream_chunk(top, True, None, None, first, tool_call=delta)
+            first = False

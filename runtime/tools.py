@@ -189,15 +189,34 @@ def check_tools(tools: list) -> tuple[dict, ...]:
 # -- rendering -------------------------------------------------------------------------
 
 def generic_system(tools: tuple[dict, ...], parallel: bool) -> str:
-    """The generic format's system text: the tools, and how to call them."""
-    lines = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    many = " You may call several functions, one block each." if parallel else ""
-    return ("You can call functions. Their definitions, one JSON object a line:\n"
-            f"<tools>\n{lines}\n</tools>\n"
+    """The generic format's system text: one line per tool, its description and the shape
+    of a call with each argument's type. A small model shown whole JSON schemas copies
+    them as its arguments (SmolLM2 did, every time); the schema itself is enforced by
+    the call's constraint, not by the prompt."""
+    lines = "\n".join(f"- {_signature(t['function'])}" for t in tools)
+    many = "You may call several, one block each. " if parallel else ""
+    return ("You can call these functions:\n"
+            f"{lines}\n"
             "To call one, answer with exactly\n<tool_call>\n"
-            '{"name": "<function name>", "arguments": <arguments as a JSON object>}\n'
-            f"</tool_call>\n{many}Results come back in <tool_response> blocks.").replace(
-                "\n\n", "\n")
+            '{"name": "<function name>", "arguments": {<arguments>}}\n'
+            f"</tool_call>\n{many}Results come back in <tool_response> blocks.")
+
+
+def _signature(fn: dict) -> str:
+    """``name: description. Call: {"name": ..., "arguments": {"x": <type, ...>}}``"""
+    params = fn.get("parameters") or {}
+    required = set(params.get("required") or ())
+    args = []
+    for key, p in (params.get("properties") or {}).items():
+        p = p if isinstance(p, dict) else {}
+        kind = " or ".join(json.dumps(v) for v in p["enum"]) if "enum" in p else \
+            str(p.get("type", "any"))
+        notes = [kind] + ([] if key in required else ["optional"]) + \
+            ([p["description"]] if isinstance(p.get("description"), str) else [])
+        args.append(f'"{key}": <{", ".join(notes)}>')
+    call = json.dumps({"name": fn["name"]})[:-1] + ', "arguments": {' + ", ".join(args) + "}}"
+    desc = fn.get("description", "").strip().rstrip(".")
+    return f"{fn['name']}: {desc + '. ' if desc else ''}Call: {call}"
 
 
 def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
@@ -286,7 +305,7 @@ class ToolCall:
 
 def read_calls(fmt: ToolFormat, raw: str, spec: ToolSpec) -> list[ToolCall] | None:
     """The calls in one call's raw text (between its markers), or None if it is not a
-    valid call to one of ``spec``'s tools."""
+    call to one of ``spec``'s tools whose arguments validate against its schema."""
     try:
         obj = json.loads(raw.strip())
     except ValueError:
@@ -299,7 +318,7 @@ def read_calls(fmt: ToolFormat, raw: str, spec: ToolSpec) -> list[ToolCall] | No
             return None
         args = o.get(fmt.args_key, o.get("arguments", o.get("parameters", {})))
         args = _as_object(args)
-        if not isinstance(args, dict):
+        if not isinstance(args, dict) or not _valid(args, spec.schema(o["name"])):
             return None
         calls.append(ToolCall(o["name"], json.dumps(args, ensure_ascii=False)))
     return calls or None
@@ -316,16 +335,21 @@ class CallParser:
         fmt: the format.
         spec: the request's tools (calls naming others are not calls).
         prefill: the answer's forced opening, which the model did not write.
+        marker_id: the token id of ``fmt.start`` when it is a control token (Mistral's
+            ``[TOOL_CALLS]``), whose text a decoded answer does not show.
     """
 
-    def __init__(self, fmt: ToolFormat, spec: ToolSpec, prefill: str = ""):
-        self.fmt, self.spec = fmt, spec
+    def __init__(self, fmt: ToolFormat, spec: ToolSpec, prefill: str = "",
+                 marker_id: int | None = None):
+        self.fmt, self.spec, self.marker_id = fmt, spec, marker_id
         self._buf = prefill
         self._in_call = False
         self._seen_text = False  # llama3: a call only opens the answer
         self.calls: list[ToolCall] = []
 
-    def feed(self, text: str) -> list[tuple[str, object]]:
+    def feed(self, text: str, tokens: list[int] = ()) -> list[tuple[str, object]]:
+        if self.marker_id is not None and self.marker_id in tokens:
+            text = self.fmt.start + text  # the marker opens the answer's call
         self._buf += text
         return self._scan(final=False)
 
@@ -384,6 +408,12 @@ class CallParser:
         return [("call", c) for c in calls]
 
 
+def _valid(args: dict, schema: dict) -> bool:
+    from jsonschema import validators
+
+    return validators.validator_for(schema)(schema).is_valid(args)
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of ``text`` that begins ``marker``."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
@@ -399,6 +429,28 @@ def parse(fmt: ToolFormat, text: str, spec: ToolSpec, prefill: str = ""
     events = p.feed(text) + p.finish()
     content = "".join(e for kind, e in events if kind == "content")
     return (content.strip() or None) if p.calls else content, p.calls
+
+
+@dataclass(frozen=True)
+class CallReading:
+    """How one request's answer is read for calls: the session's format, the request's
+    tools, the forced opening (under ``required`` or a named function) and the marker's
+    control-token id (Mistral's)."""
+
+    fmt: ToolFormat
+    spec: ToolSpec
+    prefill: str = ""
+    marker_id: int | None = None
+
+    @classmethod
+    def of(cls, session, spec: ToolSpec) -> CallReading:
+        """For a ``ChatSession``: its template's format, its renderer's control tokens."""
+        fmt = session.tool_format
+        prefill = fmt.prefill(spec.forced_name) if spec.required else ""
+        return cls(fmt, spec, prefill, session.renderer.control.get(fmt.start))
+
+    def parser(self) -> CallParser:
+        return CallParser(self.fmt, self.spec, self.prefill, self.marker_id)
 
 
 # -- constraining calls ------------------------------------------------------------------

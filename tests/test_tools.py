@@ -143,7 +143,8 @@ def test_prepare_generic_puts_everything_in_contents():
     msgs, tools = T.prepare(T.GENERIC, HISTORY, SPEC)
     assert tools is None
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
-    assert '"name": "get_weather"' in msgs[0]["content"]
+    assert ('- get_weather: Weather in a city. Call: {"name": "get_weather", "arguments": '
+            '{"city": <string>}}') in msgs[0]["content"]
     assert msgs[2]["content"] == T.GENERIC.call_text("get_weather", {"city": "Paris"})
     assert "<tool_response>" in msgs[3]["content"] and "18 C" in msgs[3]["content"]
     assert all(set(m) == {"role", "content"} for m in msgs)
