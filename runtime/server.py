@@ -20,6 +20,11 @@ scope than the last one starts from an empty KV cache, so neither ``cache_n`` no
 tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
 start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
 
+Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
+(``runtime.tools``), tools and tool messages go through the template when it takes them
+and into message text otherwise, and the answer is read back for calls as it streams
+(``runtime.serve_stream``).
+
 Request and response shapes live in ``runtime.openai_api``. Responses carry llama-server's
 ``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
 ``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
@@ -38,7 +43,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +63,9 @@ from runtime.files import sha256_file_cached
 from runtime.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
 from runtime.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.openai_api import APIError
+from runtime.serve_stream import events, whole
 from runtime.serve_worker import (
-    DONE,
     Interrupted,
-    Job,
     Worker,
     next_item,
     save_periodically,
@@ -360,10 +364,10 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
             top = api.head("chat" if chat else "text", body.model or model_id,
                            int(time.time()), uuid.uuid4().hex)
             if not body.stream:
-                whole = await _whole(job, first, top, chat, body.return_tokens, watcher,
+                answer = await whole(job, first, top, chat, body.return_tokens, watcher,
                                      calls)
                 # trimming was asked for; the response says what it cost
-                return {**whole, "dropped_messages": dropped} if dropped else whole
+                return {**answer, "dropped_messages": dropped} if dropped else answer
         except Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
@@ -372,9 +376,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
-                         calls)
-        return EventSourceResponse(events, ping=15, shutdown_event=stopping,
+        stream = events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
+                        calls)
+        return EventSourceResponse(stream, ping=15, shutdown_event=stopping,
                                    shutdown_grace_period=1.0,
                                    headers={"x-dropped-messages": str(dropped)} if dropped
                                    else None)
@@ -395,79 +399,6 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
                "file": str(cfg.path) if cfg.path is not None else None}
     return {"model": engine.model.path.name, "sources": engine.sources,
             "requests_served": worker.n_served, "memory": mem}
-
-
-async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
-                 watcher: asyncio.Future, calls: CallReading | None = None) -> dict:
-    parser = calls.parser() if calls is not None else None
-    text, tokens, found = [], [], []
-    while item is not DONE:
-        if isinstance(item, Exception):
-            raise item
-        if parser is None:
-            text.append(item.text)
-        else:
-            text += [e for kind, e in parser.feed(item.text, item.tokens) if kind == "content"]
-        tokens.extend(item.tokens)
-        item = await next_item(job, watcher)
-    content: str | None = "".join(text)
-    if parser is not None:
-        content = "".join([content] + [e for kind, e in parser.finish() if kind == "content"])
-        found = parser.calls
-        content = (content.strip() or None) if found else content
-    return api.whole_response(top, chat, content, len(tokens), job.stats,
-                              tokens if return_tokens else None, found)
-
-
-async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0,
-                  calls: CallReading | None = None) -> AsyncIterator[dict]:
-    """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
-    disconnect cancels this generator; a server shutdown ends it with an error event.
-    Either way the job is cancelled. With tools, text that may open a call is held back
-    until it is known, and each call goes out as ``delta.tool_calls`` chunks."""
-    first, n = True, 0
-    parser = calls.parser() if calls is not None else None
-    watcher = asyncio.ensure_future(stopping.wait())
-    try:
-        while item is not DONE:
-            if isinstance(item, APIError):
-                yield {"data": json.dumps(item.body())}
-                return
-            n += len(item.tokens)
-            if parser is not None:
-                for chunk in _tool_chunks(top, parser.feed(item.text, item.tokens), parser,
-                                          first):
-                    first = False
-                    yield chunk
-            elif item.text or first or (return_tokens and item.tokens):
-                yield api.stream_chunk(top, chat, item.text, None, first,
-                                       item.tokens if return_tokens else None)
-                first = False
-            try:
-                item = await next_item(job, watcher)
-            except Interrupted:
-                err = APIError("the server is shutting down; the answer was cut short", 503,
-                               kind="server_error", code="shutting_down")
-                yield {"data": json.dumps(err.body())}
-                return
-        if parser is not None:
-            for chunk in _tool_chunks(top, parser.finish(), parser, first):
-                first = False
-                yield chunk
-        usage = api.usage(job.stats, n)
-        extra = {"dropped_messages": dropped} if dropped else {}
-        called = parser is not None and bool(parser.calls)
-        yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats, called), first,
-                               usage=usage, timings=api.timings(job.stats), **extra)
-        if include_usage:
-            yield {"data": json.dumps({**top, "object": "chat.completion.chunk" if chat
-                                       else "text_completion", "choices": [],
-                                       "usage": usage})}
-        yield {"data": "[DONE]"}
-    finally:
-        watcher.cancel()
-        job.cancelled.set()
 
 
 # -- running it ---------------------------------------------------------------------------
@@ -518,19 +449,3 @@ def _signals_end_quietly():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _tool_chunks(top: dict, events: list, parser: tools.CallParser, first: bool
-                 ) -> Iterator[dict]:
-    """Stream chunks for a parser's events: content deltas, and per call the
-    ``delta.tool_calls`` entries OpenAI sends (index = the call's place in the answer)."""
-    for kind, e in events:
-        if kind == "content":
-            if e:
-                yield api.stream_chunk(top, True, e, None, first)
-                first = False
-            continue
-        index = parser.calls.index(e)
-        for delta in api.call_deltas(e, index):
-            yield api.stream_chunk(top, True, None, None, first, tool_call=delta)
-            first = False
