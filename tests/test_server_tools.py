@@ -233,3 +233,36 @@ def test_native_template_renders_tools_and_parses_calls(qwen_server):
     e = httpx.post(f"{qwen_server}/v1/chat/completions",
                    json={"messages": ASK, "tools": bad, "max_tokens": 4}, timeout=60)
     assert e.status_code == 400 and "control token" in e.json()["error"]["message"]
+
+
+def test_langchain_bind_tools_two_step_loop(server):
+    """LangChain's ``bind_tools``: the call comes back as ``tool_calls`` with parsed
+    arguments, a ``ToolMessage`` goes back, and the model answers in text."""
+    lc = pytest.importorskip("langchain_openai", reason="the dev extra has langchain-openai")
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    def history() -> list:
+        out = []
+        for m in SHOT:
+            if m["role"] == "user":
+                out.append(HumanMessage(m["content"]))
+            elif m["role"] == "tool":
+                out.append(ToolMessage(m["content"], tool_call_id=m["tool_call_id"]))
+            elif m.get("tool_calls"):
+                out.append(AIMessage("", tool_calls=[{
+                    "id": c["id"], "name": c["function"]["name"],
+                    "args": json.loads(c["function"]["arguments"])} for c in m["tool_calls"]]))
+            else:
+                out.append(AIMessage(m["content"]))
+        return out
+
+    model_id = httpx.get(f"{server}/v1/models").json()["data"][0]["id"]
+    llm = lc.ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model=model_id,
+                        temperature=0, max_tokens=N, max_retries=0)
+    messages = history() + [HumanMessage("What is the weather in Paris?")]
+    ai = llm.bind_tools(TOOLS, tool_choice="get_weather").invoke(messages)
+    (call,) = ai.tool_calls
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    messages += [ai, ToolMessage("18 C and sunny", tool_call_id=call["id"])]
+    final = llm.bind_tools(TOOLS, tool_choice="none").invoke(messages)
+    assert not final.tool_calls and final.content
