@@ -325,6 +325,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         admission.check_messages(messages, limits, admission.policy_of(body, limits))
         session = worker.session
         calls = CallReading.of(session, spec)
+        g = dataclasses.replace(g, stop=(*g.stop, *calls.stops))
         messages, tpl_tools = tools.prepare(calls.fmt, messages, spec)
         n_bytes = sum(len(m["content"]) for m in messages)
         fn = functools.partial(admission.admit_chat, tools=tpl_tools, prefill=calls.prefill,

@@ -452,6 +452,14 @@ class CallReading:
     def parser(self) -> CallParser:
         return CallParser(self.fmt, self.spec, self.prefill, self.marker_id)
 
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """Stop strings that end the answer after its one call (a single call is wanted:
+        a named function, or ``parallel_tool_calls`` false), so a model that goes on
+        talking after it spends no tokens; the parser reads the call unclosed."""
+        one = self.spec.forced_name is not None or not self.spec.parallel
+        return (self.fmt.end,) if self.spec.active and one and self.fmt.end else ()
+
 
 # -- constraining calls ------------------------------------------------------------------
 

@@ -174,3 +174,30 @@ def test_call_grammar_compiles_in_llguidance():
         is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(
             llguidance.grammar_from("lark", grammar))
         assert not is_error, (fmt.name, msgs)
+
+
+class _Session:  # what CallReading.of reads from a ChatSession
+    def __init__(self, fmt, control):
+        self.tool_format = fmt
+        self.renderer = type("R", (), {"control": control})()
+
+
+@pytest.mark.parametrize("fmt, choice, parallel, prefill, stops", [
+    (T.HERMES, "get_weather", True, '<tool_call>\n{"name": "get_weather", "arguments": ',
+     ("</tool_call>",)),
+    (T.HERMES, "required", True, '<tool_call>\n{"name": "', ()),  # several calls may come
+    (T.HERMES, "required", False, '<tool_call>\n{"name": "', ("</tool_call>",)),
+    (T.HERMES, "auto", True, "", ()),
+    (T.LLAMA3, "get_time", True, '{"name": "get_time", "parameters": ', ()),  # no end marker
+])
+def test_call_reading(fmt, choice, parallel, prefill, stops):
+    r = T.CallReading.of(_Session(fmt, {}), T.ToolSpec(SPEC.tools, choice, parallel))
+    assert (r.prefill, r.stops, r.marker_id) == (prefill, stops, None)
+
+
+def test_mistral_marker_is_a_control_token():
+    # [TOOL_CALLS] is a control token: the decoded text lacks it, the token ids show it
+    r = T.CallReading.of(_Session(T.MISTRAL, {"[TOOL_CALLS]": 5}), SPEC)
+    p = r.parser()
+    events = p.feed('[{"name": "get_time", "arguments": {}}]', [5, 9, 9]) + p.finish()
+    assert [e for k, e in events if k == "content"] == [] and p.calls[0].name == "get_time"
