@@ -105,6 +105,12 @@ class LlamaModel:
             raise RuntimeError(f"model {self.path} is closed")
         return self._model
 
+    @property
+    def vocab(self) -> llama_cpp.llama_vocab_p:
+        """The vocabulary handle (for libraries that read it, such as llguidance)."""
+        self.ptr  # noqa: B018 - raises on a closed model
+        return self._vocab
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False
                  ) -> list[int]:
         """Text -> token ids, exactly as llama.cpp tokenizes it."""
