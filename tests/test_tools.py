@@ -4,6 +4,7 @@ streamed (every split point), rendering for native and generic templates, valida
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -161,7 +162,7 @@ def test_prepare_native_passes_objects():
 
 def test_call_grammar_shapes():
     g = T.call_grammar(T.HERMES, T.ToolSpec(SPEC.tools, "get_weather", parallel=False))
-    assert g.startswith('start: one\none: "<tool_call>\\n" call "\\n</tool_call>"')
+    assert g.startswith('start: "<tool_call>\\n" call "\\n</tool_call>"\n')
     assert '"const": "get_weather"' in g and "get_time" not in g
     assert "anyOf" in T.call_grammar(T.LLAMA3, T.ToolSpec(SPEC.tools, "required"))
 
@@ -201,3 +202,53 @@ def test_mistral_marker_is_a_control_token():
     p = r.parser()
     events = p.feed('[{"name": "get_time", "arguments": {}}]', [5, 9, 9]) + p.finish()
     assert [e for k, e in events if k == "content"] == [] and p.calls[0].name == "get_time"
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+GRAMMAR_CASES = [
+    # (format, choice, text, accepted whole)
+    (T.HERMES, "required", CALL, True),
+    (T.HERMES, "get_weather", CALL, True),
+    (T.HERMES, "get_time", CALL, False),                       # another function
+    (T.HERMES, "required", CALL.replace('"city"', '"town"'), False),  # schema broken
+    (T.HERMES, "required", CALL.replace('": "', '":"'), False),  # one layout only
+    (T.HERMES, "required", "It is sunny.", False),             # a call is required
+    (T.HERMES, "auto", "It is sunny.", True),
+    (T.HERMES, "auto", "Let me check.\n" + CALL, True),
+    (T.HERMES, "auto", "Let me check.\n" + CALL.replace('"Paris"', "1"), False),
+    (T.HERMES, "auto", "a < b, and <tool_ca", True),            # a marker's start is text
+    (T.HERMES, "auto", CALL + "\n" + CALL, True),               # parallel calls
+    (T.HERMES, "required", CALL + "\n" + CALL, True),
+    (T.MISTRAL, "required", '[TOOL_CALLS][{"name": "get_time", "arguments": {}}]', True),
+    (T.MISTRAL, "auto", 'Hm. [TOOL_CALLS][{"name": "get_time", "arguments": {}}]', True),
+    (T.LLAMA3, "auto", '{"name": "get_time", "parameters": {}}', True),
+    (T.LLAMA3, "auto", '{"name": "get_time", "arguments": {}}', False),
+    (T.LLAMA3, "auto", "Sure, it is noon.", True),
+]
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer(smollm2):
+    """llguidance's tokenizer for SmolLM2, built as issue 26's compiler builds it."""
+    pytest.importorskip("llguidance")
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    eog = [t for t in range(smollm2.n_vocab) if smollm2.is_eog(t)]
+    with warnings.catch_warnings():  # llguidance calls a deprecated alias per token
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return lltokenizer_from_vocab(smollm2.vocab, eos_token=eog), eog
+
+
+@pytest.mark.parametrize("fmt, choice, text, ok", GRAMMAR_CASES)
+def test_call_grammar_constrains_real_tokens(smollm2, ll_tokenizer, fmt, choice, text, ok):
+    """The grammar, compiled by llguidance on SmolLM2's vocabulary (as issue 26's engine
+    compiles it), takes a valid call's tokens to the end and stops a wrong one."""
+    import llguidance
+
+    tok, eog = ll_tokenizer
+    grammar = llguidance.grammar_from("gbnf", T.call_grammar(fmt, T.ToolSpec(SPEC.tools,
+                                                                             choice)))
+    m = llguidance.LLMatcher(tok, grammar, log_level=0)
+    assert not m.is_error(), m.get_error()
+    ids = smollm2.tokenize(text, add_special=False, parse_special=False) + eog[:1]
+    assert (m.validate_tokens(ids) == len(ids)) == ok
