@@ -453,6 +453,14 @@ class CallReading:
         return CallParser(self.fmt, self.spec, self.prefill, self.marker_id)
 
     @property
+    def grammar(self) -> str | None:
+        """What the answer must match, for issue 26's constraint engine: pass
+        ``ConstraintSpec("gbnf", reading.grammar)`` as the engine's ``constraint`` and drop
+        ``prefill`` (the grammar forces the opening, and forced text drafts for free).
+        None when the request has no tools to call."""
+        return call_grammar(self.fmt, self.spec) if self.spec.active else None
+
+    @property
     def stops(self) -> tuple[str, ...]:
         """Stop strings that end the answer after its one call (a single call is wanted:
         a named function, or ``parallel_tool_calls`` false), so a model that goes on
