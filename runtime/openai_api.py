@@ -133,6 +133,9 @@ _REFUSED = {
     "frequency_penalty": "only 0 is supported (llama.cpp's repeat penalty is a different "
                          "thing: pass repeat_penalty)",
     "logprobs": "logprobs are not supported", "echo": "echo is not supported",
+    # OpenAI's deprecated function calling: ignoring it would answer without the functions
+    "functions": "use tools (OpenAI's deprecated functions field is not supported)",
+    "function_call": "use tool_choice (OpenAI's deprecated function_call is not supported)",
 }
 
 

@@ -50,8 +50,13 @@ N = 48
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf, smollm2_draft_gguf):
-    proc, url, _ = _start(smollm2_gguf, smollm2_draft_gguf)
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, smollm2_draft_gguf, server_log):
+    proc, url, _ = _start(smollm2_gguf, smollm2_draft_gguf, log=server_log)
     yield url
     assert _stop(proc) == 0
 
@@ -158,6 +163,7 @@ BAD = [
              "function": {"name": "add", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_b", "content": "5"}]},
      "messages.2.tool_call_id"),
+    ({"functions": [WEATHER["function"]]}, "functions"),  # deprecated: refused, not ignored
     # the tools alone are longer than the 1,024-token context
     ({"tools": [{"type": "function", "function": {
         "name": "big", "description": "word " * 3000, "parameters": {"type": "object"}}}]},
@@ -171,6 +177,19 @@ def test_bad_tool_input_is_a_400_naming_the_field(server, change, param):
     r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_a_call_that_does_not_parse_comes_back_as_text(client, server_log):
+    """Without earlier calls to copy, SmolLM2 names a city as the function: that text is
+    the answer's content, the log has a warning, and nothing fails."""
+    model = client.models.list().data[0].id
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=TOOLS, tool_choice="required", temperature=0, max_tokens=24)
+    msg = r.choices[0].message
+    assert msg.tool_calls is None and msg.content.startswith("<tool_call>")
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert "does not parse as a call" in server_log.read_text()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
