@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from runtime import tools as T
+from runtime.tool_grammar import call_grammar
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -161,16 +162,16 @@ def test_prepare_native_passes_objects():
 
 
 def test_call_grammar_shapes():
-    g = T.call_grammar(T.HERMES, T.ToolSpec(SPEC.tools, "get_weather", parallel=False))
+    g = call_grammar(T.HERMES, T.ToolSpec(SPEC.tools, "get_weather", parallel=False))
     assert g.startswith('start: "<tool_call>\\n" call "\\n</tool_call>"\n')
     assert '"const": "get_weather"' in g and "get_time" not in g
-    assert "anyOf" in T.call_grammar(T.LLAMA3, T.ToolSpec(SPEC.tools, "required"))
+    assert "anyOf" in call_grammar(T.LLAMA3, T.ToolSpec(SPEC.tools, "required"))
 
 
 def test_call_grammar_compiles_in_llguidance():
     llguidance = pytest.importorskip("llguidance")
     for fmt in (T.HERMES, T.LLAMA3, T.MISTRAL):
-        grammar = T.call_grammar(fmt, T.ToolSpec(SPEC.tools, "required"))
+        grammar = call_grammar(fmt, T.ToolSpec(SPEC.tools, "required"))
         # no tokenizer: enough to check that the grammar and its schemas compile
         is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(
             llguidance.grammar_from("lark", grammar))
@@ -246,7 +247,7 @@ def test_call_grammar_constrains_real_tokens(smollm2, ll_tokenizer, fmt, choice,
     import llguidance
 
     tok, eog = ll_tokenizer
-    grammar = llguidance.grammar_from("gbnf", T.call_grammar(fmt, T.ToolSpec(SPEC.tools,
+    grammar = llguidance.grammar_from("gbnf", call_grammar(fmt, T.ToolSpec(SPEC.tools,
                                                                              choice)))
     m = llguidance.LLMatcher(tok, grammar, log_level=0)
     assert not m.is_error(), m.get_error()
