@@ -333,7 +333,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         messages, tpl_tools = tools.prepare(calls.fmt, messages, spec)
         n_bytes = sum(len(m["content"]) for m in messages)
         fn = functools.partial(admission.admit_chat, tools=tpl_tools, prefill=calls.prefill,
-                               tool_text=json.dumps(spec.tools) if spec.active else "")
+                               tool_text=json.dumps(spec.tools) if spec.tools else "")
         adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
         def start(stats: Stats) -> Iterator[Chunk]:

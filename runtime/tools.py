@@ -226,6 +226,9 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
             ) -> tuple[list[dict], list[dict] | None]:
     """The messages to render and the ``tools`` to pass the template (None: none).
 
+    Tools are rendered under ``tool_choice: "none"`` too (as OpenAI and llama-server do):
+    an agent's next request then extends the same prompt, so the prompt cache holds.
+
     ``messages`` are OpenAI-shaped dicts (``role``, ``content`` text, and for assistants
     ``tool_calls`` with ``arguments`` as a JSON string; for ``tool`` ``tool_call_id``).
     """
@@ -242,7 +245,7 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
             if m["role"] == "tool":
                 m.setdefault("name", names.get(m.get("tool_call_id"), ""))
             out.append(m)
-        return out, list(spec.tools) if spec.active else None
+        return out, list(spec.tools) if spec.tools else None
     # generic: calls and results become message text; results go back as a user turn
     # (templates such as Gemma's insist that turns alternate user/assistant)
     out: list[dict] = []
@@ -265,7 +268,7 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
             out.append(dict(m))
     for m in out:
         m.pop("tool_result", None)
-    if spec.active:
+    if spec.tools:
         text = generic_system(spec.tools, spec.parallel)
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + text}

@@ -157,7 +157,10 @@ def test_prepare_native_passes_objects():
     assert tools == list(SPEC.tools)
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert msgs[2]["name"] == "get_weather"
-    _, none = T.prepare(T.HERMES, HISTORY, T.ToolSpec(SPEC.tools, "none"))
+    # "none" still shows the tools: the prompt stays the same across an agent's turns
+    _, same = T.prepare(T.HERMES, HISTORY, T.ToolSpec(SPEC.tools, "none"))
+    assert same == tools
+    _, none = T.prepare(T.HERMES, HISTORY, T.ToolSpec())
     assert none is None
 
 
