@@ -16,6 +16,7 @@ from runtime.chat_render import ChatRenderer, ChatTemplateError, Rendered, fit
 from runtime.config import GenerationConfig
 from runtime.engine import Chunk, Engine
 from runtime.speculative import Stats
+from runtime.tools import detect
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ChatSession:
             raise ChatTemplateError(f"{model.path.name} has no chat template; use "
                                     "`bridge generate` without --chat for plain completion")
         self.renderer = ChatRenderer(model, template)
+        self.tool_format = detect(template)  # from the template's text, never a file name
 
     @property
     def turns(self) -> list[dict[str, str]]:
@@ -85,14 +87,14 @@ class ChatSession:
     def ask_messages(self, messages: list[dict[str, str]], gen: GenerationConfig,
                      stats: Stats | None = None, rendered: Rendered | None = None,
                      **overrides) -> Iterator[Chunk]:
-        """Answer a whole conversation (ending with a user message), as an API server
-        receives it; the part that extends the cached conversation is all that is
-        evaluated. ``rendered`` is ``messages`` already rendered and tokenized (a server
-        does that off the model's thread and checks it fits); without it, the oldest turns
-        are dropped to fit. ``overrides`` go to ``Engine.generate`` (sampling,
+        """Answer a whole conversation (ending with a user message or a tool result), as
+        an API server receives it; the part that extends the cached conversation is all
+        that is evaluated. ``rendered`` is ``messages`` already rendered and tokenized (a
+        server does that off the model's thread and checks it fits); without it, the
+        oldest turns are dropped to fit. ``overrides`` go to ``Engine.generate`` (sampling,
         draft_max)."""
-        if not messages or messages[-1].get("role") != "user":
-            raise ValueError("the last message must come from the user")
+        if not messages or messages[-1].get("role") not in ("user", "tool"):
+            raise ValueError("the last message must come from the user or a tool")
         self.history = [dict(m) for m in messages]
         return self._answer(gen, stats, overrides, rendered)
 

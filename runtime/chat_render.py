@@ -18,6 +18,7 @@ per dropped turn (which made a 2,000-message chat cost minutes).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -94,25 +95,37 @@ class ChatRenderer:
             if self.control else None
         self._bos_ids = model.tokenize("", add_special=True, parse_special=False)
 
-    def text(self, messages: list[dict[str, str]]) -> str:
+    def text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self._formatter(messages=messages).prompt
+            return self._formatter(messages=messages, tools=tools).prompt
         except Exception as e:  # a template can raise anything; surface it plainly
             raise ChatTemplateError(f"the chat template failed to render: {e}") from None
 
-    def render(self, messages: list[dict[str, str]], tokenize: bool = True) -> Rendered:
+    def render(self, messages: list[dict], tokenize: bool = True,
+               tools: list[dict] | None = None, prefill: str = "") -> Rendered:
         """The conversation as text and spans (and token ids unless ``tokenize`` is
-        False)."""
+        False).
+
+        Args:
+            tools: passed to the template as ``tools`` (OpenAI's shapes), as llama.cpp's
+                Jinja path does; the template writes them, and any ``tool_calls`` of
+                assistant messages, as its own markup, so they must not hold
+                control-token text.
+            prefill: bridge's own text after the generation prompt (a tool call's forced
+                opening); its control-token text, if any, becomes control tokens.
+        """
+        self._check_markup(messages, tools)
         # digits only, matched in any case: filters such as upper or trim leave it whole
         nonce = str(secrets.randbelow(10**16)).zfill(16)
         while any(nonce in m["content"] for m in messages):  # 10^-16 per message
             nonce = str(secrets.randbelow(10**16)).zfill(16)
-        marked = self.text([{**m, "content": f"BRIDGE{nonce}M{i}E"}
-                            for i, m in enumerate(messages)])
+        # an empty content keeps no sentinel: templates test contents for truth
+        marked = self.text([{**m, "content": f"BRIDGE{nonce}M{i}E"} if m["content"] else m
+                            for i, m in enumerate(messages)], tools)
         pieces = re.split(f"BRIDGE{nonce}M(\\d+)E", marked, flags=re.IGNORECASE)
         markup, order = pieces[0::2], [int(i) for i in pieces[1::2]]
         contents = [messages[i]["content"] for i in order]
-        text = self.text(messages)
+        text = self.text(messages, tools)
         spans = _locate(text, markup, order, contents)
         if spans is None:
             # the template changes contents beyond trimming, so they cannot be told apart
@@ -126,6 +139,9 @@ class ChatRenderer:
                     "markup; remove it from the message")
             log.debug("chat template transforms message contents; tokenizing it whole")
             spans = [(0, len(text), -1)]
+        if prefill:
+            spans.append((len(text), len(text) + len(prefill), -1))
+            text += prefill
         out = Rendered(text, self._runs(text, spans))
         if tokenize:
             out.ids = [[ctl] if ctl >= 0 else self._plain(text[a:b])
@@ -134,6 +150,16 @@ class ChatRenderer:
                 # the template did not write the BOS text; add it as tokenizing would
                 out.ids[0] = self._bos_ids + out.ids[0]
         return out
+
+    def _check_markup(self, messages: list[dict], tools: list[dict] | None) -> None:
+        markup = [json.dumps(tools, ensure_ascii=False)] if tools else []
+        markup += [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages
+                   if m.get("tool_calls")]
+        if self._control_re and any(self._control_re.search(t) for t in markup):
+            raise ChatTemplateError(
+                "a tool definition or tool call contains the text of a control token (such "
+                "as the template's turn markers); this model's template writes tools as "
+                "markup, so remove that text")
 
     def _runs(self, text: str, spans: list[tuple[int, int, int]]
               ) -> list[tuple[int, int, int, int]]:
@@ -211,8 +237,8 @@ def droppable(messages: list[dict[str, str]], n: int) -> int:
     return cut
 
 
-def fit(renderer: ChatRenderer, messages: list[dict[str, str]], budget: int
-        ) -> tuple[Rendered, list[dict[str, str]]]:
+def fit(renderer: ChatRenderer, messages: list[dict], budget: int, **extra
+        ) -> tuple[Rendered, list[dict]]:
     """Drop the oldest turns until the conversation has at most ``budget`` tokens.
 
     One tokenization of the whole conversation gives each message's tokens; the cut is
@@ -225,7 +251,7 @@ def fit(renderer: ChatRenderer, messages: list[dict[str, str]], budget: int
     Raises:
         ValueError: even the system messages and the last message do not fit.
     """
-    rendered = renderer.render(messages)
+    rendered = renderer.render(messages, **extra)  # extra: tools, prefill
     if rendered.n_tokens <= budget:
         return rendered, messages
     per = rendered.message_tokens(len(messages))
@@ -239,7 +265,7 @@ def fit(renderer: ChatRenderer, messages: list[dict[str, str]], budget: int
     for _ in range(8):  # each retry drops a turn more; the estimate is off by a few tokens
         cut = droppable(messages, n)
         kept = [messages[i] for i in system if i < cut] + messages[cut:]
-        rendered = renderer.render(kept)
+        rendered = renderer.render(kept, **extra)
         if rendered.n_tokens <= budget or cut >= len(messages) - 1:
             break
         n = cut - first + 1

@@ -90,7 +90,7 @@ def policy_of(body, limits: Limits) -> str:
     return given
 
 
-def check_messages(messages: list[dict[str, str]], limits: Limits, policy: str) -> None:
+def check_messages(messages: list[dict], limits: Limits, policy: str) -> None:
     """Refuse, before any tokenization, a chat with too many messages or more bytes than
     the context could hold even at the longest token per position."""
     if len(messages) > limits.max_messages:
@@ -131,26 +131,36 @@ def _budget(n_prompt: int, max_tokens: int, explicit: bool, policy: str, limits:
                     "\"cap\" (a shorter answer) or \"trim\" (drop the oldest turns)")
 
 
-def admit_chat(renderer: ChatRenderer, messages: list[dict[str, str]], max_tokens: int,
-               explicit: bool, policy: str, limits: Limits) -> Admitted:
+def admit_chat(renderer: ChatRenderer, messages: list[dict], max_tokens: int,
+               explicit: bool, policy: str, limits: Limits, tool_text: str = "",
+               **extra) -> Admitted:
     """Render and tokenize a chat, and fit it under ``policy`` (linear in its length).
 
     Args:
         max_tokens: the answer's length, as asked (or the server's default).
         explicit: whether the request named ``max_tokens``.
+        tool_text: the request's tool definitions as text: refused (naming ``tools``)
+            when they alone fill the context.
+        extra: ``tools`` and ``prefill`` for ``ChatRenderer.render``.
 
     Raises:
         APIError: 400 ``context_length_exceeded``, or the template refused the chat.
     """
+    if tool_text:
+        _check_bytes(len(tool_text.encode()), limits, "tools")
+        n_tools = len(renderer.model.tokenize(tool_text, add_special=False,
+                                              parse_special=False))
+        if n_tools + 1 > limits.n_ctx:
+            raise _too_long(f"the tools take {n_tools} tokens", limits.n_ctx, "tools")
     try:
-        rendered = renderer.render(messages)
+        rendered = renderer.render(messages, **extra)
         n = rendered.n_tokens
         if policy == "trim" and n + max_tokens > limits.n_ctx:
             # a max_tokens no prompt could satisfy means "as long as fits": keep a quarter
             room = max_tokens if max_tokens < limits.n_ctx else limits.n_ctx // 4
             budget = limits.n_ctx - room
             try:
-                rendered, kept = fit(renderer, messages, budget)
+                rendered, kept = fit(renderer, messages, budget, **extra)
             except ValueError as e:
                 raise _too_long(str(e), limits.n_ctx, "messages") from None
             return Admitted(min(max_tokens, limits.n_ctx - rendered.n_tokens), rendered,

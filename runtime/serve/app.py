@@ -20,8 +20,14 @@ scope than the last one starts from an empty KV cache, so neither ``cache_n`` no
 tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
 start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
 
+Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
+(``runtime.tools``), tools and tool messages go through the template when it takes them
+and into message text otherwise, and the answer is read back for calls as it streams
+(``runtime.serve.stream``).
+
 Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
-llama-server's ``timings`` object, plus bridge's ``mode``, target steps and per-source draft counts;
+llama-server's ``timings`` object, plus bridge's ``mode``, target steps and per-source draft
+counts;
 ``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
 ``serve`` extra.
 """
@@ -31,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +55,9 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from runtime import tools
 from runtime.config import GenerationConfig
+from runtime.constraint import ConstraintSpec
 from runtime.drafters.memory import DEFAULT_MAX_TOKENS, DraftMemory
 from runtime.engine import Chunk, Engine
 from runtime.files import sha256_file_cached
@@ -57,16 +66,16 @@ from runtime.serve import openai_api as api
 from runtime.serve.admission import Limits
 from runtime.serve.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
 from runtime.serve.openai_api import APIError
+from runtime.serve.stream import events, whole
 from runtime.serve.worker import (
-    DONE,
     Interrupted,
-    Job,
     Worker,
     next_item,
     save_periodically,
     wait_disconnect,
 )
 from runtime.speculative import Stats
+from runtime.tools import CallReading
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +321,36 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     async def chat_completions(request: Request):
         body = await read(request, api.ChatBody)
         g, kw = overrides(request, body)
+        spec = api.tool_spec(body)
         messages = api.messages(body)
         if worker.session is None:
             raise APIError(worker.no_chat, code="no_chat_template")
         admission.check_messages(messages, limits, admission.policy_of(body, limits))
         session = worker.session
+        calls = CallReading.of(session, spec)
+        if spec.active:
+            # every call validates by construction: the answer is decoded under the tools'
+            # grammar (the envelope of the template's format around each tool's schema;
+            # under auto, free text may come first), which also forces the opening the
+            # model would otherwise be handed, so that opening drafts for free
+            if kw["constraint"] is not None:
+                raise APIError("tools cannot be combined with response_format, json_schema "
+                               "or grammar: give the answer's format as a tool instead",
+                               param="tools")
+            kw["constraint"] = ConstraintSpec("gbnf", calls.grammar)
+            calls = dataclasses.replace(calls, prefill="")
+        g = dataclasses.replace(g, stop=(*g.stop, *calls.stops))
+        messages, tpl_tools = tools.prepare(calls.fmt, messages, spec)
         n_bytes = sum(len(m["content"]) for m in messages)
-        adm, g = await admit(body, g, n_bytes, admission.admit_chat, session.renderer,
-                             messages)
+        fn = functools.partial(admission.admit_chat, tools=tpl_tools, prefill=calls.prefill,
+                               tool_text=json.dumps(spec.tools) if spec.tools else "")
+        adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
         def start(stats: Stats) -> Iterator[Chunk]:
             return session.ask_messages(adm.messages, g, stats, rendered=adm.rendered, **kw)
 
         return await respond(request, body, start, chat=True, scope=kw["scope"],
-                             dropped=adm.dropped)
+                             dropped=adm.dropped, calls=calls if spec.active else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -341,7 +366,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         return await respond(request, body, start, chat=False, scope=kw["scope"])
 
     async def respond(request: Request, body: api.CompletionBody, start, chat: bool,
-                      scope: str, dropped: int = 0):
+                      scope: str, dropped: int = 0, calls: CallReading | None = None):
         job = worker.submit(start, scope)
         watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -355,9 +380,10 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                            int(time.time()), uuid.uuid4().hex)
             lp = api.logprob_entries(engine.model) if body.logprobs else None
             if not body.stream:
-                whole = await _whole(job, first, top, chat, body.return_tokens, watcher, lp)
+                answer = await whole(job, first, top, chat, body.return_tokens, watcher,
+                                     calls, lp)
                 # trimming was asked for; the response says what it cost
-                return {**whole, "dropped_messages": dropped} if dropped else whole
+                return {**answer, "dropped_messages": dropped} if dropped else answer
         except Interrupted:  # nobody is left to read an answer
             return Response(status_code=499)
         finally:
@@ -366,9 +392,9 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                 job.cancelled.set()
         usage = body.stream_options is not None and body.stream_options.include_usage
         stopping = anyio.Event()  # set by sse-starlette when the server shuts down
-        events = _events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
-                         lp)
-        return EventSourceResponse(events, ping=15, shutdown_event=stopping,
+        stream = events(job, first, top, chat, usage, body.return_tokens, stopping, dropped,
+                        calls, lp)
+        return EventSourceResponse(stream, ping=15, shutdown_event=stopping,
                                    shutdown_grace_period=1.0,
                                    headers={"x-dropped-messages": str(dropped)} if dropped
                                    else None)
@@ -389,64 +415,6 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
                "file": str(cfg.path) if cfg.path is not None else None}
     return {"model": engine.model.path.name, "sources": engine.sources,
             "requests_served": worker.n_served, "memory": mem}
-
-
-async def _whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
-                 watcher: asyncio.Future, lp: Callable | None) -> dict:
-    text, tokens, lps = [], [], []
-    while item is not DONE:
-        if isinstance(item, Exception):
-            raise item
-        text.append(item.text)
-        tokens.extend(item.tokens)
-        if lp is not None:
-            lps.extend(lp(item))
-        item = await next_item(job, watcher)
-    return api.whole_response(top, chat, "".join(text), len(tokens), job.stats,
-                              tokens if return_tokens else None,
-                              api.logprobs_object(chat, lps) if lp is not None else None)
-
-
-async def _events(job: Job, item: object, top: dict, chat: bool, include_usage: bool,
-                  return_tokens: bool, stopping: anyio.Event, dropped: int = 0,
-                  lp: Callable | None = None
-                  ) -> AsyncIterator[dict]:
-    """SSE events in OpenAI's chunk format (sse-starlette frames them). A client
-    disconnect cancels this generator; a server shutdown ends it with an error event.
-    Either way the job is cancelled."""
-    first, n = True, 0
-    watcher = asyncio.ensure_future(stopping.wait())
-    try:
-        while item is not DONE:
-            if isinstance(item, APIError):
-                yield {"data": json.dumps(item.body())}
-                return
-            n += len(item.tokens)
-            entries = lp(item) if lp is not None else []
-            if item.text or first or (return_tokens and item.tokens) or entries:
-                yield api.stream_chunk(top, chat, item.text, None, first,
-                                       item.tokens if return_tokens else None,
-                                       api.logprobs_object(chat, entries) if entries else None)
-                first = False
-            try:
-                item = await next_item(job, watcher)
-            except Interrupted:
-                err = APIError("the server is shutting down; the answer was cut short", 503,
-                               kind="server_error", code="shutting_down")
-                yield {"data": json.dumps(err.body())}
-                return
-        usage = api.usage(job.stats, n)
-        extra = {"dropped_messages": dropped} if dropped else {}
-        yield api.stream_chunk(top, chat, None, api.finish_reason(job.stats), first,
-                               usage=usage, timings=api.timings(job.stats), **extra)
-        if include_usage:
-            yield {"data": json.dumps({**top, "object": "chat.completion.chunk" if chat
-                                       else "text_completion", "choices": [],
-                                       "usage": usage})}
-        yield {"data": "[DONE]"}
-    finally:
-        watcher.cancel()
-        job.cancelled.set()
 
 
 # -- running it ---------------------------------------------------------------------------

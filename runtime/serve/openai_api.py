@@ -26,9 +26,11 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runtime import tools as tool_calls
 from runtime.config import GenerationConfig, SamplingConfig, SpeculativeConfig
 from runtime.constraint import ConstraintSpec
 from runtime.speculative import Stats
+from runtime.tools import ToolCall, ToolError, ToolSpec
 
 # engine finish reasons -> OpenAI's; a full context is an answer cut for length, as the
 # capped max_tokens it stands for (OpenAI has no other name for it)
@@ -96,15 +98,30 @@ class CompletionBody(_Body):
     json_schema: dict | None = None  # llama-server: a JSON schema
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Body):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
 
 class ChatBody(CompletionBody):
     prompt: None = None
     messages: list[Message] = Field(min_length=1)
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
 
 
 def parse(model: type[BaseModel], payload: object) -> BaseModel:
@@ -134,10 +151,10 @@ _REFUSED: dict[str, tuple[tuple, str]] = {
     "suffix": (("",), "suffix (fill-in-the-middle) is not supported"),
     "best_of": ((1,), "best_of must be 1"),
     "logit_bias": (({},), "logit_bias is not supported"),
-    "tools": (([],), "tools are not supported"),
-    "tool_choice": (("none",), "tools are not supported"),
-    "functions": (([],), "functions are not supported"),
-    "function_call": (("none",), "functions are not supported"),
+    # OpenAI's deprecated function calling: ignoring it would answer without the functions
+    "functions": ((), "use tools (OpenAI's deprecated functions field is not supported)"),
+    "function_call": ((), "use tool_choice (OpenAI's deprecated function_call is not "
+                          "supported)"),
     "prediction": ((), "predicted outputs are not supported"),
     "audio": ((), "audio output is not supported"),
     "modalities": ((["text"],), "only text output is supported"),
@@ -272,9 +289,31 @@ def n_logprobs(body: CompletionBody) -> int | None:
     return n
 
 
-def messages(body: ChatBody) -> list[dict[str, str]]:
-    """The chat's messages as the template wants them (text parts joined)."""
-    out = []
+def tool_spec(body: ChatBody) -> ToolSpec:
+    """The request's tools, ``tool_choice`` and ``parallel_tool_calls``, validated."""
+    choice = body.tool_choice
+    if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str):
+            raise APIError("tool_choice: a named choice is {\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}", param="tool_choice")
+        choice = fn["name"]
+    elif choice is not None and choice not in tool_calls.CHOICES:
+        raise APIError(f"tool_choice must be none, auto, required or a named function, "
+                       f"got {choice!r}", param="tool_choice")
+    try:
+        tools = tool_calls.check_tools(body.tools or [])
+        return ToolSpec(tools, choice or "auto", body.parallel_tool_calls)
+    except ToolError as e:
+        raise APIError(str(e), param=e.param) from None
+
+
+def messages(body: ChatBody) -> list[dict]:
+    """The chat's messages as the template wants them (text parts joined; assistant
+    ``tool_calls`` and ``tool`` results kept in OpenAI's shape)."""
+    out: list[dict] = []
+    call_ids: set[str] = set()
     for i, m in enumerate(body.messages):
         content = m.content or ""
         if isinstance(content, list):  # content parts: text only
@@ -286,9 +325,24 @@ def messages(body: ChatBody) -> list[dict[str, str]]:
                 parts.append(part["text"])
             content = "".join(parts)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise APIError("the last message must be a user message", param="messages")
+        msg: dict = {"role": role, "content": content}
+        if m.tool_calls:
+            if role != "assistant":
+                raise APIError(f"messages.{i}.tool_calls: only assistant messages make "
+                               "tool calls", param=f"messages.{i}.tool_calls")
+            msg["tool_calls"] = [c.model_dump(include={"id", "type", "function"})
+                                 for c in m.tool_calls]
+            call_ids.update(c.id for c in m.tool_calls)
+        if role == "tool":
+            if m.tool_call_id not in call_ids:
+                raise APIError(f"messages.{i}.tool_call_id: {m.tool_call_id!r} matches no "
+                               "tool call of an earlier assistant message",
+                               param=f"messages.{i}.tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise APIError("the last message must be a user message or a tool result",
+                       param="messages")
     return out
 
 
@@ -327,8 +381,11 @@ def timings(stats: Stats) -> dict:
             "mode": s["mode"], "sources": s.get("sources", {})}
 
 
-def finish_reason(stats: Stats) -> str | None:
-    return FINISH_REASONS.get(stats.finish_reason, stats.finish_reason)
+def finish_reason(stats: Stats, called: bool = False) -> str | None:
+    """OpenAI's reason; an answer that ended on its own after tool calls: ``tool_calls``
+    (one cut for length keeps ``length``)."""
+    reason = FINISH_REASONS.get(stats.finish_reason, stats.finish_reason)
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def usage(stats: Stats, n_completion: int) -> dict:
@@ -374,12 +431,17 @@ def logprob_entries(model) -> Callable[[object], list]:
     return entries
 
 
-def whole_response(top: dict, chat: bool, text: str, n_tokens: int, stats: Stats,
-                   tokens: list[int] | None = None, logprobs: dict | None = None) -> dict:
-    """A non-streamed answer of ``n_tokens``; ``tokens`` (their ids) only when asked for."""
+def whole_response(top: dict, chat: bool, text: str | None, n_tokens: int, stats: Stats,
+                   tokens: list[int] | None = None, logprobs: dict | None = None,
+                   calls: list[ToolCall] | None = None) -> dict:
+    """A non-streamed answer of ``n_tokens``; ``tokens`` (their ids) only when asked for;
+    ``calls``: the tool calls read from it (``text`` then is None or what came beside)."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": logprobs, "finish_reason": finish_reason(stats)}
+        message: dict = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [c.as_dict() for c in calls]
+        choice = {"index": 0, "message": message, "logprobs": logprobs,
+                  "finish_reason": finish_reason(stats, bool(calls))}
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs,
                   "finish_reason": finish_reason(stats)}
@@ -389,14 +451,27 @@ def whole_response(top: dict, chat: bool, text: str, n_tokens: int, stats: Stats
             "timings": timings(stats)}
 
 
+def call_deltas(call: ToolCall, index: int) -> list[dict]:
+    """A tool call's ``delta.tool_calls`` entries as OpenAI streams them: the first names
+    the call (index, id, type, function name, empty arguments), the next carry the
+    arguments' text (the ``openai`` client's stream helpers concatenate them)."""
+    return [{"index": index, "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": ""}},
+            {"index": index, "function": {"arguments": call.arguments}}]
+
+
 def stream_chunk(top: dict, chat: bool, text: str | None, reason: str | None, first: bool,
                  tokens: list[int] | None = None, logprobs: dict | None = None,
+                 tool_call: dict | None = None,
                  **extra) -> dict:
     """One SSE event in OpenAI's chunk format (``text`` None: no content, as on the last
-    chunk); ``first`` adds the assistant role to a chat delta."""
+    chunk); ``first`` adds the assistant role to a chat delta; ``tool_call``: one
+    ``delta.tool_calls`` entry (``call_deltas``)."""
     if chat:
-        delta = {} if text is None else {"content": text}
-        if text is not None and first:
+        delta: dict = {} if text is None else {"content": text}
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
+        if (text is not None or tool_call is not None) and first:
             delta["role"] = "assistant"
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
