@@ -54,11 +54,15 @@ def main() -> None:
     try:
         for temp in (0.0, 1.0):
             answers = calls = valid = 0
+            no_call: dict[str, int] = {}  # finish_reason of answers that hold no call
             for seed, (prompt, choice) in enumerate(requests(args.per_temp)):
                 r = client.chat.completions.create(
                     model=args.model.name, messages=SHOT + [{"role": "user", "content": prompt}],
                     tools=TOOLS, tool_choice=choice, temperature=temp, seed=seed, max_tokens=48)
                 answers += 1
+                if not r.choices[0].message.tool_calls:
+                    why = r.choices[0].finish_reason
+                    no_call[why] = no_call.get(why, 0) + 1
                 for c in r.choices[0].message.tool_calls or ():
                     calls += 1
                     try:
@@ -71,7 +75,8 @@ def main() -> None:
                         pass
             print(f"temperature {temp}: {answers} answers, {calls} calls returned, "
                   f"{valid} valid ({100 * valid / max(calls, 1):.0f}% of calls, "
-                  f"{100 * valid / answers:.0f}% of answers)")
+                  f"{100 * valid / answers:.0f}% of answers); answers without a call, by "
+                  f"finish_reason: {no_call or 'none'}")
     finally:
         stop(proc)
 
