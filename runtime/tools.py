@@ -450,10 +450,10 @@ class CallReading:
 
     @property
     def grammar(self) -> str | None:
-        """What the answer must match, for issue 26's constraint engine: pass
-        ``ConstraintSpec("gbnf", reading.grammar)`` as the engine's ``constraint`` and drop
-        ``prefill`` (the grammar forces the opening, and forced text drafts for free).
-        None when the request has no tools to call."""
+        """What the answer must match (``runtime.tool_grammar``): the server decodes under
+        ``ConstraintSpec("gbnf", reading.grammar)`` with no ``prefill`` (the grammar forces
+        the opening, and forced text drafts for free). None when the request has no tools
+        to call."""
         return call_grammar(self.fmt, self.spec) if self.spec.active else None
 
     @property
