@@ -41,6 +41,9 @@ def engine_options(f: Callable) -> Callable:
         click.option("--p-min", type=float, help="Stop drafting below this draft confidence."),
         click.option("--fixed-gamma", is_flag=True,
                      help="Always draft --draft-max tokens (no adaptation; for benchmarks)."),
+        click.option("--no-forced-drafts", is_flag=True,
+                     help="Under a constraint (JSON schema, grammar, tool calls), do not "
+                          "draft the text it forces (for measuring what that buys)."),
         click.option("--recalibrate", is_flag=True,
                      help="Measure this device's costs afresh instead of reusing the "
                           "profile stored by an earlier run."),
@@ -124,7 +127,8 @@ def build_engine(o: dict, memory=None):
         raise ValueError(f"--no-draft contradicts --drafter {o['drafter']}; give one of them")
     spec = SpeculativeConfig(**_given(draft_max=o["draft_max"], p_min=o["p_min"],
                                       drafter=drafter),
-                             adaptive=not o["fixed_gamma"], recalibrate=o["recalibrate"])
+                             adaptive=not o["fixed_gamma"], recalibrate=o["recalibrate"],
+                             forced_drafts=not o["no_forced_drafts"])
     sampling = SamplingConfig(**_given(temp=o["temp"], top_k=o["top_k"], top_p=o["top_p"],
                                        min_p=o["min_p"], repeat_penalty=o["repeat_penalty"],
                                        seed=o["seed"]))

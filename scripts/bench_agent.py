@@ -14,12 +14,14 @@ Servers, all up at once and each request sent to every one in turn so they share
 machine's noise:
 - plain: ``--drafter none``;
 - lookup, memory off: ``--drafter lookup --no-shared-drafts``;
-- lookup, memory on: ``--drafter lookup`` (later sessions draft from earlier ones);
+- lookup, memory on, no forced text: ``--drafter lookup --no-forced-drafts``;
+- lookup, memory on: ``--drafter lookup`` (later sessions draft from earlier ones; the
+  text the tools' grammar forces is drafted too);
 - lookup forced, memory on: ``--fixed-gamma --draft-max 8`` (drafts every step, so its
   tokens per step show what the sources offer even where the controller declines them).
 Reported per server: tokens per target step ((predicted_n - 1) / n_steps summed), decode
 tokens/s, the speedup against plain, and how many calls parsed and validated.
-Forced grammar tokens (issue 26) are not in this branch, so there is no column for them.
+Every server decodes calls under the tools' grammar; only the drafting differs.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def main() -> None:
     args = ap.parse_args()
     modes = {"plain": ["--drafter", "none"],
              "lookup, memory off": ["--drafter", "lookup", "--no-shared-drafts"],
+             "lookup, memory on, no forced text": ["--drafter", "lookup",
+                                                   "--no-forced-drafts"],
              "lookup, memory on": ["--drafter", "lookup"],
              # always drafting: what the sources could give where a step's cost allows
              "lookup forced (γ 8), memory on": ["--drafter", "lookup", "--fixed-gamma",
