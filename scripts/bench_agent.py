@@ -187,11 +187,10 @@ def report(totals: dict, paths: list[str], args, wall: float) -> list[str]:
         lines.append(f"| {name} | {t['answers']} | {t['tokens']} | {per_step:.2f} | "
                      f"{tps:.1f} | {tps / plain_tps if plain_tps else 0:.2f}x | "
                      f"{t['asked']} | {t['calls']}, {t['valid']} valid |")
-    lines += ["", "A call is returned only when the model's text parses as a call to a "
-              "listed tool whose arguments validate against its schema; otherwise the text "
-              "comes back as content (SmolLM2 135M copies patterns rather than following "
-              "schemas). Until issue 26's constraint engine is merged, the server forces "
-              "only the call's opening under `required` or a named tool, not its arguments."]
+    lines += ["", "Every server decodes calls under the tools' grammar, so a call names a "
+              "listed tool and its arguments follow that tool's schema; 'calls returned, "
+              "valid' re-checks them with jsonschema. 'no forced text' drafts lookups and "
+              "the memory but not the text the grammar forces."]
     return lines
 
 
