@@ -90,6 +90,10 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
     start = time.perf_counter()
     source = _inspect(resolve_model(cfg.model), cfg)
     plan = plan_layers(cfg, source.n_layers)  # checks the options before any work
+    if plan.scored and source.reader is not None:
+        from exporters.layers_streamed import preflight
+
+        preflight(plan, source.model, source.reader)  # streamed scoring fits in RAM
     out_dir = _prepare_out_dir(cfg.out_dir)
     full = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
     draft = draft_path_for(full)

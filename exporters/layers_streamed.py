@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gguf
 
-from exporters.loading import ModelSource, gguf_block_count
+from exporters.loading import ModelSource, gguf_arch, gguf_block_count
 from exporters.report import LayerReport, Stages, log_stages
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,27 @@ def check_memory(reader: gguf.GGUFReader, path: Path, n_prompts: int, tracks: in
         raise ValueError(f"scoring {path.name} layer by layer needs about "
                          f"{need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of RAM is "
                          "free; use --drop-layers to skip scoring, or close other programs")
+
+
+def preflight(plan, source: ModelSource, reader: gguf.GGUFReader) -> str | None:
+    """Before any output is written: the method a GGUF export will stream (None: it
+    does not stream), after checking that its streamed scoring fits in RAM."""
+    from exporters import calibration
+    from exporters.layers import AUTO_MAX_FRACTION, streamed_method
+    from exporters.stream import check_streamable
+
+    method = streamed_method(plan.cfg, source)
+    if method is None:
+        return None
+    check_streamable(gguf_arch(reader), source.path)
+    n_prompts = len(calibration.load_prompts(plan.cfg.calib))
+    max_drop = plan.n_drop or math.ceil(AUTO_MAX_FRACTION * plan.n_layers)
+    # bi holds a layer's input and output; angular max_drop + 1 boundaries and the new
+    # one; held-out acceptance the full model and each draft
+    tracks = max(2 if method == "bi" else max_drop + 2,
+                 1 + (max_drop if plan.n_drop is None else 1))
+    check_memory(reader, source.path, n_prompts, tracks)
+    return method
 
 
 def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, method: str,
