@@ -162,7 +162,7 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     dropped = scores.drops[n_drop]
     c_draft = costs.draft_fraction(dropped)
     gamma, speed = autoprune.best_gamma(alphas[n_drop], c_draft, profile)
-    n_tokens = sum(len(range(*t.positions.indices(len(t.ids)))) for t in calib)
+    n_tokens = sum(len(t.ids) - 1 - t.start for t in calib)  # scored positions
     return LayerReport(
         model=source.name, n_layers=plan.n_layers, method=method,
         protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
