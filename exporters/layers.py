@@ -137,7 +137,8 @@ def _protected(cfg: ExportConfig, n_layers: int) -> frozenset[int]:
 
 def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                   full: gguf.GGUFReader | None = None,
-                  stages: Stages = log_stages) -> tuple[LayerChoice, LayerReport | None]:
+                  stages: Stages = log_stages, streamed: str | None = None
+                  ) -> tuple[LayerChoice, LayerReport | None]:
     """Pick the layers to drop; scoring methods also return their report.
 
     Args:
@@ -145,6 +146,9 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
         source: the model to score (needed by scoring methods).
         full: reader of the full GGUF (its tensor sizes give the draft's cost).
         stages: progress reporting for the long stages.
+        streamed: the method to score layer by layer from the GGUF
+            (``layers_streamed.preflight`` decides it before any work), or None to
+            load the model whole.
     """
     cfg = plan.cfg
     if cfg.drop_layers is not None:
@@ -156,7 +160,6 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                  "first or last; no scoring)", plan.n_drop, plan.n_layers, dropped)
         return LayerChoice(plan.n_layers, tuple(sorted(dropped)), cfg.method), None
     assert source is not None and full is not None
-    streamed = streamed_method(cfg, source)
     if streamed is not None:
         from exporters.layers_streamed import score_layers_streamed
 
