@@ -35,6 +35,11 @@ METHODS = ("auto", *SCORING_METHODS, "even")
 # every step (about L/2 forward passes per dropped layer: hours for an 8B model on a CPU)
 # for no held-out gain over the shortlist.
 AUTO_METHOD = "auto"
+# Methods that score a GGUF input one layer in memory at a time (exporters.stream): they
+# need only each layer's input and output. The others (shortlist, greedy, fit) replay
+# layer subsets or need gradients, so they load the whole model; "auto" on a GGUF whose
+# float32 weights do not fit in RAM streams bi.
+STREAMED_METHODS = ("bi", "angular")
 AUTO_METHOD_BUDGET_S = 60.0
 DEFAULT_METHOD = AUTO_METHOD
 # --prune auto: the ratio is chosen by predicted speedup (exporters.autoprune).

@@ -144,3 +144,56 @@ def _duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# --- the layer-streamed path (exporters.stream) -------------------------------------------
+
+@dataclass(frozen=True)
+class StreamCosts:
+    """Seconds for: reading and dequantizing one layer from the GGUF; one token through
+    one layer; one scored position through the output head (dequantized each pass)."""
+
+    load_layer: float
+    token_layer: float
+    head_position: float
+    head_load: float
+
+
+@torch.no_grad()
+def probe_streamed(src, text) -> StreamCosts:
+    """Time layer 0 of ``src`` (``stream.GGUFLayers``) on one calibration ``text``."""
+    t = time.perf_counter()
+    layer = src.layer(0)
+    load = time.perf_counter() - t
+    h = src.embed(text.ids)
+    run = _timed(lambda: layer(h, **text.kwargs[0]))
+    rows = h[0, text.positions]
+    head = _timed(lambda: src.top1(rows), repeats=1)
+    # the head's cost: a fixed dequantization plus a per-position product; a 1-position
+    # run separates the two
+    one = _timed(lambda: src.top1(rows[:1]), repeats=1)
+    per_pos = max(head - one, 0.0) / max(len(rows) - 1, 1)
+    return StreamCosts(load, run / len(text.ids), per_pos, one)
+
+
+def predict_streamed(costs: StreamCosts, gen_first: float, method: str, n_layers: int,
+                     calib_lens: Sequence[int], held_lens: Sequence[int], n_new: int,
+                     n_counts: int) -> Estimate:
+    """Seconds for the streamed stages, from ``probe_streamed`` and the time llama.cpp
+    took for the first prompt (``gen_first``).
+
+    calibration: every prompt costs about the first one. scoring (bi, angular): every
+    layer read once and run over the calibration tokens. held-out: every layer read
+    again and run over the held-out tokens once for the full model and once per draft
+    (a draft skips a few layers: counted as full), then one head pass over all scored
+    positions of every track.
+    """
+    if method not in ("bi", "angular"):
+        raise ValueError(f"method {method!r} does not stream")
+    n_prompts = len(calib_lens) + len(held_lens)
+    text = gen_first * n_prompts
+    scoring = n_layers * (costs.load_layer + costs.token_layer * sum(calib_lens))
+    tracks = 1 + n_counts
+    heldout = (n_layers * (costs.load_layer + costs.token_layer * sum(held_lens) * tracks)
+               + costs.head_load + costs.head_position * n_new * len(held_lens) * tracks)
+    return Estimate(text, scoring, heldout)

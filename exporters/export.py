@@ -90,6 +90,11 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
     start = time.perf_counter()
     source = _inspect(resolve_model(cfg.model), cfg)
     plan = plan_layers(cfg, source.n_layers)  # checks the options before any work
+    streamed = None  # the method that scores layer by layer, if any
+    if plan.scored and source.reader is not None:
+        from exporters.layers_streamed import preflight
+
+        streamed = preflight(plan, source.model, source.reader)  # and it fits in RAM
     out_dir = _prepare_out_dir(cfg.out_dir)
     full = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
     draft = draft_path_for(full)
@@ -109,7 +114,7 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
         if plan.scored and reader is None:
             reader = open_gguf(full_bytes)
         # scoring runs after the full GGUF exists: its tensor sizes give the draft's cost
-        choice, report = choose_layers(plan, source.model, reader, stages)
+        choice, report = choose_layers(plan, source.model, reader, stages, streamed)
         if report is not None:
             _stage_report(report, reports, stage)
         draft_tmp = stage.temp(draft)

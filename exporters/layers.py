@@ -25,6 +25,7 @@ from exporters.config import (
     AUTO_METHOD,
     AUTO_METHOD_BUDGET_S,
     MANUAL_METHOD,
+    STREAMED_METHODS,
     ExportConfig,
 )
 from exporters.loading import ModelSource
@@ -136,7 +137,8 @@ def _protected(cfg: ExportConfig, n_layers: int) -> frozenset[int]:
 
 def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                   full: gguf.GGUFReader | None = None,
-                  stages: Stages = log_stages) -> tuple[LayerChoice, LayerReport | None]:
+                  stages: Stages = log_stages, streamed: str | None = None
+                  ) -> tuple[LayerChoice, LayerReport | None]:
     """Pick the layers to drop; scoring methods also return their report.
 
     Args:
@@ -144,6 +146,9 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
         source: the model to score (needed by scoring methods).
         full: reader of the full GGUF (its tensor sizes give the draft's cost).
         stages: progress reporting for the long stages.
+        streamed: the method to score layer by layer from the GGUF
+            (``layers_streamed.preflight`` decides it before any work), or None to
+            load the model whole.
     """
     cfg = plan.cfg
     if cfg.drop_layers is not None:
@@ -155,8 +160,33 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                  "first or last; no scoring)", plan.n_drop, plan.n_layers, dropped)
         return LayerChoice(plan.n_layers, tuple(sorted(dropped)), cfg.method), None
     assert source is not None and full is not None
-    report = _with_threads(cfg.threads, score_layers, plan, source, full, stages)
+    if streamed is not None:
+        from exporters.layers_streamed import score_layers_streamed
+
+        report = _with_threads(cfg.threads, score_layers_streamed, plan, source, full,
+                               streamed, stages)
+    else:
+        report = _with_threads(cfg.threads, score_layers, plan, source, full, stages)
     return LayerChoice(plan.n_layers, tuple(report.dropped), report.method), report
+
+
+def streamed_method(cfg: ExportConfig, source: ModelSource) -> str | None:
+    """The method to score ``source`` with one layer in memory at a time, or None for
+    the in-memory path: a GGUF with ``bi`` or ``angular`` always streams; with ``auto``
+    it streams ``bi`` when its float32 weights would not fit in RAM (shortlist would have
+    to load them; on such a model shortlist's replays also take hours on a CPU)."""
+    if source.kind != "gguf":
+        return None
+    if cfg.method in STREAMED_METHODS:
+        return cfg.method
+    if cfg.method == AUTO_METHOD:
+        from exporters.torch_model import fits_in_float32
+
+        if not fits_in_float32(source):
+            log.info("method: bi, streamed layer by layer (the float32 model does not fit in "
+                     "RAM, so shortlist, which loads it whole, is out; --method overrides)")
+            return "bi"
+    return None
 
 
 def _with_threads(threads: int | None, fn, *args):
@@ -207,10 +237,13 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
 
     t = time.perf_counter()
     with stages("calibration text (full model's own output)", len(prompts)) as advance:
+        # a GGUF's own continuations come from llama.cpp, much faster than PyTorch
+        gen = {"gguf_path": source.path if source.kind == "gguf" else None,
+               "threads": cfg.threads, "progress": advance}
         calib = prepare(runner, calibration.build_samples(model, tokenizer, runner, calib_p,
-                                                          progress=advance))
+                                                          **gen))
         held = prepare(runner, calibration.build_samples(model, tokenizer, runner, held_p,
-                                                         progress=advance))
+                                                         **gen))
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -78,6 +78,11 @@ def count_params(source: ModelSource) -> int:
     return sum(t.n_elements for t in tensor_index(source.path).values())
 
 
+def fits_in_float32(source: ModelSource) -> bool:
+    """The whole model's float32 weights fit in free RAM (the in-memory path's best case)."""
+    return _need(count_params(source), torch.float32) <= _free(torch.device("cpu"))
+
+
 def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
     """Raise ValueError when ``n_params`` weights in ``dtype`` cannot fit on ``device``."""
     need, free = _need(n_params, dtype), _free(device)
@@ -86,8 +91,8 @@ def check_fits(n_params: int, dtype: torch.dtype, device: torch.device) -> None:
         raise ValueError(
             f"scoring needs about {need / 2**30:.1f} GiB ({n_params / 1e9:.2f} B parameters "
             f"as {str(dtype).removeprefix('torch.')}) but only {free / 2**30:.1f} GiB of {where} "
-            "is free; use --drop-layers to skip scoring, close other programs, or score on "
-            "a machine with more memory")
+            "is free; for a GGUF, --method bi or angular scores one layer at a time in "
+            "bounded memory; or use --drop-layers to skip scoring")
 
 
 def load_for_scoring(source: ModelSource, dtype_name: str = "auto"):

@@ -61,6 +61,34 @@ def test_unsupported_architecture(tmp_path):
                           "unsupported architecture GPT2LMHeadModel")
 
 
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    model = tmp_path / "tiny-gpt2.gguf"
+    w = gguf.GGUFWriter(model, "gpt2")
+    w.add_block_count(2)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(model), "--method", "bi", "-o", str(out)), out,
+                          "is a 'gpt2' model")
+
+
+def test_streamed_scoring_that_cannot_fit_fails_before_any_file(smollm2_gguf, tmp_path,
+                                                                monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: type("VM", (), {"available": 1 << 20})())
+    out = tmp_path / "out"
+    _assert_clean_failure(_export(str(smollm2_gguf), "--method", "bi", "-o", str(out)), out,
+                          "layer by layer needs about")
+
+
 @pytest.mark.parametrize("damage, match", [
     ("truncate", "truncated"),  # header intact, tensor data cut short
     ("garbage", "not a valid GGUF"),  # right magic, nonsense after it
@@ -124,7 +152,8 @@ def test_bad_calibration_file(smollm2_gguf, tmp_path, content, match):
 def test_model_too_big_for_memory(smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setattr("exporters.torch_model._HEADROOM", 1 << 50)  # "needs" a petabyte
     out = tmp_path / "out"
-    result = _export(str(smollm2_gguf), "-o", str(out), "--method", "bi")
+    # fit loads the whole model (bi and angular would stream it a layer at a time)
+    result = _export(str(smollm2_gguf), "-o", str(out), "--method", "fit")
     _assert_clean_failure(result, out, "scoring needs about")
     assert "--drop-layers" in result.output  # the suggestion
 
