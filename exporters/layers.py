@@ -267,20 +267,32 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
             alphas[n] = draft_agreement(runner, held, scores.drops[n])
             advance(1)
     timings["heldout"] = time.perf_counter() - t
+    n_tokens = sum(len(p.sample.top1) for p in calib)
+    del model, runner, calib, held  # free the weights before the draft is written
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
+                        profile, auto, (len(calib_p), len(held_p), n_tokens), timings)
+
+
+def layer_report(name: str, plan: LayerPlan, method: str, scores, all_scores, alphas: dict,
+                 costs, profile: str, auto: bool, counts: tuple[int, int, int],
+                 timings: dict) -> LayerReport:
+    """The report of a layer choice, in memory or streamed: with ``--prune auto`` the
+    ratio the cost model prefers from the held-out acceptance ``alphas``, else the plan's;
+    ``counts`` are (calibration prompts, held-out prompts, scored tokens)."""
+    from exporters import autoprune
+
     decision = autoprune.decide(alphas, scores.drops, costs, profile) if auto else None
     n_drop = decision.chosen.n_drop if decision else plan.n_drop
     dropped = scores.drops[n_drop]
     c_draft = costs.draft_fraction(dropped)
     gamma, speed = autoprune.best_gamma(alphas[n_drop], c_draft, profile)
-    n_tokens = sum(len(p.sample.top1) for p in calib)
-    del model, runner, calib, held  # free the weights before the draft is written
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return LayerReport(
-        model=source.name, n_layers=plan.n_layers, method=method,
+        model=name, n_layers=plan.n_layers, method=method,
         protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
-        heldout_alpha=alphas[n_drop], calib_prompts=len(calib_p),
-        heldout_prompts=len(held_p), calib_tokens=n_tokens, device_profile=profile,
+        heldout_alpha=alphas[n_drop], calib_prompts=counts[0],
+        heldout_prompts=counts[1], calib_tokens=counts[2], device_profile=profile,
         draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
         seconds=timings, auto=_auto_dict(decision))
 

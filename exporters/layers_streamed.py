@@ -95,7 +95,7 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     import torch
 
     from exporters import autoprune, calibration, estimate
-    from exporters.layers import AUTO_MAX_FRACTION, LONG_EXPORT_S, _auto_dict
+    from exporters.layers import AUTO_MAX_FRACTION, LONG_EXPORT_S, layer_report
     from exporters.stream import GGUFLayers, score_streamed, streamed_agreement
 
     cfg, timings = plan.cfg, {}
@@ -157,19 +157,9 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     with stages("held-out acceptance (streamed)", plan.n_layers) as advance:
         alphas = streamed_agreement(src, held, drops, advance)
     timings["heldout"] = time.perf_counter() - t
-    decision = autoprune.decide(alphas, scores.drops, costs, profile) if auto else None
-    n_drop = decision.chosen.n_drop if decision else plan.n_drop
-    dropped = scores.drops[n_drop]
-    c_draft = costs.draft_fraction(dropped)
-    gamma, speed = autoprune.best_gamma(alphas[n_drop], c_draft, profile)
     n_tokens = sum(len(t.ids) - 1 - t.start for t in calib)  # scored positions
-    return LayerReport(
-        model=source.name, n_layers=plan.n_layers, method=method,
-        protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
-        heldout_alpha=alphas[n_drop], calib_prompts=len(calib_p),
-        heldout_prompts=len(held_p), calib_tokens=n_tokens, device_profile=profile,
-        draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
-        seconds=timings, auto=_auto_dict(decision))
+    return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
+                        profile, auto, (len(calib_p), len(held_p), n_tokens), timings)
 
 
 def _tokenizer(path: Path, src):
