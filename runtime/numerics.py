@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 # Verify batches hold the pending token plus gamma drafts: 2, 5 and 9 rows cover gamma 1,
 # 4 and 8, the common cases, and every kernel switch seen so far (1 row vs 2+, 4-row gemm
-# groups with leftovers); 32 rows stand for a prompt chunk, since two runs may split a
-# prompt differently (a cached prefix, a chat turn).
+# groups with leftovers, Gemma 3's at 8 rows); 32 rows stand for a prompt chunk, since two
+# runs may split a prompt differently (a cached prefix, a chat turn).
 DEFAULT_WIDTHS = (2, 3, 5, 9, 32)
 
 
