@@ -114,7 +114,10 @@ BAD = [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    # tools are honoured now, but not together with another constraint
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "response_format": {"type": "json_object"}}, "tools cannot be combined"),
+    ({"functions": [{"name": "f"}]}, "functions"),  # OpenAI's deprecated form: refused
     ({"typical_p": 0.5}, "typical_p"),
 ]
 
