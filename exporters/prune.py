@@ -84,14 +84,7 @@ def write_draft(full: Path, out: Path, kept: Sequence[int], info: DraftInfo,
     writer = gguf.GGUFWriter(out, arch)
     _copy_metadata(reader, writer, arch, n_layers, kept)
     _write_bridge_keys(writer, n_layers, kept, info)
-    for name, t in tensors:
-        writer.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes),
-                               raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    _write_tensor_bytes(writer, full, tensors)
-    writer.close()
+    write_tensors(writer, full, tensors)
     log.info("draft: kept %d of %d layers; %d tensors copied byte for byte",
              len(kept), n_layers, len(tensors))
 
@@ -197,6 +190,20 @@ def _write_bridge_keys(writer: gguf.GGUFWriter, n_layers: int, kept: list[int],
     writer.add_string(keys.VERSION, info.version)
     writer.add_string(keys.TARGET_SHA256, info.target_sha256)
     writer.add_uint32(keys.TARGET_BLOCK_COUNT, n_layers)
+
+
+def write_tensors(writer: gguf.GGUFWriter, full: Path, tensors: list[tuple[str, object]]
+                  ) -> None:
+    """Finish ``writer`` (its metadata already added) with ``tensors`` copied byte for byte
+    from ``full``: tensor infos, header, metadata, infos, then the data; closes it."""
+    for name, t in tensors:
+        writer.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes),
+                               raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    _write_tensor_bytes(writer, full, tensors)
+    writer.close()
 
 
 def _write_tensor_bytes(writer: gguf.GGUFWriter, full: Path,

@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 
 from exporters.loading import gguf_arch, gguf_block_count, open_gguf
-from exporters.prune import _copy_metadata, _kept_tensors, _write_tensor_bytes
+from exporters.prune import _copy_metadata, _kept_tensors, write_tensors
 
 # Qwen 2.5 Instruct's template, tools part as published (default system text shortened)
 QWEN_TOOLS_TEMPLATE = """{%- if tools %}
@@ -82,13 +82,6 @@ def with_chat_template(src: Path, dst: Path, template: str) -> Path:
     writer = gguf.GGUFWriter(tmp, arch)
     _copy_metadata(reader, writer, arch, n, kept)
     writer.add_chat_template(template)
-    for name, t in tensors:
-        writer.add_tensor_info(name, t.data.shape, t.data.dtype, int(t.n_bytes),
-                               raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    _write_tensor_bytes(writer, src, tensors)
-    writer.close()
+    write_tensors(writer, src, tensors)
     tmp.rename(dst)
     return dst
