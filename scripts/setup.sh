@@ -33,6 +33,11 @@ if [ -z "$accel" ]; then
   else accel=cpu
   fi
 fi
+# llama.cpp's RPC backend (--rpc HOST:PORT: the target's layers on rpc-server workers) is one
+# small source file, so it is built by default; BRIDGE_RPC=0 leaves it out.
+if [ "${BRIDGE_RPC:-1}" != 0 ]; then
+  case " ${CMAKE_ARGS:-} " in *GGML_RPC*) ;; *) export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=ON";; esac
+fi
 case "$accel" in
   cuda) command -v nvcc >/dev/null 2>&1 || die "BRIDGE_ACCEL=cuda but nvcc is not on PATH; install the CUDA toolkit"
         case " ${CMAKE_ARGS:-} " in *GGML_CUDA*) ;; *) export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_CUDA=on";; esac ;;
@@ -48,7 +53,7 @@ if [ -z "${BRIDGE_TORCH:-}" ]; then
 fi
 
 stamp_file="$VENV/.bridge-setup"
-stamp="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | cksum) extras=$EXTRAS accel=$accel torch=$BRIDGE_TORCH"
+stamp="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | cksum) extras=$EXTRAS accel=$accel torch=$BRIDGE_TORCH cmake=${CMAKE_ARGS:-}"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
    && "$VENV/bin/python" -c 'import llama_cpp, bridge' >/dev/null 2>&1; then
   echo "setup: $VENV is up to date ($accel build of llama.cpp)"
