@@ -100,7 +100,8 @@ def _print_tables(r: dict) -> None:
         t = Table(title=f"{r['model']}: '{set_name}' prompts ({res['n_prompts']} x "
                         f"{r['max_tokens']} tokens, {greedy})")
         for col in ("mode", "tok/s", "speedup", "vs llama.cpp", "theory", "tok/step", "accept",
-                    "by source", "same", "margins", "mean γ", "py µs/step"):
+                    "by source", "same", "margins", "mean γ", "py µs/step",
+                    "median"):
             t.add_column(col, justify="right", no_wrap=col != "by source")
         for name, m in res["modes"].items():
             by = " ".join(f"{s} {v['accepted']}/{v['drafted']}" for s, v in m["sources"].items())
@@ -112,7 +113,8 @@ def _print_tables(r: dict) -> None:
                       f"{m['acceptance_rate']:.0%}" if name != "plain" else "", by,
                       f"{m['identical_to_plain']}/{res['n_prompts']}",
                       " ".join(f"{x:.2f}" for x in m["divergence_margins"]),
-                      f"{m['mean_gamma']:.2f}", f"{m['python_us_per_step']:.0f}")
+                      f"{m['mean_gamma']:.2f}", f"{m['python_us_per_step']:.0f}",
+                      f"{m['python_us_per_step_median']:.0f}")
         console.print(t)
         for name, m in res["modes"].items():
             if m.get("note"):
@@ -121,9 +123,10 @@ def _print_tables(r: dict) -> None:
                   "measured alpha and costs; tok/step: tokens per target evaluation; same: "
                   "outputs identical to plain; margins: the full model's top-2 logit gap "
                   "where an output first differs (small = a near-tie); vs llama.cpp: "
-                  "against llama_decode + llama.cpp's own greedy sampler with no Python per "
-                  "token; py µs/step: bridge's own time per target step, outside "
-                  "llama_decode")
+                  "against the faster of llama.cpp's own greedy loops (llama_decode + its "
+                  "CPU sampler, or + its in-graph argmax) with no Python per token; py "
+                  "µs/step: bridge's own time per target step, outside llama_decode (mean, "
+                  "and the median step)")
     c = r["costs"]
     curve = ", ".join(f"{k}:{v:.2f}" for k, v in c["verify_curve"].items())
     console.print(f"cpu: {cpu_summary(r['machine'])}; {r['numerics']['describe']}")

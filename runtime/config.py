@@ -81,6 +81,8 @@ class RuntimeConfig:
     ``exact`` evaluates the target so that a row's logits do not depend on its batch
     (``runtime.context.Numerics.exact``): greedy output is then token-identical with any
     drafting, at the cost of a two-row batch for every plain step (measured in README).
+    ``backend_argmax`` lets llama.cpp take greedy choices inside its graph, so plain
+    greedy decoding copies no logits out (``LlamaContext.eval_argmax``).
     """
 
     n_ctx: int = 4096
@@ -88,6 +90,7 @@ class RuntimeConfig:
     n_gpu_layers: int = -1  # -1: every layer, when the build has a GPU backend
     n_threads: int | None = None
     exact: bool = False
+    backend_argmax: bool = True
 
     def __post_init__(self) -> None:
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")

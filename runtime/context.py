@@ -12,6 +12,7 @@ This module never imports torch or transformers.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import time
@@ -249,10 +250,14 @@ class LlamaContext:
         n_threads: CPU threads (default: all cores).
         numerics: how llama.cpp computes; ``Numerics.exact()`` makes a row's logits
             independent of the batch it is evaluated in (see ``Numerics``).
+        backend_argmax: let ``eval_argmax`` take the argmax inside llama.cpp's graph
+            (backend sampling), so no logits row is copied out or read by Python; False
+            reads the logits and takes numpy's argmax (the same batches either way).
     """
 
     def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
-                 n_threads: int | None = None, numerics: Numerics | None = None):
+                 n_threads: int | None = None, numerics: Numerics | None = None,
+                 backend_argmax: bool = True):
         self.model = model
         self.numerics = numerics or Numerics()
         params = llama_cpp.llama_context_default_params()
@@ -262,6 +267,9 @@ class LlamaContext:
         threads = n_threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        # backend sampling may take a token from every row of a verify batch (llama.cpp's
+        # default allows one output per sequence); 0 means up to n_batch
+        params.n_outputs_max_per_seq = 0
         self.numerics.apply(params)
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
@@ -277,9 +285,14 @@ class LlamaContext:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._batch_live = True
+        for i in range(self.n_batch):  # every row is of the one sequence, 0: set once
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
         self.n_past = 0
         self.eval_seconds = 0.0  # cumulative time inside llama_decode (+ logits sync)
         self._views: dict[tuple[int | None, int], np.ndarray] = {}
+        self.backend_argmax = backend_argmax
+        self._greedy_chain = None  # the sampler chain attached while eval_argmax runs
 
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` at ``n_past`` and return their logits.
@@ -289,6 +302,63 @@ class LlamaContext:
             until the next ``eval``): one row per token when ``all_logits``, else only the
             last token's row. Only those rows are computed.
         """
+        self._attach_argmax(False)
+        n_rows = self._eval(tokens, all_logits)
+        # llama_get_logits waits for the backend, so the timing covers GPU work too
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        self.eval_seconds += time.perf_counter() - self._t_eval
+        return self._logits_view(ptr, n_rows)
+
+    def eval_argmax(self, tokens: list[int], all_rows: bool = False) -> list[int]:
+        """Append ``tokens`` at ``n_past`` and return the greedy choice (argmax of the
+        logits) after each of them when ``all_rows``, else after the last only.
+
+        With ``backend_argmax`` the argmax is a node of llama.cpp's own graph: the logits
+        never leave it (no copy of an n_vocab row per token, which on a CPU costs more
+        than the argmax itself: ~50 us cold for SmolLM2's 49k vocabulary, and on a GPU a
+        device-to-host transfer), and only the token ids come back. The batch is the
+        same as ``eval``'s, so the logits, and so the choices, are the same. ggml's
+        argmax returns the last of exactly equal maxima, numpy's the first; either is the
+        model's own choice.
+        """
+        if not self.backend_argmax:
+            rows = self.eval(tokens, all_rows)
+            return np.argmax(rows, axis=1).tolist()
+        self._attach_argmax(True)
+        n_rows = self._eval(tokens, all_rows)
+        # llama_get_sampled_token_ith waits for the backend (as llama_get_logits does)
+        get, ctx = llama_cpp.llama_get_sampled_token_ith, self._ctx
+        out = [get(ctx, i) for i in range(n_rows)] if all_rows else [get(ctx, -1)]
+        self.eval_seconds += time.perf_counter() - self._t_eval
+        if out[-1] < 0:
+            raise RuntimeError(f"llama.cpp sampled no token at n_past={self.n_past}")
+        return out
+
+    def _attach_argmax(self, on: bool) -> None:
+        """Attach a greedy sampler chain to sequence 0 (llama.cpp then appends an argmax
+        per output row to the graph and copies out token ids instead of logits), or
+        detach it so that ``eval`` gets logits again. A chain can be initialised for a
+        backend only once, so each attach makes a new one."""
+        if on == (self._greedy_chain is not None):
+            return
+        if on:
+            chain = llama_cpp.llama_sampler_chain_init(
+                llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            if not llama_cpp.llama_set_sampler(self._ctx, 0, chain):
+                llama_cpp.llama_sampler_free(chain)
+                log.info("llama.cpp cannot take the argmax on this backend; reading logits")
+                self.backend_argmax = False
+                return
+            self._greedy_chain = chain
+        else:
+            llama_cpp.llama_set_sampler(self._ctx, 0, None)
+            llama_cpp.llama_sampler_free(self._greedy_chain)
+            self._greedy_chain = None
+
+    def _eval(self, tokens: list[int], all_logits: bool) -> int:
+        """Decode ``tokens`` (chunked by n_batch); the number of output rows of the last
+        chunk. Starts ``self._t_eval``, which the callers stop once the outputs are read."""
         if not tokens:
             raise ValueError("eval() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
@@ -297,7 +367,7 @@ class LlamaContext:
         if all_logits and len(tokens) > self.n_batch:
             raise ValueError(f"all_logits over {len(tokens)} tokens exceeds n_batch={self.n_batch}")
         n_rows = 0
-        start_time = time.perf_counter()
+        self._t_eval = time.perf_counter()
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
@@ -308,10 +378,7 @@ class LlamaContext:
             # cache what it holds, so callers can roll back to a known state.
             self._resync()
             raise
-        # llama_get_logits waits for the backend, so the timing covers GPU work too
-        ptr = llama_cpp.llama_get_logits(self._ctx)
-        self.eval_seconds += time.perf_counter() - start_time
-        return self._logits_view(ptr, n_rows)
+        return n_rows
 
     def _logits_view(self, ptr, n_rows: int) -> np.ndarray:
         """A read-only view [n_rows, n_vocab] of llama.cpp's output buffer. Building one
@@ -334,12 +401,11 @@ class LlamaContext:
         # next positions, no logits): the causal mask hides them from the real rows, so
         # the real rows only change kernel, to the one every longer batch takes too.
         n_rows = max(n, self.numerics.min_rows)
+        token, pos, logits, n_past = b.token, b.pos, b.logits, self.n_past
         for i in range(n_rows):
-            b.token[i] = chunk[min(i, n - 1)]
-            b.pos[i] = self.n_past + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i < n and (all_logits or (want_last and i == n - 1))
+            token[i] = chunk[min(i, n - 1)]
+            pos[i] = n_past + i
+            logits[i] = i < n and (all_logits or (want_last and i == n - 1))
         b.n_tokens = n_rows
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc == 1:
@@ -353,31 +419,41 @@ class LlamaContext:
         self.n_past += n
         return n if all_logits else int(want_last)
 
-    def greedy_native(self, first: int, n_tokens: int, is_eog) -> tuple[list[int], float]:
-        """The leanest greedy loop llama-cpp-python allows, as a benchmark baseline: one
-        token per ``llama_decode`` and llama.cpp's own greedy sampler, no logits copied to
-        Python. Continues after ``first`` (already chosen, not yet evaluated) for up to
-        ``n_tokens`` tokens or an end-of-generation token.
+    def greedy_native(self, first: int, n_tokens: int, is_eog, backend: bool = False
+                      ) -> tuple[list[int], float]:
+        """The leanest greedy loops llama-cpp-python allows, as benchmark baselines: one
+        token per ``llama_decode`` and no Python between decodes but the loop itself.
+        ``backend`` False: llama.cpp's default CPU sampler (``llama_sampler_sample``,
+        which copies the logits row and builds an n_vocab candidate array per token, as
+        llama-server does by default); True: its backend sampling (the argmax a node of
+        the graph, llama-server's experimental ``--backend-sampling``). Continues after
+        ``first`` (already chosen, not yet evaluated) for up to ``n_tokens`` tokens or an
+        end-of-generation token.
 
         Returns:
             (tokens generated, seconds the loop took).
         """
         if self.n_past + n_tokens > self.n_ctx:
             raise ContextFullError(f"{self.n_past} + {n_tokens} tokens exceed the context")
+        self._attach_argmax(backend)
+        backend = self._greedy_chain is not None
         smpl = llama_cpp.llama_sampler_init_greedy()
         batch = self._batch
-        batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, True
+        batch.n_tokens, batch.logits[0] = 1, True
+        decode, ctx = llama_cpp.llama_decode, self._ctx
+        sample = llama_cpp.llama_get_sampled_token_ith if backend \
+            else functools.partial(llama_cpp.llama_sampler_sample, smpl)
         out: list[int] = []
         tok = first
         try:
             start = time.perf_counter()
             for _ in range(n_tokens):
                 batch.token[0], batch.pos[0] = tok, self.n_past
-                rc = llama_cpp.llama_decode(self._ctx, batch)
+                rc = decode(ctx, batch)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode returned {rc} at n_past={self.n_past}")
                 self.n_past += 1
-                tok = llama_cpp.llama_sampler_sample(smpl, self._ctx, -1)
+                tok = sample(ctx, -1)
                 out.append(tok)
                 if is_eog(tok):
                     break
@@ -412,6 +488,8 @@ class LlamaContext:
 
     def close(self) -> None:
         self._views.clear()  # they point into llama.cpp's buffer
+        if self._ctx:
+            self._attach_argmax(False)  # the chain is ours: detach it, then free it
         if self._batch_live:
             llama_cpp.llama_batch_free(self._batch)
             self._batch_live = False

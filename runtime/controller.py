@@ -28,7 +28,9 @@ predictable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from runtime import costmodel
 
@@ -63,9 +65,9 @@ class Offer:
     match_len: int = 0
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One step's measurements, as the decode loop hands them over."""
+class StepRecord(NamedTuple):
+    """One step's measurements, as the decode loop hands them over (a tuple: built once
+    per step, and a frozen dataclass costs several times as much to build)."""
 
     source: str | None       # who drafted (None: a plain step)
     gamma: int               # tokens the controller asked for
@@ -338,6 +340,28 @@ class GammaController:
             could = verdicts[source] = self._best(best, 0.0, self.draft_max,
                                                   gamma_min=1)[1] > plain
         return could
+
+    def plain_now(self, sources: Iterable[str]) -> bool:
+        """Whether this step is certainly plain, decided before any source is asked: the
+        costs are calibrated, no probe or re-timing is due, and no source could be taken
+        (the pruned draft judged unable to pay, every other source unable to beat a plain
+        step even at its best acceptance: ``wants``). That is the choice ``choose`` would
+        make once the sources had been asked, and it is recorded as such; on a CPU where
+        nothing pays it is nearly every step, and it costs a few attribute reads instead
+        of a lookup, a memory probe and a gamma search."""
+        if not self.adaptive or self._retime_draft \
+                or self._since_probe + 1 >= self._backoff \
+                or self.costs.calibration_need(self.has_pruned, self.draft_max + 1) is not None:
+            return False
+        for name in sources:
+            if (not self._pruned_off()) if name == PRUNED else self.wants(name):
+                return False
+        # what choose() -> _maybe_probe() records for a plain step that is not a probe
+        self._since_probe += 1
+        self._since_retime += 1
+        self.history.append(0)
+        self.source_history.append(None)
+        return True
 
     def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
         """(source, gamma) for the next step; (None, 0) is a plain step."""

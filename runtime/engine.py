@@ -124,7 +124,7 @@ class Engine:
 
     def _context(self, model: LlamaModel, numerics: Numerics | None = None) -> LlamaContext:
         return LlamaContext(model, self.runtime.n_ctx, self.runtime.n_batch,
-                            self.runtime.n_threads, numerics)
+                            self.runtime.n_threads, numerics, self.runtime.backend_argmax)
 
     def _exact_rows(self) -> int:
         """Exact mode: the widest batch that matches one-token steps bitwise here."""

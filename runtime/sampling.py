@@ -79,6 +79,12 @@ class Sampler:
             self.seed = cfg.seed
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no repeat penalty: a token is the plain argmax of its logits row,
+        which llama.cpp can take itself (``LlamaContext.eval_argmax``)."""
+        return self.cfg.greedy and self.cfg.repeat_penalty == 1.0
+
+    @property
     def history_window(self) -> int:
         """How many recent tokens the filters look at (only the repeat penalty does), so
         callers pass that tail rather than copy the whole sequence every step."""
@@ -207,13 +213,9 @@ def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
     if constraint is not None:
         return _verify_constrained(sampler, target_rows, drafts, history, position,
                                    constraint, masks)
-    if sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0:
+    if sampler.plain_greedy:
         # one vectorized argmax over every row
-        best = np.argmax(target_rows, axis=1)
-        n_acc = 0
-        while n_acc < len(drafts) and best[n_acc] == drafts[n_acc]:
-            n_acc += 1
-        return n_acc, int(best[n_acc])
+        return accept_prefix(np.argmax(target_rows, axis=1).tolist(), drafts)
     n_acc = 0
     while True:
         tok = sampler.choose(target_rows[n_acc], history + list(drafts[:n_acc]),
@@ -221,6 +223,16 @@ def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
         if n_acc == len(drafts) or tok != drafts[n_acc]:
             return n_acc, tok
         n_acc += 1
+
+
+def accept_prefix(choices: Sequence[int], drafts: Sequence[int]) -> tuple[int, int]:
+    """The verify rule on the target's own choices: ``choices[i]`` is its token after
+    drafts[:i] (len(drafts) + 1 of them). Keep the longest prefix of ``drafts`` equal to
+    them, then the target's next choice: (number accepted, that token)."""
+    n_acc = 0
+    while n_acc < len(drafts) and choices[n_acc] == drafts[n_acc]:
+        n_acc += 1
+    return n_acc, int(choices[n_acc])
 
 
 def _verify_constrained(sampler: Sampler, rows: np.ndarray, drafts: Sequence[int],

@@ -37,14 +37,15 @@ from runtime.context import LlamaContext
 from runtime.controller import GRAMMAR, PRUNED, GammaController, Offer, StepRecord
 from runtime.drafters.grammar import GrammarDrafter
 from runtime.drafting import Draft, Drafter
-from runtime.sampling import Sampler, logprobs, verify
+from runtime.sampling import Sampler, accept_prefix, logprobs, verify
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("eog", "stop", "length", "context")
+_NO_DRAFT = Draft()  # a plain step's draft; shared, so never mutated
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """What one step emitted. ``tokens`` are final: the target chose every one."""
 
@@ -201,6 +202,7 @@ class SpeculativeDecoder:
         # stop string rolls it back with the caches
         self.constraint: Constraint | None = None
         self.n_logprobs: int | None = None  # top log-probs per token, when asked for
+        self._argmax_only = False  # this generation needs only the target's argmax
 
     def reset(self) -> None:
         self.target.reset()
@@ -237,6 +239,9 @@ class SpeculativeDecoder:
             n_logprobs: attach each token's log-prob and this many top ones to the steps.
         """
         self.constraint, self.n_logprobs = constraint, n_logprobs
+        # plain greedy needs no logits in Python: llama.cpp takes every row's argmax
+        self._argmax_only = (self.sampler.plain_greedy and constraint is None
+                             and n_logprobs is None)
         if constraint is not None:
             constraint.bind(len(prompt))
             if self.forced_drafts and self.drafters:
@@ -293,7 +298,10 @@ class SpeculativeDecoder:
     def _llama_seconds(self) -> float:
         """Seconds inside llama_decode so far, target and draft models (read twice a step:
         the contexts are listed once per generation, when the drafters are settled)."""
-        return self.target.eval_seconds + sum(c.eval_seconds for c in self._draft_ctxs)
+        seconds = self.target.eval_seconds
+        for c in self._draft_ctxs:
+            seconds += c.eval_seconds
+        return seconds
 
     def _prefill(self, prompt: list[int], stats: Stats) -> Step:
         """Evaluate what the cache lacks of ``prompt``; return the step of the first new
@@ -311,6 +319,13 @@ class SpeculativeDecoder:
             d.rollback(n)
         start = time.perf_counter()
         self.pending = None
+        if self._argmax_only:
+            first = self.target.eval_argmax(prompt[n:])[-1]
+            self.kv.extend(prompt[n:])
+            stats.n_prompt_new = len(prompt) - n
+            stats.prompt_seconds = time.perf_counter() - start
+            self.pending = first
+            return Step([first], 0, 0, 0)
         rows = self.target.eval(prompt[n:])
         self.kv.extend(prompt[n:])
         stats.n_prompt_new = len(prompt) - n
@@ -340,7 +355,9 @@ class SpeculativeDecoder:
         ctrl = self.controller
         if not self.drafters or gamma_cap <= 0:
             ctrl.choose({})
-            return None, 0, Draft(), None
+            return None, 0, _NO_DRAFT, None
+        if ctrl.plain_now(self.drafters):
+            return None, 0, _NO_DRAFT, None
         # drafters read kv + [pending]; append in place rather than copy the whole
         # sequence every step (this runs once per emitted token)
         self.kv.append(self.pending)
@@ -369,7 +386,7 @@ class SpeculativeDecoder:
             draft = cheap[source]
             draft.tokens = draft.tokens[:gamma]
         else:
-            draft = Draft()
+            draft = _NO_DRAFT
         return source, gamma, draft, need
 
     def _step(self, budget: int, is_eog: Callable[[int], bool]) -> Step:
@@ -379,7 +396,7 @@ class SpeculativeDecoder:
         room = self.target.n_ctx - len(self.kv) - 2
         source, gamma, draft, need = self._propose(min(budget - 1, room))
         constraint = self.constraint
-        if constraint is not None:  # a draft is first cut where the grammar rejects it
+        if constraint is not None and draft.tokens:  # cut where the grammar rejects it
             draft.tokens = draft.tokens[:constraint.validate(draft.tokens)]
         # the repeat penalty's window (empty when the sampler has no penalty)
         history = self._history() + [self.pending] if self.sampler.history_window else []
@@ -391,14 +408,20 @@ class SpeculativeDecoder:
             else [self.pending, *draft.tokens]
         assert self.max_rows is None or len(batch) <= self.max_rows
         t_verify = time.perf_counter()
-        rows = self.target.eval(batch, all_logits=True)
-        verify_seconds = time.perf_counter() - t_verify
-        rows = rows[: len(draft.tokens) + 1]
-        masks: list | None = [] if self.n_logprobs is not None else None
-        n_acc, nxt = verify(self.sampler, rows, draft.tokens, history, len(self.kv) + 1,
-                            constraint, masks)
-        emitted = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog)
-        lps = self._logprobs(rows, emitted, masks or [None] * len(emitted))
+        if self._argmax_only:
+            choices = self.target.eval_argmax(batch, all_rows=True)
+            verify_seconds = time.perf_counter() - t_verify
+            n_acc, nxt = accept_prefix(choices, draft.tokens)
+            emitted, lps = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog), None
+        else:
+            rows = self.target.eval(batch, all_logits=True)
+            verify_seconds = time.perf_counter() - t_verify
+            rows = rows[: len(draft.tokens) + 1]
+            masks: list | None = [] if self.n_logprobs is not None else None
+            n_acc, nxt = verify(self.sampler, rows, draft.tokens, history,
+                                len(self.kv) + 1, constraint, masks)
+            emitted = _cut([*draft.tokens[:n_acc], nxt], budget, is_eog)
+            lps = self._logprobs(rows, emitted, masks or [None] * len(emitted))
         # roll back: the cache keeps pending + the accepted drafts that were emitted
         self.kv.append(self.pending)
         self.kv.extend(emitted[:-1])

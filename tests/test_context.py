@@ -80,3 +80,56 @@ def test_missing_and_invalid_model_files(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ValueError, match="could not load"):
         LlamaModel(bad)
+
+
+@pytest.mark.parametrize("which", ["smollm2_gguf", "gemma3_gguf"])
+def test_backend_argmax_is_the_argmax_of_the_same_batch(which, request):
+    """llama.cpp's in-graph argmax (backend sampling) must choose what numpy's argmax of
+    the very same batch's logits chooses, row for row, for the widths verification uses,
+    and switching between the two paths in one context must keep the cache intact.
+    Both paths see identical batches, so this holds on any CPU (an exact tie of two
+    maxima could break it: ggml keeps the last, numpy the first; none occurs here)."""
+    from runtime.context import LlamaModel
+
+    with LlamaModel(request.getfixturevalue(which)) as model:
+        ids = model.tokenize("The history of science is the story of how people came to "
+                             "understand the world, one careful measurement at a time. " * 2, True)
+        assert len(ids) >= 25
+        with LlamaContext(model, n_ctx=256, n_threads=1) as ctx:
+            for width in (1, 2, 3, 5, 9, 17):
+                ctx.reset()
+                ctx.eval(ids[:8])
+                want = np.argmax(np.array(ctx.eval(ids[8:8 + width], all_logits=True)),
+                                 axis=1).tolist()
+                ctx.truncate(8)
+                got = ctx.eval_argmax(ids[8:8 + width], all_rows=True)
+                assert ctx.n_past == 8 + width
+                assert got == want, f"width {width}: {got} != {want}"
+                ctx.truncate(8)
+                assert ctx.eval_argmax(ids[8:8 + width]) == want[-1:]
+            # back to logits after the argmax path: the same rows as before
+            ctx.truncate(8)
+            again = np.argmax(np.array(ctx.eval(ids[8:25], all_logits=True)), axis=1)
+            assert again.tolist() == want
+        with LlamaContext(model, n_ctx=256, n_threads=1, backend_argmax=False) as raw:
+            raw.eval(ids[:8])
+            assert raw.eval_argmax(ids[8:25], all_rows=True) == want
+
+
+def test_native_greedy_loops_agree(smollm2):
+    """The two llama.cpp baselines bench compares against (CPU sampler, backend argmax)
+    decode the same tokens as bridge's own argmax."""
+    ids = smollm2.tokenize("Once upon a time, in a land far away,", add_special=False)
+    out = []
+    for backend in (False, True):
+        with LlamaContext(smollm2, n_ctx=256, n_threads=1) as ctx:
+            first = ctx.eval_argmax(ids)[-1]
+            toks, secs = ctx.greedy_native(first, 24, smollm2.is_eog, backend=backend)
+            assert ctx.n_past == len(ids) + len(toks) and secs > 0
+            out.append(toks)
+    with LlamaContext(smollm2, n_ctx=256, n_threads=1, backend_argmax=False) as ctx:
+        tok, mine = ctx.eval_argmax(ids)[-1], []
+        for _ in range(24):
+            tok = ctx.eval_argmax([tok])[-1]
+            mine.append(tok)
+    assert out[0] == out[1] == mine[: len(out[0])]

@@ -139,6 +139,7 @@ def _verify_batch_problems(spec: Engine, prompt: list[int], n_tokens: int,
         return rows
 
     monkeypatch.setattr(ctx, "eval", recording)
+    monkeypatch.setattr(ctx, "backend_argmax", False)  # read the batches' logits
     spec.reset()
     stats = Stats()
     steps = list(spec.decoder.generate(prompt, n_tokens, spec.model.is_eog, stats))

@@ -99,6 +99,9 @@ def test_every_token_is_the_targets_choice_from_its_verify_batch(engines, monkey
     spec, _ = engines
     batches: list[np.ndarray] = []
     real_eval = spec.ctx.eval
+    # read every verify batch's logits (the in-graph argmax path copies none out; the
+    # next test shows that path emits the same tokens from the same batches)
+    monkeypatch.setattr(spec.ctx, "backend_argmax", False)
 
     def recording_eval(tokens, all_logits=False):
         rows = real_eval(tokens, all_logits)
@@ -113,6 +116,28 @@ def test_every_token_is_the_targets_choice_from_its_verify_batch(engines, monkey
     assert sum(st.n_drafted > 0 for st in steps) >= len(steps) // 2  # forced drafting
     for step, best in zip(steps[1:], batches, strict=True):
         assert step.tokens == [int(t) for t in best[: len(step.tokens)]]
+
+
+@pytest.mark.parametrize("spec_cfg", [FORCED, SpeculativeConfig(
+    drafter="lookup", draft_max=8, adaptive=False)], ids=["pruned", "lookup"])
+def test_backend_argmax_emits_the_same_steps(smollm2_gguf, smollm2_draft_gguf, spec_cfg):
+    """Greedy decoding takes its argmax inside llama.cpp's graph by default; reading the
+    logits into numpy instead must give the same tokens, step for step, with the same
+    drafts accepted: the batches are the same, so the choices must be."""
+    runs = []
+    for backend in (True, False):
+        rt = RuntimeConfig(n_ctx=RT.n_ctx, n_threads=RT.n_threads, backend_argmax=backend)
+        with Engine(smollm2_gguf, draft=smollm2_draft_gguf, runtime=rt, speculative=spec_cfg,
+                    sampling=GREEDY) as eng:
+            runs.append([])
+            for text in PROMPTS[:3]:
+                steps = list(eng.decoder.generate(
+                    eng.model.tokenize(chat_prompt(text), True, True), 64, eng.model.is_eog,
+                    Stats()))
+                eng.reset()
+                runs[-1].append([(s.tokens, s.n_drafted, s.n_accepted) for s in steps])
+    assert runs[0] == runs[1]
+    assert sum(n for prompt in runs[0] for _, n, _ in prompt) > 0  # drafts were verified
 
 
 def test_same_batches_give_the_same_text(engines):
