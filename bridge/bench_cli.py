@@ -46,14 +46,16 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--threads", "n_threads", type=int, help="CPU threads.")
 @click.option("--exact", is_flag=True, default=None,
               help="Exact mode: verify batches whose logits equal one-token steps bitwise.")
+@click.option("--no-backend-argmax", "backend_argmax", flag_value=False, default=None,
+              help="bridge's modes read greedy choices from the logits in Python.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path),
               help="Also write the figures to this JSON file ('-' for stdout only).")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path),
               help="Write a PNG chart of speed and the verify-cost curve.")
 @user_errors
 def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
-              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, json_out,
-              plot_out) -> None:
+              lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, backend_argmax,
+              json_out, plot_out) -> None:
     """Compare plain decoding and each draft source side by side on this machine."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
@@ -72,7 +74,7 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
                          "compare (plain decoding is always one of the modes)")
     runtime = RuntimeConfig(**{k: v for k, v in dict(
         n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-        exact=exact).items() if v is not None})
+        exact=exact, backend_argmax=backend_argmax).items() if v is not None})
     spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
     use_draft = None if drafter == "lookup" else (draft or "auto")
     with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,

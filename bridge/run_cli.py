@@ -55,6 +55,9 @@ def engine_options(f: Callable) -> Callable:
                      help="Evaluate the model so that a verify batch's logits equal a "
                           "one-token step's bitwise: greedy output is then identical with "
                           "any drafting (costs a 2-row batch per plain step; see README)."),
+        click.option("--no-backend-argmax", "backend_argmax", flag_value=False, default=None,
+                     help="Read greedy choices from the logits in Python instead of taking "
+                          "the argmax inside llama.cpp's graph (the same tokens; slower)."),
         click.option("--temp", type=float, help="Temperature; 0 is greedy."),
         click.option("--top-k", type=int), click.option("--top-p", type=float),
         click.option("--min-p", type=float), click.option("--repeat-penalty", type=float),
@@ -121,7 +124,8 @@ def build_engine(o: dict, memory=None):
     from runtime.engine import Engine
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
-                                     n_threads=o["n_threads"], exact=o["exact"]))
+                                     n_threads=o["n_threads"], exact=o["exact"],
+                                     backend_argmax=o["backend_argmax"]))
     drafter = "none" if o["no_draft"] else o["drafter"]
     if o["no_draft"] and o["drafter"] not in (None, "none"):
         raise ValueError(f"--no-draft contradicts --drafter {o['drafter']}; give one of them")
