@@ -3,10 +3,11 @@
 
 bridge's plain step does Python work between two llama_decode calls (the controller,
 bookkeeping); llama.cpp's own loops do almost none, with its default CPU sampler or with
-the argmax inside its graph (backend sampling, which bridge uses for greedy steps too). With more than one thread,
-llama.cpp's OpenMP workers spin for a while after each decode and then sleep, so the Python
-gap decides whether the next decode finds them awake. This runs both loops in fresh
-processes for each setting, interleaved prompt by prompt, and prints tokens/s and the ratio.
+the argmax inside its graph (backend sampling, which bridge uses for greedy steps too).
+With more than one thread, llama.cpp's OpenMP workers spin for a while after each decode
+and then sleep, so the Python gap decides whether the next decode finds them awake. This
+runs the three loops in fresh processes for each setting, interleaved prompt by prompt, and
+prints tokens/s and bridge's ratio to the faster llama.cpp loop.
 
     .venv/bin/python scripts/bench_threads.py [MODEL.gguf] [-n 64] [--threads 1,2]
 """
