@@ -266,6 +266,7 @@ class GammaController:
         self._could_pay: tuple[tuple | None, dict[str, bool]] = (None, {})  # wants()'s
         self._n_judged = 0  # drafts judged so far: acceptance changes only with this
         self._verdict: tuple[tuple | None, bool] = (None, False)  # _pruned_off()'s
+        self._plain_verdict: tuple[tuple | None, bool] = (None, False)  # plain_now()'s
         self.history: list[int] = []           # gamma chosen at each step
         self.source_history: list[str | None] = []
 
@@ -349,13 +350,20 @@ class GammaController:
         make once the sources had been asked, and it is recorded as such; on a CPU where
         nothing pays it is nearly every step, and it costs a few attribute reads instead
         of a lookup, a memory probe and a gamma search."""
-        if not self.adaptive or self._retime_draft \
-                or self._since_probe + 1 >= self._backoff \
-                or self.costs.calibration_need(self.has_pruned, self.draft_max + 1) is not None:
+        if not self.adaptive or self._retime_draft or self._since_probe + 1 >= self._backoff:
             return False
-        for name in sources:
-            if (not self._pruned_off()) if name == PRUNED else self.wants(name):
-                return False
+        # the verdict holds while the figures it reads are the same: the verify curve,
+        # the draft's cost, the acceptances, the sources (calibration, once complete for a
+        # draft_max, stays complete)
+        c = self.costs
+        key = (c.version, c.draft, self.draft_max, self._n_judged, tuple(sources))
+        if self._plain_verdict[0] != key:
+            plain = c.calibration_need(self.has_pruned, self.draft_max + 1) is None and not any(
+                (not self._pruned_off()) if name == PRUNED else self.wants(name)
+                for name in key[-1])
+            self._plain_verdict = (key, plain)
+        if not self._plain_verdict[1]:
+            return False
         # what choose() -> _maybe_probe() records for a plain step that is not a probe
         self._since_probe += 1
         self._since_retime += 1

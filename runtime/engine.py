@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # exact mode's probe text (any tokens would do; see runtime.numerics.exact_width)
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and 17 times 23 is 391."
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """A piece of streamed output: ``text`` (possibly empty while a multi-byte character
     or a possible stop string is held back), the token ids it came from, and on the last

@@ -253,3 +253,48 @@ def test_forced_text_is_taken_where_it_pays_and_never_probed(points, pays):
         400, offers=lambda i: {GRAMMAR: Offer(4, 4)})
     drafted = sum(1 for g in ctrl.history[10:] if g > 0)
     assert drafted > 300 if pays else drafted == 0
+
+
+def _asked(ctrl: GammaController, offers: dict[str, Offer]) -> dict[str, Offer]:
+    """The offers the decode loop collects: lookup-like sources only when wanted."""
+    return {n: o for n, o in offers.items() if n == PRUNED or ctrl.wants(n)}
+
+
+@pytest.mark.parametrize("points,c,accept", [
+    (AVX2_EPYC, 0.9, lambda i, s, n: n // 3),          # nothing pays: plain, probes
+    (COMMITTED_CPU, 0.85, lambda i, s, n: n if i % 40 < 20 else 0),  # lookups come and go
+    (GPU, 0.3, lambda i, s, n: n - 1 if i % 7 else 0),  # drafting most steps
+], ids=["avx2-epyc", "committed-cpu", "gpu"])
+def test_plain_now_decides_as_asking_every_source_would(points, c, accept):
+    """The decode loop's shortcut (``plain_now``: a step certainly plain, no source asked)
+    must make exactly the decisions of asking the sources and calling ``choose``, step for
+    step, with the same probes and back-off, whatever the costs and acceptances."""
+    def offers(i: int) -> dict[str, Offer]:
+        return {"lookup": Offer(8, 1 + i % 5), "memory": Offer(6 if i % 3 else 0, 2),
+                PRUNED: Offer(8)}
+
+    runs = []
+    for shortcut in (True, False):
+        ctrl, v = GammaController(8), curve(points)
+        shortcuts = 0
+        for i in range(600):
+            o = offers(i)
+            if shortcut and ctrl.plain_now(o):
+                source, gamma = None, 0
+                shortcuts += 1
+            else:
+                source, gamma = ctrl.choose(_asked(ctrl, o))
+            need = ctrl.calibration_need()
+            if need == "draft":
+                ctrl.observe_draft(c * 10e-3)
+            n_acc = min(accept(i, source, gamma), gamma)
+            k = int(need[6:]) if need and need.startswith("batch:") and not gamma \
+                else gamma + 1
+            ctrl.observe(StepRecord(source if gamma else None, gamma, k, gamma, n_acc,
+                                    o[source].match_len if source else 0,
+                                    gamma * c * 10e-3 if source == PRUNED else 1e-6, gamma,
+                                    0.0, 0, 10e-3 * v(k), 1e-5))
+        runs.append((ctrl.history, ctrl.source_history, ctrl._backoff, ctrl._since_probe,
+                     shortcuts))
+    assert runs[0][:4] == runs[1][:4]
+    assert runs[0][4] > 0 or sum(runs[0][0]) > 0  # the shortcut was taken, or drafting won
