@@ -303,10 +303,10 @@ class LlamaContext:
             last token's row. Only those rows are computed.
         """
         self._attach_argmax(False)
-        n_rows = self._eval(tokens, all_logits)
+        n_rows, start = self._eval(tokens, all_logits)
         # llama_get_logits waits for the backend, so the timing covers GPU work too
         ptr = llama_cpp.llama_get_logits(self._ctx)
-        self.eval_seconds += time.perf_counter() - self._t_eval
+        self.eval_seconds += time.perf_counter() - start
         return self._logits_view(ptr, n_rows)
 
     def eval_argmax(self, tokens: list[int], all_rows: bool = False) -> list[int]:
@@ -325,11 +325,11 @@ class LlamaContext:
             rows = self.eval(tokens, all_rows)
             return np.argmax(rows, axis=1).tolist()
         self._attach_argmax(True)
-        n_rows = self._eval(tokens, all_rows)
+        n_rows, start = self._eval(tokens, all_rows)
         # llama_get_sampled_token_ith waits for the backend (as llama_get_logits does)
         get, ctx = llama_cpp.llama_get_sampled_token_ith, self._ctx
         out = [get(ctx, i) for i in range(n_rows)] if all_rows else [get(ctx, -1)]
-        self.eval_seconds += time.perf_counter() - self._t_eval
+        self.eval_seconds += time.perf_counter() - start
         if out[-1] < 0:
             raise RuntimeError(f"llama.cpp sampled no token at n_past={self.n_past}")
         return out
@@ -338,7 +338,8 @@ class LlamaContext:
         """Attach a greedy sampler chain to sequence 0 (llama.cpp then appends an argmax
         per output row to the graph and copies out token ids instead of logits), or
         detach it so that ``eval`` gets logits again. A chain can be initialised for a
-        backend only once, so each attach makes a new one."""
+        backend only once, so each attach makes a new one. Either way llama.cpp re-reserves
+        its graph at the next decode, so this switches per generation, never per step."""
         if on == (self._greedy_chain is not None):
             return
         if on:
@@ -356,9 +357,10 @@ class LlamaContext:
             llama_cpp.llama_sampler_free(self._greedy_chain)
             self._greedy_chain = None
 
-    def _eval(self, tokens: list[int], all_logits: bool) -> int:
-        """Decode ``tokens`` (chunked by n_batch); the number of output rows of the last
-        chunk. Starts ``self._t_eval``, which the callers stop once the outputs are read."""
+    def _eval(self, tokens: list[int], all_logits: bool) -> tuple[int, float]:
+        """Decode ``tokens`` (chunked by n_batch). Returns the number of output rows of
+        the last chunk and when decoding began (the callers time it until the outputs are
+        read)."""
         if not tokens:
             raise ValueError("eval() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
@@ -367,7 +369,7 @@ class LlamaContext:
         if all_logits and len(tokens) > self.n_batch:
             raise ValueError(f"all_logits over {len(tokens)} tokens exceeds n_batch={self.n_batch}")
         n_rows = 0
-        self._t_eval = time.perf_counter()
+        start_time = time.perf_counter()
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
@@ -378,7 +380,7 @@ class LlamaContext:
             # cache what it holds, so callers can roll back to a known state.
             self._resync()
             raise
-        return n_rows
+        return n_rows, start_time
 
     def _logits_view(self, ptr, n_rows: int) -> np.ndarray:
         """A read-only view [n_rows, n_vocab] of llama.cpp's output buffer. Building one
