@@ -82,6 +82,12 @@ if [ "$accel" = cuda ]; then
 fi
 pip install ${llama_flags[@]+"${llama_flags[@]}"} -c scripts/constraints.txt llama-cpp-python \
   || die "could not install llama-cpp-python; check network access to the package index (PIP_INDEX_URL) and the compiler output above"
+if [ "${BRIDGE_RPC:-1}" != 0 ] \
+   && ! "$VENV/bin/python" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())' >/dev/null 2>&1; then
+  echo "setup: this llama-cpp-python was built without llama.cpp's RPC backend; rebuilding it with -DGGML_RPC=ON"
+  pip install --no-cache-dir --force-reinstall --no-deps -c scripts/constraints.txt llama-cpp-python \
+    || die "could not rebuild llama-cpp-python with -DGGML_RPC=ON; see the compiler output above (BRIDGE_RPC=0 skips RPC)"
+fi
 
 if [[ ",$EXTRAS," == *",export,"* ]]; then
   pip install --quiet "$BRIDGE_TORCH" \
