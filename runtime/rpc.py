@@ -228,6 +228,9 @@ def _local_accelerators() -> list[int]:
             in ("GPU", "IGPU")]
 
 
+_added: set[Endpoint] = set()  # endpoints ggml-rpc has connected to in this process
+
+
 class RpcDevices:
     """The ggml devices of some RPC workers, for ``llama_model_params.devices``.
 
@@ -250,7 +253,10 @@ class RpcDevices:
         self.endpoints = tuple(endpoints)
         warn_untrusted(self.endpoints)
         for ep in self.endpoints:
-            probe(ep, timeout)
+            # a worker serves one client at a time: once this process holds a connection
+            # to it, a probe would wait behind that connection
+            if ep not in _added:
+                probe(ep, timeout)
         ggml, base = _libs()
         reg = ggml.ggml_backend_reg_by_name(b"RPC")
         proc = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
@@ -260,6 +266,7 @@ class RpcDevices:
         self.devices: list[int] = []
         for ep in self.endpoints:
             worker = add_server(str(ep).encode())
+            _added.add(ep)
             n = base.ggml_backend_reg_dev_count(worker) if worker else 0
             if n == 0:
                 raise RpcError(f"RPC worker {ep} offers no devices")
