@@ -314,6 +314,11 @@ def watch_aborts(endpoints: Sequence[Endpoint]) -> None:
         text = text.split(": ", 1)[-1] if ".cpp:" in text else text  # drop file:line
         eps = list(_fatal["endpoints"])  # type: ignore[call-overload]
         gone = refusing(eps)
+        for _ in range(20):  # a dying worker drops its connections before its listener
+            if gone or not eps:
+                break
+            time.sleep(0.05)
+            gone = refusing(eps)
         who = (f"RPC worker {', '.join(map(str, gone))} stopped answering" if gone else
                f"an RPC worker ({', '.join(map(str, eps))}) failed" if eps else
                "llama.cpp stopped")
