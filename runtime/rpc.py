@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import threading
@@ -127,7 +127,7 @@ def probe(ep: Endpoint, timeout: float = 5.0) -> tuple[int, int, int]:
     what = f"RPC worker {ep}"
     try:
         sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
-    except socket.timeout:
+    except TimeoutError:
         raise RpcError(f"{what} did not accept a connection within {timeout:g} s") from None
     except ConnectionRefusedError:
         raise RpcError(f"{what} refused the connection: is rpc-server running there "
@@ -144,7 +144,7 @@ def probe(ep: Endpoint, timeout: float = 5.0) -> tuple[int, int, int]:
                                f"{_HELLO_RSP.size}: it speaks another RPC protocol version "
                                f"than this llama.cpp ({RPC_PROTO_MAJOR}.{RPC_PROTO_MINOR}.x)")
             major, minor, patch, _, _ = _HELLO_RSP.unpack(_recv_exact(sock, size))
-        except socket.timeout:
+        except TimeoutError:
             raise RpcError(f"{what} accepted but did not answer the handshake within "
                            f"{timeout:g} s (busy with another client, or not an "
                            "rpc-server)") from None
@@ -217,7 +217,8 @@ def rpc_supported() -> bool:
     """True when this llama.cpp build has the RPC backend (``-DGGML_RPC=ON``)."""
     import llama_cpp
 
-    return bool(llama_cpp.llama_supports_rpc()) and bool(_libs()[0].ggml_backend_reg_by_name(b"RPC"))
+    registry = _libs()[0].ggml_backend_reg_by_name(b"RPC")
+    return bool(llama_cpp.llama_supports_rpc()) and bool(registry)
 
 
 def _local_accelerators() -> list[int]:
