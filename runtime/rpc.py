@@ -306,6 +306,11 @@ def _on_fatal(message: str) -> None:
     _fatal["handler"](message)  # type: ignore[operator]
 
 
+def _fatal_abort(message: str) -> None:
+    _on_fatal(message)
+    os.abort()  # a running llama_decode cannot be interrupted: end rather than hang
+
+
 def watch_aborts(endpoints: Sequence[Endpoint]) -> None:
     """Route llama.cpp's aborts (ggml-rpc aborts on a lost worker) through the fatal
     handler, as one line naming the workers that stopped accepting connections."""
@@ -343,10 +348,13 @@ class Watchdog:
         busy: callables returning the time the current decode began, or None.
         endpoints: the workers, named in the message.
         timeout: seconds; one decode of the longest batch must fit in it.
+        fire: called with the line (default: the fatal handler, then ``os.abort()``).
     """
 
     def __init__(self, busy: Sequence[Callable[[], float | None]],
-                 endpoints: Sequence[Endpoint], timeout: float):
+                 endpoints: Sequence[Endpoint], timeout: float,
+                 fire: Callable[[str], None] | None = None):
+        self._fire = fire or _fatal_abort
         self._busy = list(busy)
         self._endpoints = tuple(endpoints)
         self.timeout = timeout
@@ -361,9 +369,9 @@ class Watchdog:
             if any(b is not None and now - b > self.timeout for b in (f() for f in self._busy)):
                 gone = refusing(self._endpoints)
                 who = ", ".join(map(str, gone or self._endpoints))
-                _on_fatal(f"RPC worker {who} did not finish a decode within "
-                          f"{self.timeout:g} s (--rpc-timeout)")
-                os.abort()  # the decode cannot be interrupted; never hang instead
+                self._fire(f"RPC worker {who} did not finish a decode within "
+                           f"{self.timeout:g} s (--rpc-timeout)")
+                return
 
     def close(self) -> None:
         self._stop.set()

@@ -146,6 +146,26 @@ def test_probe_times_out_on_a_silent_worker():
         silent.close()
 
 
+def test_watchdog_fires_on_a_decode_that_waits_too_long():
+    fired: list[str] = []
+    began = [None]
+    dead = socket.create_server(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nothing listens there now: the message names it as the lost worker
+    eps = parse_endpoints(f"127.0.0.1:{port},127.0.0.1:{_free_port()}")
+    dog = rpc.Watchdog([lambda: began[0]], eps[:1], timeout=1.0, fire=fired.append)
+    try:
+        time.sleep(1.5)
+        assert fired == []  # idle: nothing to time
+        began[0] = time.monotonic()
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        dog.close()
+    assert len(fired) == 1 and f"127.0.0.1:{port} did not finish a decode within 1 s" in fired[0]
+
+
 def _cli_error(*args: str) -> str:
     out = subprocess.run([str(BRIDGE), *args], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0, out
