@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bridge.run_cli import user_errors
+from bridge.run_cli import rpc_settings, user_errors, with_rpc_options
 from runtime.bench_prompts import PROMPT_SETS
 from runtime.config import DRAFTERS
 
@@ -44,6 +44,7 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens.")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, help="GPU layers (-1: all).")
 @click.option("--threads", "n_threads", type=int, help="CPU threads.")
+@with_rpc_options
 @click.option("--exact", is_flag=True, default=None,
               help="Exact mode: verify batches whose logits equal one-token steps bitwise.")
 @click.option("--no-backend-argmax", "backend_argmax", flag_value=False, default=None,
@@ -55,7 +56,7 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @user_errors
 def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
               lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, backend_argmax,
-              json_out, plot_out) -> None:
+              json_out, plot_out, **rpc_opts) -> None:
     """Compare plain decoding and each draft source side by side on this machine."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
@@ -74,7 +75,8 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
                          "compare (plain decoding is always one of the modes)")
     runtime = RuntimeConfig(**{k: v for k, v in dict(
         n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-        exact=exact, backend_argmax=backend_argmax).items() if v is not None})
+        exact=exact, backend_argmax=backend_argmax).items() if v is not None},
+        **rpc_settings(rpc_opts))
     spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
     use_draft = None if drafter == "lookup" else (draft or "auto")
     with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,7 @@ def engine_options(f: Callable) -> Callable:
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int,
                      help="Layers offloaded to the GPU (-1: all)."),
         click.option("--threads", "n_threads", type=int, help="CPU threads."),
+        *rpc_options(),
         click.option("--exact", is_flag=True, default=None,
                      help="Evaluate the model so that a verify batch's logits equal a "
                           "one-token step's bitwise: greedy output is then identical with "
@@ -68,6 +70,54 @@ def engine_options(f: Callable) -> Callable:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def rpc_options() -> list:
+    """--rpc and friends, shared by generate, chat, serve and bench."""
+    return [
+        click.option("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                     help="llama.cpp RPC workers (rpc-server) that take the target's "
+                          "offloaded layers (-ngl), as llama.cpp's --rpc does. Drafts stay "
+                          "on this machine. The protocol has no authentication: trusted "
+                          "networks only."),
+        click.option("--draft-rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                     help="RPC workers for the pruned draft's layers [default: none, the "
+                          "draft runs here]."),
+        click.option("--rpc-timeout", type=float, metavar="SECONDS",
+                     help="Most seconds one decode may wait on the RPC workers before the "
+                          "run ends with an error (default: two minutes)."),
+    ]
+
+
+def with_rpc_options(f: Callable) -> Callable:
+    for opt in reversed(rpc_options()):
+        f = opt(f)
+    return f
+
+
+def rpc_settings(o: dict) -> dict:
+    """RuntimeConfig's RPC fields from the options (a bad endpoint raises ValueError), and
+    the fatal handler: ggml-rpc ends the process on a lost worker, so say it in one line."""
+    from runtime import rpc
+
+    out = _given(rpc=rpc.parse_endpoints(o["rpc"]) if o.get("rpc") is not None else None,
+                 draft_rpc=rpc.parse_endpoints(o["draft_rpc"], "--draft-rpc")
+                 if o.get("draft_rpc") is not None else None,
+                 rpc_timeout=o.get("rpc_timeout"))
+    if "rpc" in out or "draft_rpc" in out:
+        rpc.set_fatal_handler(_fatal_exit)
+    return out
+
+
+EXIT_RPC_LOST = 3  # a worker was lost mid-run; `bridge serve`'s supervisor restarts on it
+
+
+def _fatal_exit(message: str) -> None:
+    # runs on ggml-rpc's thread just before llama.cpp would abort(): exit cleanly instead
+    sys.stdout.flush()
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_RPC_LOST)
 
 
 def constraint_options(f: Callable) -> Callable:
@@ -125,7 +175,8 @@ def build_engine(o: dict, memory=None):
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
                                      n_threads=o["n_threads"], exact=o["exact"],
-                                     backend_argmax=o["backend_argmax"]))
+                                     backend_argmax=o["backend_argmax"]),
+                            **rpc_settings(o))
     drafter = "none" if o["no_draft"] else o["drafter"]
     if o["no_draft"] and o["drafter"] not in (None, "none"):
         raise ValueError(f"--no-draft contradicts --drafter {o['drafter']}; give one of them")
@@ -147,12 +198,13 @@ def generation(o: dict) -> GenerationConfig:
 
 def user_errors(f: Callable) -> Callable:
     """Turn the errors users can cause into one-line messages with a non-zero exit."""
+    from runtime.rpc import RpcError
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
-        except (ValueError, FileNotFoundError, OSError) as e:
+        except (ValueError, FileNotFoundError, OSError, RpcError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper

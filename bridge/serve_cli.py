@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import click
 
-from bridge.run_cli import _given, build_engine, engine_options, generation, user_errors
+from bridge.run_cli import (
+    _given,
+    build_engine,
+    engine_options,
+    generation,
+    rpc_settings,
+    user_errors,
+)
 
 
 @click.command("serve")
@@ -44,13 +53,16 @@ from bridge.run_cli import _given, build_engine, engine_options, generation, use
               metavar="SECONDS TOKENS",
               help="Save the memory file after SECONDS (default 60) or once TOKENS (default "
                    "20000) were added since the last save: what a crash can lose.")
+@click.option("--listen-fd", type=int, hidden=True,
+              help="Internal: serve on this inherited listening socket (the --rpc "
+                   "supervisor's child).")
 @user_errors
 def serve_cmd(host: str | None, port: int | None, api_key: str | None,
               api_key_file: Path | None, allowed_hosts: tuple[str, ...],
               cors_origins: tuple[str, ...], max_body: int | None, max_messages: int | None,
               context_overflow: str | None, memory_tokens: int | None,
               no_shared_drafts: bool, memory_file: Path | None,
-              memory_save: tuple[float, int] | None, **o) -> None:
+              memory_save: tuple[float, int] | None, listen_fd: int | None, **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
     /stats).
 
@@ -79,5 +91,14 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
                        api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins, memory=memory_cfg)
     gen = generation(o)
+    if (o["rpc"] or o["draft_rpc"]) and listen_fd is None:
+        # ggml-rpc aborts the process on a lost worker: the engine runs in a child that
+        # this process restarts, answering the request in flight with an error
+        from runtime.serve.supervisor import supervise
+
+        rpc_settings(o)  # a bad --rpc fails here, in one line, before any child starts
+        supervise([sys.executable, "-m", "bridge.cli", *sys.argv[1:]], cfg.host, cfg.port)
+        return
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     with build_engine(o, memory=open_memory(memory_cfg, o["model"])) as engine:
-        serve(engine, cfg, gen)
+        serve(engine, cfg, gen, sock)

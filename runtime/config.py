@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.rpc import Endpoint
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -83,6 +85,12 @@ class RuntimeConfig:
     drafting, at the cost of a two-row batch for every plain step (measured in README).
     ``backend_argmax`` lets llama.cpp take greedy choices inside its graph, so plain
     greedy decoding copies no logits out (``LlamaContext.eval_argmax``).
+
+    ``rpc``: llama.cpp RPC workers (``rpc-server``) that take the target's offloaded layers
+    (``n_gpu_layers`` of them, as with llama.cpp's ``--rpc``); the draft stays on this
+    machine unless ``draft_rpc`` names workers for it. ``rpc_timeout``: seconds one
+    ``llama_decode`` may wait on the workers before the run ends with an error (ggml-rpc's
+    sockets have no timeout of their own); the connection probe waits at most 5 s.
     """
 
     n_ctx: int = 4096
@@ -91,6 +99,9 @@ class RuntimeConfig:
     n_threads: int | None = None
     exact: bool = False
     backend_argmax: bool = True
+    rpc: tuple[Endpoint, ...] = ()
+    draft_rpc: tuple[Endpoint, ...] = ()
+    rpc_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
@@ -98,6 +109,8 @@ class RuntimeConfig:
         _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")
         _check(self.n_threads is None or self.n_threads >= 1,
                f"--threads must be >= 1, got {self.n_threads}")
+        _check(1.0 <= self.rpc_timeout <= 86400.0,
+               f"--rpc-timeout must be in 1..86400 seconds, got {self.rpc_timeout}")
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,12 @@ class LlamaModel:
         repack: let llama.cpp repack weights for its CPU gemm kernels (faster; off in
             exact mode, where a repacked matrix takes a different kernel for a 4-row
             group than for a leftover row, so a row's result depends on its batch).
+        devices: a ``runtime.rpc.RpcDevices``: offload to those RPC workers (and this
+            machine's GPUs) instead of every registered device.
     """
 
     def __init__(self, path: str | Path, n_gpu_layers: int = -1, vocab_only: bool = False,
-                 repack: bool = True):
+                 repack: bool = True, devices=None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
@@ -91,7 +93,10 @@ class LlamaModel:
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
         params.vocab_only = vocab_only
         params.use_extra_bufts = _USE_EXTRA_BUFTS and repack
+        # params.devices points into this array: it must live until the load returns
+        device_array = devices.for_model(params) if devices is not None else None
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        del device_array
         if not self._model:
             raise ValueError(f"llama.cpp could not load {self.path}: not a valid GGUF, "
                              "or an architecture this llama.cpp build does not know")
@@ -290,6 +295,7 @@ class LlamaContext:
             self._batch.seq_id[i][0] = 0
         self.n_past = 0
         self.eval_seconds = 0.0  # cumulative time inside llama_decode (+ logits sync)
+        self.busy_since: float | None = None  # monotonic start of a running llama_decode
         self._views: dict[tuple[int | None, int], np.ndarray] = {}
         self.backend_argmax = backend_argmax
         self._greedy_chain = None  # the sampler chain attached while eval_argmax runs
@@ -409,7 +415,11 @@ class LlamaContext:
             pos[i] = n_past + i
             logits[i] = i < n and (all_logits or (want_last and i == n - 1))
         b.n_tokens = n_rows
-        rc = llama_cpp.llama_decode(self._ctx, b)
+        self.busy_since = time.monotonic()  # for runtime.rpc.Watchdog
+        try:
+            rc = llama_cpp.llama_decode(self._ctx, b)
+        finally:
+            self.busy_since = None
         if rc == 1:
             raise ContextFullError(f"llama_decode found no KV slot at n_past={self.n_past} "
                                    f"(n_ctx={self.n_ctx})")
@@ -451,7 +461,9 @@ class LlamaContext:
             start = time.perf_counter()
             for _ in range(n_tokens):
                 batch.token[0], batch.pos[0] = tok, self.n_past
+                self.busy_since = time.monotonic()
                 rc = decode(ctx, batch)
+                self.busy_since = None
                 if rc != 0:
                     raise RuntimeError(f"llama_decode returned {rc} at n_past={self.n_past}")
                 self.n_past += 1

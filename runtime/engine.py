@@ -25,6 +25,7 @@ from runtime.drafters.pruned import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
 from runtime.numerics import exact_width
 from runtime.profiles import load_profile, save_profile
+from runtime.rpc import RpcDevices, Watchdog, watch_aborts
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
 
@@ -82,8 +83,14 @@ class Engine:
         try:
             # only the target needs exact numerics: a draft is a proposal, checked anyway
             self.numerics = Numerics.exact() if self.runtime.exact else Numerics()
+            rt = self.runtime
+            if rt.rpc or rt.draft_rpc:
+                # ggml-rpc aborts on a lost worker: say which one, in the caller's way
+                watch_aborts(rt.rpc + rt.draft_rpc)
+            target_devices = RpcDevices(rt.rpc) if rt.rpc else None
             self.model = self._own(LlamaModel(model, self.runtime.n_gpu_layers,
-                                              repack=self.numerics.repack))
+                                              repack=self.numerics.repack,
+                                              devices=target_devices))
             self.ctx = self._own(self._context(self.model, self.numerics))
             self.sampler = Sampler(self.sampling)
             drafters: list = []
@@ -93,8 +100,10 @@ class Engine:
                     drafters.append(MemoryDrafter(memory))
             self.memory = memory if self.spec_cfg.drafter in ("auto", "lookup") else None
             if self.draft_path is not None:
+                draft_devices = RpcDevices(rt.draft_rpc) if rt.draft_rpc else None
                 self.draft_model = self._own(LlamaModel(self.draft_path,
-                                                        self.runtime.n_gpu_layers))
+                                                        self.runtime.n_gpu_layers,
+                                                        devices=draft_devices))
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
                 drafters.append(PrunedDrafter(self.draft_ctx, self.sampler))
@@ -112,6 +121,12 @@ class Engine:
                                               self.controller, self.spec_cfg.p_min,
                                               max_rows=self.max_rows,
                                               forced_drafts=self.spec_cfg.forced_drafts)
+            if rt.rpc or rt.draft_rpc:
+                remote = [self.ctx] if rt.rpc else []
+                if rt.draft_rpc and self.draft_path is not None:
+                    remote.append(self.draft_ctx)
+                self._own(Watchdog([lambda c=c: c.busy_since for c in remote],
+                                   rt.rpc + rt.draft_rpc, rt.rpc_timeout))
             self._compiler = ConstraintCompiler(self.model)
             self._compiled: dict[ConstraintSpec, Constraint] = {}
         except BaseException:
@@ -150,6 +165,8 @@ class Engine:
         return (f"{sha256_file_cached(self.model.path)}:{draft}:"
                 f"{'+'.join(sorted(d.source for d in drafters))}:t{rt.n_threads or 'all'}:"
                 f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:{'exact:' if rt.exact else ''}"
+                f"{'rpc' + ','.join(map(str, rt.rpc)) + ':' if rt.rpc else ''}"
+                f"{'draft-rpc' + ','.join(map(str, rt.draft_rpc)) + ':' if rt.draft_rpc else ''}"
                 f"llama-cpp-python{llama_cpp_version()}")
 
     @staticmethod

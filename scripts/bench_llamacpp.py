@@ -24,11 +24,9 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -38,13 +36,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from exporters.llamacpp_tools import CACHE, LLAMA_SERVER, build_tool, pinned_version  # noqa: E402
 from runtime import config as cfg  # noqa: E402
 from runtime.bench_prompts import PROMPT_SETS  # noqa: E402
 from runtime.chat import ChatSession  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 
 log = logging.getLogger("bench_llamacpp")
-CACHE = Path.home() / ".cache" / "bridge"
 SEED = 42
 N_CTX = 4096
 DROP_LAYERS = "13,14,17"
@@ -52,60 +50,12 @@ DROP_LAYERS = "13,14,17"
 
 # -- build ------------------------------------------------------------------------------
 
-def pinned_version() -> str:
-    text = (ROOT / "scripts" / "constraints.txt").read_text()
-    m = re.search(r"^llama-cpp-python==(\S+)", text, re.M)
-    if not m:
-        raise SystemExit("error: scripts/constraints.txt pins no llama-cpp-python version")
-    return m.group(1)
-
-
 def build_server(version: str, skip_build: bool) -> tuple[Path, dict]:
     """The cached llama-server binary, built first if absent; and how it was built."""
-    root = CACHE / f"llama.cpp-{version}"
-    src = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    binary = src / "build" / "bin" / "llama-server"
-    info_file = root / "build-info.json"
-    configure = ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_OPENSSL=OFF",
-                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
-    build = ["cmake", "--build", "build", "--target", "llama-server", "-j2"]
-    info = {"configure": shlex.join(configure), "build": shlex.join(build), "src": str(src)}
-    if info_file.is_file():
-        info |= json.loads(info_file.read_text())
-    if binary.is_file():
-        log.info("reusing the cached build: %s", binary)
-        return binary, info
-    if skip_build:
-        raise SystemExit(f"error: --skip-build, but there is no build at {binary}")
-    missing = [t for t in ("cmake",) if not shutil.which(t)]
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        missing.append("a C++ compiler (g++ or clang++)")
-    if missing:
-        raise SystemExit(f"error: building llama-server needs {' and '.join(missing)}; "
-                         "install them (e.g. apt-get install cmake g++) or pass --server PATH")
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.is_file():
-        log.info("downloading the llama-cpp-python %s sdist into %s", version, root)
-        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}",
-                        "--no-binary", ":all:", "--no-deps", "-d", str(root)], check=True)
-    if not src.is_dir():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(root, filter="data")
-    log.info("building llama-server in %s (about 10 minutes on 2 cores)", src / "build")
-    t0 = time.perf_counter()
-    with open(root / "build.log", "w") as out:
-        for cmd in (configure, build):
-            rc = subprocess.run(["nice", "-n", "10", *cmd], cwd=src, stdout=out,
-                                stderr=subprocess.STDOUT).returncode
-            if rc:
-                raise SystemExit(f"error: `{shlex.join(cmd)}` failed ({rc}); see "
-                                 f"{root / 'build.log'}")
-    info["build_seconds"] = round(time.perf_counter() - t0, 1)
-    info_file.write_text(json.dumps(info, indent=1))
-    return binary, info
+    try:
+        return build_tool(LLAMA_SERVER, version, skip_build)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}; or pass --server PATH") from None
 
 
 def server_facts(binary: Path) -> dict:

@@ -8,6 +8,8 @@
 #                           without CUDA, pinned to the local wheel torch==2.13.0)
 #   BRIDGE_ACCEL=...        cuda | metal | cpu (default: cuda when nvcc and a GPU are present,
 #                           metal on macOS, else cpu)
+#   BRIDGE_RPC=0|1          0: build llama.cpp without its RPC backend (default: with it);
+#                           1: also build ggml-rpc-server, the worker `--rpc` talks to
 #   CMAKE_ARGS=...          passed to the llama-cpp-python build; -DGGML_CUDA=on is added for
 #                           cuda, Metal is llama.cpp's default on macOS
 set -euo pipefail
@@ -53,7 +55,7 @@ if [ -z "${BRIDGE_TORCH:-}" ]; then
 fi
 
 stamp_file="$VENV/.bridge-setup"
-stamp="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | cksum) extras=$EXTRAS accel=$accel torch=$BRIDGE_TORCH cmake=${CMAKE_ARGS:-}"
+stamp="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | cksum) extras=$EXTRAS accel=$accel torch=$BRIDGE_TORCH cmake=${CMAKE_ARGS:-} rpc=${BRIDGE_RPC:-}"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
    && "$VENV/bin/python" -c 'import llama_cpp, bridge' >/dev/null 2>&1; then
   echo "setup: $VENV is up to date ($accel build of llama.cpp)"
@@ -82,6 +84,12 @@ if [ "$accel" = cuda ]; then
 fi
 pip install ${llama_flags[@]+"${llama_flags[@]}"} -c scripts/constraints.txt llama-cpp-python \
   || die "could not install llama-cpp-python; check network access to the package index (PIP_INDEX_URL) and the compiler output above"
+if [ "${BRIDGE_RPC:-1}" != 0 ] \
+   && ! "$VENV/bin/python" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())' >/dev/null 2>&1; then
+  echo "setup: this llama-cpp-python was built without llama.cpp's RPC backend; rebuilding it with -DGGML_RPC=ON"
+  pip install --no-cache-dir --force-reinstall --no-deps -c scripts/constraints.txt llama-cpp-python \
+    || die "could not rebuild llama-cpp-python with -DGGML_RPC=ON; see the compiler output above (BRIDGE_RPC=0 skips RPC)"
+fi
 
 if [[ ",$EXTRAS," == *",export,"* ]]; then
   pip install --quiet "$BRIDGE_TORCH" \
@@ -93,5 +101,11 @@ pip install --quiet -c scripts/constraints.txt -e "$spec" \
   || die "could not install bridge$([ -n "$EXTRAS" ] && echo "[$EXTRAS]"); check network access to the package index and the output above"
 
 "$VENV/bin/python" -c 'import llama_cpp, bridge' || die "the install finished but 'import llama_cpp, bridge' fails; see above"
+if [ "${BRIDGE_RPC:-}" = 1 ]; then
+  # asked for RPC workers: rpc-server from the same llama.cpp sources, so that client and
+  # workers speak one protocol version (cached under ~/.cache/bridge; about 5 minutes once)
+  "$VENV/bin/python" -m exporters.llamacpp_tools ggml-rpc-server \
+    || die "could not build ggml-rpc-server; see the build log named above"
+fi
 echo "$stamp" > "$stamp_file"
 echo "setup: ready ($accel build of llama.cpp, extras: ${EXTRAS:-none}); activate with: source $VENV/bin/activate"

@@ -419,15 +419,18 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
 
 # -- running it ---------------------------------------------------------------------------
 
-def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None) -> None:
+def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None,
+          sock: socket.socket | None = None) -> None:
     """Serve ``engine`` until Ctrl-C or SIGTERM; return once in-flight streams have ended
-    and the worker has stopped (the caller then closes the engine).
+    and the worker has stopped (the caller then closes the engine). ``sock``: an already
+    listening socket to serve on instead of binding ``cfg.host:cfg.port`` (the private
+    one ``runtime.serve.supervisor`` hands its child).
 
     Raises:
         OSError: the address cannot be bound (port in use, unknown host).
     """
-    import uvicorn
-
+    if sock is not None:
+        return _run(engine, cfg, gen, sock)
     if cfg.host not in LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can use the model%s",
                     cfg.host, "" if cfg.api_keys else "; consider --api-key-file")
@@ -439,6 +442,13 @@ def serve(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None = None
         sock = socket.create_server((cfg.host, cfg.port), family=family)
     except OSError as e:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    _run(engine, cfg, gen, sock)
+
+
+def _run(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None,
+         sock: socket.socket) -> None:
+    import uvicorn
+
     port = sock.getsockname()[1]
     app = create_app(engine, cfg, gen)
     server = uvicorn.Server(uvicorn.Config(
