@@ -427,8 +427,11 @@ class SpeculativeDecoder:
         self.kv.extend(emitted[:-1])
         self.target.truncate(len(self.kv))
         self.pending = emitted[-1]
-        for d in self.drafters.values():
-            d.rollback(len(self.kv))
+        if draft.tokens:
+            # only a drafted token can have been read past what is kept: without one, each
+            # drafter saw at most kv + [pending], which the cache now holds
+            for d in self.drafters.values():
+                d.rollback(len(self.kv))
         if constraint is not None:
             constraint.rollback(len(self.kv) + 1)
         overhead = (time.perf_counter() - t0) - (self._llama_seconds() - llama0)
