@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,12 +248,17 @@ class LlamaContext:
         n_ctx: context length in tokens.
         n_batch: most tokens evaluated per ``llama_decode``; longer inputs are chunked.
         n_threads: CPU threads (default: all cores).
+        n_seq: sequences the cache can hold (``decode_rows``); the single-sequence
+            methods use sequence 0.
         numerics: how llama.cpp computes; ``Numerics.exact()`` makes a row's logits
             independent of the batch it is evaluated in (see ``Numerics``).
     """
 
     def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
-                 n_threads: int | None = None, numerics: Numerics | None = None):
+                 n_threads: int | None = None, numerics: Numerics | None = None,
+                 n_seq: int = 1):
+        if n_seq < 1:
+            raise ValueError(f"n_seq must be >= 1, got {n_seq}")
         self.model = model
         self.numerics = numerics or Numerics()
         params = llama_cpp.llama_context_default_params()
@@ -262,6 +268,9 @@ class LlamaContext:
         threads = n_threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        # several sequences share one cache of n_ctx cells (``decode_rows``), however
+        # their lengths differ
+        params.n_seq_max, params.kv_unified = n_seq, n_seq > 1
         self.numerics.apply(params)
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
@@ -352,6 +361,33 @@ class LlamaContext:
                                f"{self.n_past + n}")
         self.n_past += n
         return n if all_logits else int(want_last)
+
+    def decode_rows(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+                    want: Sequence[bool]) -> np.ndarray:
+        """One ``llama_decode`` of rows from several sequences: row r is token
+        ``tokens[r]`` at position ``pos[r]`` of sequence ``seq[r]``.
+
+        Returns:
+            A read-only float32 view [sum(want), n_vocab] of the logits of the rows with
+            ``want[r]``, in row order (valid until the next decode). ``n_past`` does not
+            move: the caller keeps each sequence's positions.
+        """
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"decode_rows needs 1..{self.n_batch} rows, got {n}")
+        b = self._batch
+        for r in range(n):
+            b.token[r], b.pos[r], b.n_seq_id[r] = tokens[r], pos[r], 1
+            b.seq_id[r][0], b.logits[r] = seq[r], bool(want[r])
+        b.n_tokens = n
+        start_time = time.perf_counter()
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {n} rows of sequences "
+                               f"{min(seq)}..{max(seq)} (n_ctx={self.n_ctx})")
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        self.eval_seconds += time.perf_counter() - start_time
+        return self._logits_view(ptr, sum(map(bool, want)))
 
     def greedy_native(self, first: int, n_tokens: int, is_eog) -> tuple[list[int], float]:
         """The leanest greedy loop llama-cpp-python allows, as a benchmark baseline: one
