@@ -12,6 +12,7 @@ held out: layers are chosen on the rest and acceptance is reported on the held-o
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,11 +192,9 @@ def llamacpp_continuations(path: Path, prompts: Sequence[list[int]],
                          n_threads=threads, n_seq=n_seq) as ctx:
         out: list[list[int]] = [[] for _ in prompts]
         first = min(len(prompts[0]), ctx.n_batch)
-        bounds = [0, first] + list(range(first + ctx.n_batch, len(rows), ctx.n_batch))
-        for a, b in zip(bounds, bounds[1:] + [len(rows)]):
+        cuts = [0, *range(first, len(rows), ctx.n_batch), len(rows)]
+        for a, b in itertools.pairwise(cuts):
             chunk = rows[a:b]
-            if not chunk:
-                continue
             # logits of each prompt's last token only: they give its first new token
             want = [pos == len(prompts[s]) - 1 for _, pos, s in chunk]
             logits = ctx.decode_rows([r[0] for r in chunk], [r[1] for r in chunk],

@@ -108,7 +108,9 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
 
     t = time.perf_counter()
     dtype = torch.float32 if cfg.score_dtype == "auto" else getattr(torch, cfg.score_dtype)
-    src = GGUFLayers(source.path, dtype)
+    # ``full`` reads the input itself when the output is its byte copy
+    same = Path(getattr(full.data, "filename", "") or "").resolve() == source.path.resolve()
+    src = GGUFLayers(source.path, dtype, full if same else None)
     if src.n_layers != plan.n_layers:
         raise ValueError(f"{source.path.name} has {src.n_layers} layers in PyTorch but "
                          f"{plan.n_layers} in its GGUF; cannot score it")

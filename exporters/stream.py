@@ -81,12 +81,15 @@ class GGUFLayers:
     Args:
         path: the GGUF file.
         dtype: the float type layers are computed in.
+        reader: the file's reader, when the caller has one (parsing a GGUF's metadata
+            takes seconds for a large vocabulary).
 
     Raises:
         ValueError: the architecture is not one of ``STREAM_ARCHS``, or the file is bad.
     """
 
-    def __init__(self, path: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32,
+                 reader: gguf.GGUFReader | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -96,7 +99,7 @@ class GGUFLayers:
         )
 
         self.path, self.dtype = path, dtype
-        self.reader = open_gguf(path)
+        self.reader = reader if reader is not None else open_gguf(path)
         self.arch = gguf_arch(self.reader)
         check_streamable(self.arch, path)
         try:
