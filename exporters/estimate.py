@@ -176,24 +176,23 @@ def probe_streamed(src, text) -> StreamCosts:
     return StreamCosts(load, run / len(text.ids), per_pos, one)
 
 
-def predict_streamed(costs: StreamCosts, gen_first: float, method: str, n_layers: int,
+def predict_streamed(costs: StreamCosts, generation: float, method: str, n_layers: int,
                      calib_lens: Sequence[int], held_lens: Sequence[int], n_new: int,
                      n_counts: int) -> Estimate:
-    """Seconds for the streamed stages, from ``probe_streamed`` and the time llama.cpp
-    took for the first prompt (``gen_first``).
+    """Seconds for the streamed stages, from ``probe_streamed`` and the predicted time
+    of llama.cpp's calibration text (``generation``: every row it evaluates costs about
+    what a row of the first prompt's prefill did, ``calibration.llamacpp_continuations``).
 
-    calibration: every prompt costs about the first one. scoring (bi, angular): every
-    layer read once and run over the calibration tokens. held-out: every layer read
-    again and run over the held-out tokens once for the full model and once per draft
-    (a draft skips a few layers: counted as full), then one head pass over all scored
+    scoring (bi, angular): every layer read once and run over the calibration tokens.
+    held-out: every layer read again and run over the held-out tokens once for the full
+    model and once per draft (a draft skips a few layers and shares the full model's
+    states up to the first: counted as full), then one head pass over all scored
     positions of every track.
     """
     if method not in ("bi", "angular"):
         raise ValueError(f"method {method!r} does not stream")
-    n_prompts = len(calib_lens) + len(held_lens)
-    text = gen_first * n_prompts
     scoring = n_layers * (costs.load_layer + costs.token_layer * sum(calib_lens))
     tracks = 1 + n_counts
     heldout = (n_layers * (costs.load_layer + costs.token_layer * sum(held_lens) * tracks)
                + costs.head_load + costs.head_position * n_new * len(held_lens) * tracks)
-    return Estimate(text, scoring, heldout)
+    return Estimate(generation, scoring, heldout)

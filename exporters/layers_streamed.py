@@ -95,7 +95,7 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     import torch
 
     from exporters import autoprune, calibration, estimate
-    from exporters.layers import AUTO_MAX_FRACTION, LONG_EXPORT_S, layer_report
+    from exporters.layers import AUTO_MAX_FRACTION, layer_report
     from exporters.stream import GGUFLayers, score_streamed, streamed_agreement
 
     cfg, timings = plan.cfg, {}
@@ -108,7 +108,9 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
 
     t = time.perf_counter()
     dtype = torch.float32 if cfg.score_dtype == "auto" else getattr(torch, cfg.score_dtype)
-    src = GGUFLayers(source.path, dtype)
+    # ``full`` reads the input itself when the output is its byte copy
+    same = Path(getattr(full.data, "filename", "") or "").resolve() == source.path.resolve()
+    src = GGUFLayers(source.path, dtype, full if same else None)
     if src.n_layers != plan.n_layers:
         raise ValueError(f"{source.path.name} has {src.n_layers} layers in PyTorch but "
                          f"{plan.n_layers} in its GGUF; cannot score it")
@@ -121,28 +123,30 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
 
     t = time.perf_counter()
     n_new = calibration.DEFAULT_NEW_TOKENS
-    with stages("calibration text (full model's own output, llama.cpp)",
-                len(encoded)) as advance:
-        # the first prompt alone, timed: with a probe of one layer it predicts the rest
-        gen_first = time.perf_counter()
-        conts = calibration.llamacpp_continuations(source.path, encoded[:1], n_new,
-                                                   cfg.threads, advance)
-        gen_first = time.perf_counter() - gen_first
-        first = src.text(encoded[0] + conts[0], len(encoded[0]) - 1)
-        probe = estimate.probe_streamed(src, first)
-        n_counts = max_drop if auto else 1
-        est = estimate.predict_streamed(
-            probe, gen_first, method, plan.n_layers,
-            [len(e) + n_new for e in encoded[:len(calib_p)]],
-            [len(e) + n_new for e in encoded[len(calib_p):]], n_new, n_counts)
-        timings["predicted_total"] = est.total
-        log.info("%s", estimate.describe(est, method))
-        if est.total > LONG_EXPORT_S:
-            log.warning("this export will take about %s; --drop-layers skips scoring",
-                        estimate.describe(est, method).removeprefix("estimated time: about "))
-        conts += calibration.llamacpp_continuations(source.path, encoded[1:], n_new,
-                                                    cfg.threads, advance)
-        texts = [src.text(e + c, len(e) - 1) for e, c in zip(encoded, conts, strict=True)]
+    # the probe times layer 0 on a text of a calibration text's length; its token values
+    # do not change the time
+    probe = estimate.probe_streamed(src, src.text(encoded[0] + [encoded[0][-1]] * n_new,
+                                                  len(encoded[0]) - 1))
+    n_rows = calibration.generation_rows(encoded, n_new)
+    with stages("calibration text (full model's own output, llama.cpp)", n_rows) as advance:
+        def first_rows(n: int) -> None:
+            # the first call times llama.cpp on the first prompt alone: with the probe
+            # it predicts the whole export
+            nonlocal first_call
+            advance(n)
+            if first_call:
+                first_call = False
+                per_row = (time.perf_counter() - gen_start) / max(n, 1)
+                _log_estimate(estimate.predict_streamed(
+                    probe, per_row * n_rows, method, plan.n_layers,
+                    [len(e) + n_new for e in encoded[:len(calib_p)]],
+                    [len(e) + n_new for e in encoded[len(calib_p):]], n_new,
+                    max_drop if auto else 1), method, timings)
+
+        first_call, gen_start = True, time.perf_counter()
+        conts = calibration.llamacpp_continuations(source.path, encoded, n_new,
+                                                   cfg.threads, first_rows)
+    texts = [src.text(e + c, len(e) - 1) for e, c in zip(encoded, conts, strict=True)]
     calib, held = texts[:len(calib_p)], texts[len(calib_p):]
     timings["calibration"] = time.perf_counter() - t
 
@@ -160,6 +164,17 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     n_tokens = sum(len(t.ids) - 1 - t.start for t in calib)  # scored positions
     return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
                         profile, auto, (len(calib_p), len(held_p), n_tokens), timings)
+
+
+def _log_estimate(est, method: str, timings: dict) -> None:
+    from exporters import estimate
+    from exporters.layers import LONG_EXPORT_S
+
+    timings["predicted_total"] = est.total
+    log.info("%s", estimate.describe(est, method))
+    if est.total > LONG_EXPORT_S:
+        log.warning("this export will take about %s; --drop-layers skips scoring",
+                    estimate.describe(est, method).removeprefix("estimated time: about "))
 
 
 def _tokenizer(path: Path, src):

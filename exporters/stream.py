@@ -81,12 +81,15 @@ class GGUFLayers:
     Args:
         path: the GGUF file.
         dtype: the float type layers are computed in.
+        reader: the file's reader, when the caller has one (parsing a GGUF's metadata
+            takes seconds for a large vocabulary).
 
     Raises:
         ValueError: the architecture is not one of ``STREAM_ARCHS``, or the file is bad.
     """
 
-    def __init__(self, path: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32,
+                 reader: gguf.GGUFReader | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -96,7 +99,7 @@ class GGUFLayers:
         )
 
         self.path, self.dtype = path, dtype
-        self.reader = open_gguf(path)
+        self.reader = reader if reader is not None else open_gguf(path)
         self.arch = gguf_arch(self.reader)
         check_streamable(self.arch, path)
         try:
@@ -248,14 +251,25 @@ def stream(src: GGUFLayers, texts: Sequence[Text], skips: Sequence[frozenset[int
     model); all tracks start from the embeddings. Yields ``(i, before, after)`` with
     ``before[k][j]`` / ``after[k][j]`` track k's state of text j at layer i's input and
     output [1, T, H]; a track that skips layer i has ``after is before``.
+
+    Tracks that have run the same layers so far hold the same state objects and share
+    one computation of the next layer: a draft costs nothing up to its first dropped
+    layer (held-out acceptance: the full model and drafts that drop deep layers).
     """
-    states = [[src.embed(t.ids) for t in texts] for _ in skips]
+    states = [[src.embed(t.ids) for t in texts]] * len(skips)
     for i in range(src.n_layers):
         layer = src.layer(i) if any(i not in s for s in skips) else None
-        after = [hs if i in skip else
-                 [_call(layer, h, t.kwargs[i]) for h, t in zip(hs, texts, strict=True)]
-                 for hs, skip in zip(states, skips, strict=True)]
-        del layer  # free it before the next one is read
+        outputs: dict[int, list[torch.Tensor]] = {}  # id(input states) -> output states
+        after = []
+        for hs, skip in zip(states, skips, strict=True):
+            if i in skip:
+                after.append(hs)
+                continue
+            if id(hs) not in outputs:
+                outputs[id(hs)] = [_call(layer, h, t.kwargs[i])
+                                   for h, t in zip(hs, texts, strict=True)]
+            after.append(outputs[id(hs)])
+        del layer, outputs  # free the layer before the next one is read
         yield i, states, after
         states = after
         progress(1)

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,8 @@ class LlamaContext:
         n_ctx: context length in tokens.
         n_batch: most tokens evaluated per ``llama_decode``; longer inputs are chunked.
         n_threads: CPU threads (default: all cores).
+        n_seq: sequences the cache can hold (``decode_rows``); the single-sequence
+            methods use sequence 0.
         numerics: how llama.cpp computes; ``Numerics.exact()`` makes a row's logits
             independent of the batch it is evaluated in (see ``Numerics``).
         backend_argmax: let ``eval_argmax`` take the argmax inside llama.cpp's graph
@@ -262,7 +265,9 @@ class LlamaContext:
 
     def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, numerics: Numerics | None = None,
-                 backend_argmax: bool = True):
+                 backend_argmax: bool = True, n_seq: int = 1):
+        if n_seq < 1:
+            raise ValueError(f"n_seq must be >= 1, got {n_seq}")
         self.model = model
         self.numerics = numerics or Numerics()
         params = llama_cpp.llama_context_default_params()
@@ -275,6 +280,9 @@ class LlamaContext:
         # backend sampling may take a token from every row of a verify batch (llama.cpp's
         # default allows one output per sequence); 0 means up to n_batch
         params.n_outputs_max_per_seq = 0
+        # several sequences share one cache of n_ctx cells (``decode_rows``), however
+        # their lengths differ
+        params.n_seq_max, params.kv_unified = n_seq, n_seq > 1
         self.numerics.apply(params)
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
@@ -430,6 +438,38 @@ class LlamaContext:
                                f"{self.n_past + n}")
         self.n_past += n
         return n if all_logits else int(want_last)
+
+    def decode_rows(self, tokens: Sequence[int], pos: Sequence[int], seq: Sequence[int],
+                    want: Sequence[bool]) -> np.ndarray:
+        """One ``llama_decode`` of rows from several sequences: row r is token
+        ``tokens[r]`` at position ``pos[r]`` of sequence ``seq[r]``.
+
+        Returns:
+            A read-only float32 view [sum(want), n_vocab] of the logits of the rows with
+            ``want[r]``, in row order (valid until the next decode). ``n_past`` does not
+            move: the caller keeps each sequence's positions.
+        """
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"decode_rows needs 1..{self.n_batch} rows, got {n}")
+        self._attach_argmax(False)  # the caller reads the logits
+        b = self._batch
+        for r in range(n):
+            b.token[r], b.pos[r] = tokens[r], pos[r]
+            b.seq_id[r][0], b.logits[r] = seq[r], bool(want[r])
+        b.n_tokens = n
+        start_time = time.perf_counter()
+        try:
+            rc = llama_cpp.llama_decode(self._ctx, b)
+        finally:
+            for r in range(n):  # the other decodes write sequence 0 only (see __init__)
+                b.seq_id[r][0] = 0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {n} rows of sequences "
+                               f"{min(seq)}..{max(seq)} (n_ctx={self.n_ctx})")
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        self.eval_seconds += time.perf_counter() - start_time
+        return self._logits_view(ptr, sum(map(bool, want)))
 
     def greedy_native(self, first: int, n_tokens: int, is_eog, backend: bool = False
                       ) -> tuple[list[int], float]:

@@ -4,6 +4,7 @@ random-weight llama GGUF (``scripts/synth_gguf.py``), scored layer by layer.
 
     .venv/bin/python scripts/bench_streamed.py                       # Llama-3-8B's shape
     .venv/bin/python scripts/bench_streamed.py --hidden 2048 --layers 16 --ffn 5632
+    .venv/bin/python scripts/bench_streamed.py --prompts 4   # the first 4 built-in prompts
 
 The GGUF is written once under bench/work/. The export runs as its own process
 (``bench_export.run``: peak RSS from wait4, peak anonymous memory sampled from /proc);
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_export  # noqa: E402
 import synth_gguf  # noqa: E402
 
-from exporters import testmodels  # noqa: E402
+from exporters import calibration, testmodels  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prune", default="0.25")
     p.add_argument("--method", default="bi")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="calibrate on the first N built-in prompts (default: all)")
     a = p.parse_args()
     model = ROOT / "bench" / "work" / f"synth-{a.hidden}x{a.layers}-Q4_0.gguf"
     if not model.is_file():
@@ -49,6 +52,11 @@ def main() -> None:
     if a.threads:
         args += ["--threads", str(a.threads)]
     with tempfile.TemporaryDirectory(prefix="bench-streamed-", dir=ROOT / "bench" / "work") as tmp:
+        if a.prompts:
+            calib = Path(tmp) / "prompts.jsonl"
+            calib.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
+                                     calibration.builtin_prompts()[:a.prompts]))
+            args += ["--calib", str(calib)]
         bench_export.run(f"{model.stem} --method {a.method}", args, Path(tmp), mib)
         report = next(Path(tmp).glob("*.layers.json"))
         seconds = json.loads(report.read_text())["seconds"]

@@ -69,3 +69,53 @@ def test_format_prompt_uses_the_chat_template(smollm2_hf):
     text = tok.decode(cal.format_prompt(tok, "Hello?"))
     assert "<|im_start|>user\nHello?<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+# --- the continuations llama.cpp writes (parallel sequences of one context) -------------
+
+_PROMPTS = ["Write a haiku about autumn rain.", "What is 17 times 23?", "def fibonacci(n):",
+            "Name three primary colours."]
+# a near-tie: rows evaluated in a batch take other kernels than one row, so a batched
+# greedy token may be the teacher-forced runner-up by rounding. The bound is in logits:
+# both kernels differ by far less.
+_NEAR_TIE = 0.05
+
+
+def _tokenized(path):
+    from runtime.context import LlamaModel
+
+    with LlamaModel(path, vocab_only=True) as m:
+        return [m.tokenize(p) for p in _PROMPTS]
+
+
+def test_one_prompt_continues_as_one_by_one_greedy_decoding(smollm2_gguf):
+    import numpy as np
+
+    from runtime.context import LlamaContext, LlamaModel
+
+    ids = _tokenized(smollm2_gguf)[0]
+    (cont,) = cal.llamacpp_continuations(smollm2_gguf, [ids], 24, threads=1)
+    with LlamaModel(smollm2_gguf, repack=False) as m, LlamaContext(m, 256, n_threads=1) as c:
+        first = int(np.argmax(c.eval(ids)[-1]))
+        expected = [first] + c.greedy_native(first, 23, m.is_eog)[0]
+    assert cont == expected
+
+
+def test_parallel_continuations_are_each_the_models_own_greedy_text(smollm2_gguf):
+    import numpy as np
+
+    from runtime.context import LlamaContext, LlamaModel
+
+    prompts, n_new, seen = _tokenized(smollm2_gguf), 20, []
+    conts = cal.llamacpp_continuations(smollm2_gguf, prompts, n_new, 1, seen.append)
+    assert sum(seen) == cal.generation_rows(prompts, n_new)  # the progress bar ends full
+    assert seen[0] == len(prompts[0])  # the first call times the first prompt alone
+    with LlamaModel(smollm2_gguf, repack=False) as m, LlamaContext(m, 256, n_threads=1) as c:
+        for ids, cont in zip(prompts, conts, strict=True):
+            # n_new tokens, or fewer ending at the first end-of-generation token
+            assert len(cont) == n_new or (m.is_eog(cont[-1]) and len(cont) < n_new)
+            assert not any(m.is_eog(t) for t in cont[:-1])
+            c.reset()
+            logits = np.array(c.eval(ids + cont[:-1], all_logits=True)[len(ids) - 1:])
+            chosen = logits[np.arange(len(cont)), cont]
+            assert np.all(chosen >= logits.max(-1) - _NEAR_TIE)  # teacher-forced argmax

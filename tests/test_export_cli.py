@@ -186,16 +186,21 @@ def test_read_only_output_folder(smollm2_gguf, tmp_path):
         out.chmod(0o755)
 
 
-@pytest.mark.parametrize("target", ["exporters.prune._copy_bytes",
-                                    "exporters.export._copy_and_hash"])
-def test_disk_full_leaves_nothing(smollm2_gguf, tmp_path, monkeypatch, target):
-    """ENOSPC while writing the draft (or the full copy): both temporaries are removed."""
+@pytest.mark.parametrize("target, args", [
+    ("exporters.prune._copy_bytes", ["--drop-layers", "3"]),
+    ("exporters.export._copy_and_hash", ["--drop-layers", "3"]),
+    # after streamed scoring: the full copy and the layer report are written, then the
+    # draft fails
+    ("exporters.prune._copy_bytes", ["--prune", "0.1", "--method", "bi", "--threads", "1"]),
+])
+def test_disk_full_leaves_nothing(smollm2_gguf, tmp_path, monkeypatch, target, args):
+    """ENOSPC while writing the draft (or the full copy): every temporary is removed."""
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(target, full_disk)
     out = tmp_path / "out"
-    result = _export(str(smollm2_gguf), "-o", str(out), "--drop-layers", "3")
+    result = _export(str(smollm2_gguf), "-o", str(out), *args)
     _assert_clean_failure(result, out, "No space left on device")
 
 

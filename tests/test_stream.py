@@ -135,7 +135,7 @@ def test_streamed_estimate_scales_with_layers_and_tokens():
                                  head_load=2.0)
     one = estimate.predict_streamed(costs, 3.0, "bi", 10, [100] * 4, [100] * 2, 64, 1)
     two = estimate.predict_streamed(costs, 3.0, "bi", 20, [100] * 4, [100] * 2, 64, 1)
-    assert one.calibration == 3.0 * 6
+    assert one.calibration == 3.0
     assert one.scoring == 10 * (1.0 + 0.01 * 400)
     assert two.scoring == 2 * one.scoring
     with pytest.raises(ValueError, match="does not stream"):
