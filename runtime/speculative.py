@@ -320,16 +320,15 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         self.pending = None
         if self._argmax_only:
-            first = self.target.eval_argmax(prompt[n:])[-1]
-            self.kv.extend(prompt[n:])
-            stats.n_prompt_new = len(prompt) - n
-            stats.prompt_seconds = time.perf_counter() - start
-            self.pending = first
-            return Step([first], 0, 0, 0)
-        rows = self.target.eval(prompt[n:])
+            rows, first = None, self.target.eval_argmax(prompt[n:])[-1]
+        else:
+            rows = self.target.eval(prompt[n:])
         self.kv.extend(prompt[n:])
         stats.n_prompt_new = len(prompt) - n
         stats.prompt_seconds = time.perf_counter() - start
+        if rows is None:
+            self.pending = first
+            return Step([first], 0, 0, 0)
         allowed = self.constraint.allowed() if self.constraint is not None else None
         first = self.sampler.choose(rows[-1], self._history(), len(self.kv), allowed)
         if self.constraint is not None:
