@@ -241,7 +241,7 @@ def _verify_constrained(sampler: Sampler, rows: np.ndarray, drafts: Sequence[int
     """``verify`` under a grammar: row by row, because row i's mask is the grammar's state
     after drafts[:i]; only the rows actually judged cost a mask. Stops early where the
     grammar is complete (a draft that finishes the answer is then the last token)."""
-    plain_greedy = sampler.cfg.greedy and sampler.cfg.repeat_penalty == 1.0
+    plain_greedy = sampler.plain_greedy
     n_acc = 0
     while True:
         row = rows[n_acc]
