@@ -16,12 +16,14 @@ from exporters.config import (
     DEFAULT_HF_QUANT,
     DEFAULT_METHOD,
     DEFAULT_PRUNE,
+    DEFAULT_TIME_BUDGET_S,
     DEVICE_PROFILES,
     KEEP,
     METHODS,
     SCORE_DTYPES,
     ExportConfig,
     parse_layer_list,
+    parse_minutes,
 )
 
 
@@ -51,14 +53,18 @@ from exporters.config import (
                    f"{KEEP} (the file's own type) for a GGUF]")
 @click.option("--threads", type=int,
               help="CPU threads for quantizing and scoring [default: all cores].")
+@click.option("--time-budget", metavar="MINUTES|none",
+              help="Wall time the whole export may take: scoring uses as many calibration "
+                   "prompts as are predicted to fit, and says so; 'none' uses all of them "
+                   f"[default: {DEFAULT_TIME_BUDGET_S / 60:g}].")
 @click.option("-o", "--outdir", type=click.Path(path_type=Path),
               help="Output folder [default: the current folder].")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | None,
                keep_layers: str | None, device_profile: str | None, score_dtype: str | None,
                drop_layers: str | None,
-               quant: str | None, threads: int | None, outdir: Path | None,
-               force: bool) -> None:
+               quant: str | None, threads: int | None, time_budget: str | None,
+               outdir: Path | None, force: bool) -> None:
     """Export MODEL to a full GGUF and a layer-pruned draft GGUF beside it.
 
     \b
@@ -80,11 +86,14 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
         given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
                  "method": method, "calib": calib, "device_profile": device_profile,
                  "score_dtype": score_dtype, "threads": threads}
+        if time_budget is not None:
+            given["time_budget"] = parse_minutes(time_budget)
         if drop_layers is not None:
             given["drop_layers"] = parse_layer_list(drop_layers)
         if keep_layers is not None:
             given["keep_layers"] = parse_layer_list(keep_layers, "--keep-layers")
-        cfg = ExportConfig(model=model, **{k: v for k, v in given.items() if v is not None})
+        cfg = ExportConfig(model=model, **{k: v for k, v in given.items()
+                                           if v is not None or k == "time_budget"})
         result = run_export(cfg, stages=rich_stages)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise click.ClickException(_one_line(e)) from None

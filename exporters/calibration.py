@@ -153,12 +153,50 @@ def generation_rows(prompts: Sequence[list[int]], n_new: int = DEFAULT_NEW_TOKEN
     return sum(map(len, prompts)) + len(prompts) * max(n_new - 1, 0)
 
 
-def llamacpp_continuations(path: Path, prompts: Sequence[list[int]],
+def open_llamacpp(path: Path):
+    """The GGUF in llama.cpp, for ``llamacpp_continuations`` and ``llamacpp_row_seconds``.
+
+    repack=False: repacking would copy every weight into anonymous memory; reading the
+    mapped file keeps memory to pages the kernel can drop.
+    """
+    from runtime.context import LlamaModel
+
+    return LlamaModel(path, repack=False)
+
+
+def llamacpp_row_seconds(model, prompt: Sequence[int], threads: int | None = None) -> float:
+    """Seconds llama.cpp takes per row of ``prompt``'s prefill (an open ``open_llamacpp``
+    model): the unit in which ``generation_rows`` are predicted.
+
+    The first ``_WARM_ROWS`` rows run untimed: the first decode faults in the mapped
+    weights and sizes llama.cpp's buffers, which the real run pays once, not per row.
+    """
+    import time
+
+    from runtime.context import LlamaContext
+
+    warm = min(_WARM_ROWS, len(prompt) - 1)
+    with LlamaContext(model, n_ctx=len(prompt) + 1, n_threads=threads) as ctx:
+        n = len(prompt)
+        ctx.decode_rows(list(prompt[:warm]), list(range(warm)), [0] * warm, [False] * warm)
+        start = time.perf_counter()
+        for a in range(warm, n, ctx.n_batch):
+            b = min(a + ctx.n_batch, n)
+            ctx.decode_rows(list(prompt[a:b]), list(range(a, b)), [0] * (b - a),
+                            [r == n - 1 for r in range(a, b)])
+        return (time.perf_counter() - start) / max(n - warm, 1)
+
+
+_WARM_ROWS = 8
+
+
+def llamacpp_continuations(model, prompts: Sequence[list[int]],
                            n_new: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
                            progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """The full model's greedy continuation of each tokenized prompt, written by
-    llama.cpp on the GGUF itself: quantized kernels, the weights read from the mapped
-    file, none of them copied into PyTorch.
+    llama.cpp on the GGUF itself (``model``: its path, or an ``open_llamacpp`` model):
+    quantized kernels, the weights read from the mapped file, none of them copied into
+    PyTorch.
 
     All prompts are generated together, as parallel sequences of one context: one
     ``llama_decode`` per step, with one row per unfinished sequence. On a CPU a one-row
@@ -174,25 +212,28 @@ def llamacpp_continuations(path: Path, prompts: Sequence[list[int]],
 
     Args:
         progress: called with the number of rows just evaluated (``generation_rows`` in
-            all; a sequence that ends early counts the rows it did not need). The first
-            call comes after the first prompt alone, so it times llama.cpp per row.
+            all; a sequence that ends early counts the rows it did not need).
     """
+    if isinstance(model, (str, Path)):
+        with open_llamacpp(Path(model)) as opened:
+            return _continuations(opened, prompts, n_new, threads, progress)
+    return _continuations(model, prompts, n_new, threads, progress)
+
+
+def _continuations(model, prompts: Sequence[list[int]], n_new: int, threads: int | None,
+                   progress: Callable[[int], None] | None) -> list[list[int]]:
     import numpy as np
 
-    from runtime.context import LlamaContext, LlamaModel
+    from runtime.context import LlamaContext
 
     progress = progress or (lambda n: None)
     n_seq = len(prompts)
-    # one prefill row per prompt token, the first prompt alone first
+    # one prefill row per prompt token
     rows = [(tok, pos, s) for s, ids in enumerate(prompts) for pos, tok in enumerate(ids)]
-    # repack=False: repacking would copy every weight into anonymous memory; reading
-    # the mapped file keeps memory to pages the kernel can drop
-    with LlamaModel(path, repack=False) as model, \
-            LlamaContext(model, n_ctx=sum(map(len, prompts)) + n_seq * n_new,
-                         n_threads=threads, n_seq=n_seq) as ctx:
+    with LlamaContext(model, n_ctx=sum(map(len, prompts)) + n_seq * n_new,
+                      n_threads=threads, n_seq=n_seq) as ctx:
         out: list[list[int]] = [[] for _ in prompts]
-        first = min(len(prompts[0]), ctx.n_batch)
-        cuts = [0, *range(first, len(rows), ctx.n_batch), len(rows)]
+        cuts = [*range(0, len(rows), ctx.n_batch), len(rows)]
         for a, b in itertools.pairwise(cuts):
             chunk = rows[a:b]
             # logits of each prompt's last token only: they give its first new token

@@ -50,6 +50,10 @@ DEVICE_PROFILES = ("cpu", "gpu")
 # Weight dtype for scoring in PyTorch; "auto": bf16 on CUDA, fp16 on MPS, fp32 on a CPU
 # unless fp32 would not fit in RAM (then bf16).
 SCORE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Wall-clock budget of a whole scored export (--time-budget, in minutes at the CLI; None:
+# none): the calibration set is cut to what fits (exporters.budget). 10 minutes keeps an
+# 8B model's export on a 2-core CPU near 12 minutes; a small model uses every prompt.
+DEFAULT_TIME_BUDGET_S: float | None = 10 * 60
 # Recorded in the draft when the user listed the layers with --drop-layers.
 MANUAL_METHOD = "manual"
 
@@ -74,6 +78,9 @@ class ExportConfig:
         force: overwrite existing outputs.
         threads: CPU threads for the quantizer and for scoring in PyTorch (None: all
             cores).
+        time_budget: seconds the whole export may take; scoring uses as many
+            calibration prompts as are predicted to fit (``exporters.budget``). None: no
+            budget, every prompt.
     """
 
     model: str
@@ -88,6 +95,7 @@ class ExportConfig:
     score_dtype: str = "auto"
     force: bool = False
     threads: int | None = None
+    time_budget: float | None = DEFAULT_TIME_BUDGET_S
 
     def __post_init__(self) -> None:
         if not str(self.model).strip():
@@ -114,6 +122,9 @@ class ExportConfig:
             object.__setattr__(self, "calib", Path(self.calib).expanduser())
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"--time-budget must be a positive number of minutes, or "
+                             f"'none'; got {self.time_budget / 60:g}")
 
     def _check_layers(self) -> None:
         if self.prune is not None and self.drop_layers is not None:
@@ -168,3 +179,18 @@ def parse_layer_list(text: str, option: str = "--drop-layers") -> tuple[int, ...
             raise ValueError(f"{option} expects indices like '3,7,12' or ranges like "
                              f"'10-12'; could not read {part!r} in {text!r}")
     return tuple(sorted(layers))
+
+
+def parse_minutes(text: str) -> float | None:
+    """``--time-budget``: ``"12"`` -> 720.0 seconds, ``"none"`` -> None (no budget)."""
+    if text.strip().lower() in ("none", "off", "unlimited"):
+        return None
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise ValueError(f"--time-budget takes minutes, such as 10 or 2.5, or 'none'; got "
+                         f"{text!r}") from None
+    if not minutes > 0 or minutes == float("inf"):
+        raise ValueError(f"--time-budget must be a positive number of minutes, or 'none'; "
+                         f"got {text!r}")
+    return minutes * 60

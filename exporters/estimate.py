@@ -133,12 +133,12 @@ def predict(costs: PassCosts, method: str, n_layers: int, droppable: Sequence[in
 
 
 def describe(est: Estimate, method: str) -> str:
-    return (f"estimated time: about {_duration(est.total)} (calibration text "
-            f"{_duration(est.calibration)}, scoring by {method} {_duration(est.scoring)}, "
-            f"held-out acceptance {_duration(est.heldout)})")
+    return (f"estimated time: about {duration(est.total)} (calibration text "
+            f"{duration(est.calibration)}, scoring by {method} {duration(est.scoring)}, "
+            f"held-out acceptance {duration(est.heldout)})")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:

@@ -103,18 +103,21 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
     _refuse_overwrite([draft, *reports] if in_place else [full, draft, *reports], cfg.force)
 
     with _Staging(out_dir) as stage:
+        t = time.perf_counter()
         if in_place:
             full_bytes, sha = full, sha256_file(full)
         else:
             full_bytes = stage.temp(full)
             sha = _build_full(source, cfg, full_bytes, stage)
             stage.commit(full_bytes, full)
+        deadline = _deadline(cfg, start, full_bytes, time.perf_counter() - t)
         # a byte copy has the input's tensor offsets, so the input's reader serves it
         reader = source.reader if _same_bytes(source) else None
         if plan.scored and reader is None:
             reader = open_gguf(full_bytes)
         # scoring runs after the full GGUF exists: its tensor sizes give the draft's cost
-        choice, report = choose_layers(plan, source.model, reader, stages, streamed)
+        choice, report = choose_layers(plan, source.model, reader, stages, streamed,
+                                       deadline)
         if report is not None:
             _stage_report(report, reports, stage)
         draft_tmp = stage.temp(draft)
@@ -143,6 +146,23 @@ def _inspect(model: ModelSource, cfg: ExportConfig) -> _Source:
     hp.detect_arch(read_hf_config(model.path), model.path)  # fail early if unsupported
     n_layers = hp.text_config(model.path).num_hidden_layers
     return _Source(model, n_layers, cfg.quant or DEFAULT_HF_QUANT, False)
+
+
+def _deadline(cfg: ExportConfig, start: float, full: Path, full_s: float) -> float | None:
+    """When scoring must be done for the export to end within ``cfg.time_budget``: the
+    draft still has to be written after it, about as many bytes as the full file, so
+    the time that writing (or hashing) the full file took, or the file at
+    ``_WRITE_RATE`` when it came from a slower route (conversion, quantization), is
+    kept back for it."""
+    if cfg.time_budget is None:
+        return None
+    draft_s = min(full_s, full.stat().st_size / _WRITE_RATE)
+    return start + cfg.time_budget - draft_s
+
+
+# bytes a second at which the draft is assumed to be written when the full file was not a
+# plain copy (a conservative local disk, with the sha256 the draft does not need)
+_WRITE_RATE = 200e6
 
 
 def _same_bytes(source: _Source) -> bool:

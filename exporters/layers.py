@@ -38,8 +38,6 @@ AUTO_MAX_FRACTION = 0.5
 # ...and greedy stops once calibration agreement falls below this: at alpha = 0.5 a step
 # yields at most 2 tokens, which cannot pay for a draft plus a verify pass.
 AUTO_STOP_ALPHA = 0.5
-# Scoring predicted to take longer than this is announced as a warning, with a faster way.
-LONG_EXPORT_S = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -137,8 +135,8 @@ def _protected(cfg: ExportConfig, n_layers: int) -> frozenset[int]:
 
 def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
                   full: gguf.GGUFReader | None = None,
-                  stages: Stages = log_stages, streamed: str | None = None
-                  ) -> tuple[LayerChoice, LayerReport | None]:
+                  stages: Stages = log_stages, streamed: str | None = None,
+                  deadline: float | None = None) -> tuple[LayerChoice, LayerReport | None]:
     """Pick the layers to drop; scoring methods also return their report.
 
     Args:
@@ -149,6 +147,8 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
         streamed: the method to score layer by layer from the GGUF
             (``layers_streamed.preflight`` decides it before any work), or None to
             load the model whole.
+        deadline: ``time.perf_counter()`` by which scoring should be done (None: no
+            time budget); the calibration set is sized to it (``exporters.budget``).
     """
     cfg = plan.cfg
     if cfg.drop_layers is not None:
@@ -164,9 +164,10 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
         from exporters.layers_streamed import score_layers_streamed
 
         report = _with_threads(cfg.threads, score_layers_streamed, plan, source, full,
-                               streamed, stages)
+                               streamed, stages, deadline)
     else:
-        report = _with_threads(cfg.threads, score_layers, plan, source, full, stages)
+        report = _with_threads(cfg.threads, score_layers, plan, source, full, stages,
+                               deadline)
     return LayerChoice(plan.n_layers, tuple(report.dropped), report.method), report
 
 
@@ -205,11 +206,12 @@ def _with_threads(threads: int | None, fn, *args):
 
 
 def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
-                 stages: Stages = log_stages) -> LayerReport:
-    """Run the configured scorer and measure the result on held-out prompts."""
+                 stages: Stages = log_stages, deadline: float | None = None) -> LayerReport:
+    """Run the configured scorer and measure the result on held-out prompts, on as many
+    calibration prompts as are predicted to be done by ``deadline``."""
     import torch
 
-    from exporters import autoprune, calibration
+    from exporters import autoprune, budget, calibration
     from exporters.scoring import ScoringContext, draft_agreement, make_scorer, prepare
     from exporters.scoring import progress_units as units
     from exporters.torch_model import LayerRunner, load_for_scoring
@@ -225,14 +227,16 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     if runner.n_layers != plan.n_layers:
         raise ValueError(f"{source.path.name} has {runner.n_layers} layers in PyTorch but "
                          f"{plan.n_layers} in its GGUF; cannot score it")
-    calib_p, held_p = calibration.split_holdout(prompts)
     auto = plan.n_drop is None
     max_drop = plan.n_drop or min(len(plan.droppable), math.ceil(AUTO_MAX_FRACTION *
                                                                  plan.n_layers))
     timings["load"] = time.perf_counter() - t
     # said before the slow stages, so that nobody is surprised by hours
-    method, timings["predicted_total"] = _announce(runner, tokenizer, cfg.method, plan,
-                                                   max_drop, calib_p, held_p)
+    method, sizing = _announce(runner, tokenizer, cfg.method, plan, max_drop, prompts,
+                               deadline)
+    timings["predicted_total"] = sizing.estimate.total
+    calib_p, held_p = budget.subset(prompts, sizing.used)
+    prompts = calib_p + held_p
     scorer = make_scorer(method)
 
     t = time.perf_counter()
@@ -272,15 +276,17 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
-                        profile, auto, (len(calib_p), len(held_p), n_tokens), timings)
+                        profile, auto, (len(calib_p), len(held_p), n_tokens), timings,
+                        sizing)
 
 
 def layer_report(name: str, plan: LayerPlan, method: str, scores, all_scores, alphas: dict,
                  costs, profile: str, auto: bool, counts: tuple[int, int, int],
-                 timings: dict) -> LayerReport:
+                 timings: dict, sizing) -> LayerReport:
     """The report of a layer choice, in memory or streamed: with ``--prune auto`` the
     ratio the cost model prefers from the held-out acceptance ``alphas``, else the plan's;
-    ``counts`` are (calibration prompts, held-out prompts, scored tokens)."""
+    ``counts`` are (calibration prompts, held-out prompts, scored tokens); ``sizing``
+    the ``budget.Sizing`` that chose how many of the offered prompts were used."""
     from exporters import autoprune
 
     decision = autoprune.decide(alphas, scores.drops, costs, profile) if auto else None
@@ -294,47 +300,47 @@ def layer_report(name: str, plan: LayerPlan, method: str, scores, all_scores, al
         heldout_alpha=alphas[n_drop], calib_prompts=counts[0],
         heldout_prompts=counts[1], calib_tokens=counts[2], device_profile=profile,
         draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
-        seconds=timings, auto=_auto_dict(decision))
+        seconds=timings, auto=_auto_dict(decision), prompts_offered=sizing.offered,
+        time_budget_s=plan.cfg.time_budget)
 
 
 def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
-              calib_p: list[str], held_p: list[str]) -> tuple[str, float]:
-    """Probe this machine and log the predicted time of the slow stages. ``auto`` becomes
-    shortlist when its scoring is predicted to fit in AUTO_METHOD_BUDGET_S, else bi.
+              prompts: list[str], deadline: float | None):
+    """Probe this machine, size the calibration set to ``deadline`` and log the
+    predicted time of the slow stages. ``auto`` becomes shortlist when its scoring over
+    every offered prompt is predicted to fit in AUTO_METHOD_BUDGET_S, else bi.
 
     Returns:
-        (the method to run, the predicted total seconds).
+        (the method to run, the ``budget.Sizing``).
     """
-    from exporters import calibration, estimate
+    from exporters import budget, calibration, estimate
     from exporters.scoring import shortlist_size
 
-    calib_lens = [len(calibration.format_prompt(tokenizer, p)) for p in calib_p]
-    held_lens = [len(calibration.format_prompt(tokenizer, p)) for p in held_p]
+    lens = [len(calibration.format_prompt(tokenizer, p)) for p in prompts]
     n_new = calibration.DEFAULT_NEW_TOKENS
-    first = calibration.format_prompt(tokenizer, calib_p[0])
+    first = calibration.format_prompt(tokenizer, prompts[0])
     costs = estimate.probe(runner, first + first[-1:] * n_new)
 
-    def predict(m: str):
+    def predict(m: str, n: int):
+        calib_lens, held_lens = budget.subset(lens, n)
         return estimate.predict(costs, m, plan.n_layers, plan.droppable, max_drop,
                                 max_drop if plan.n_drop is None else 1, calib_lens,
                                 held_lens, n_new, shortlist_size(len(plan.droppable),
                                                                  max_drop))
 
     if method == AUTO_METHOD:
-        est = predict("shortlist")
+        est = predict("shortlist", len(prompts))
         method = "shortlist" if est.scoring <= AUTO_METHOD_BUDGET_S else "bi"
         log.info("method: %s (shortlist's scoring is predicted at %.0f s on this machine, "
                  "the budget is %.0f s; --method overrides)", method, est.scoring,
                  AUTO_METHOD_BUDGET_S)
-    est = predict(method)
-    log.info("%s", estimate.describe(est, method))
-    if est.total > LONG_EXPORT_S:
-        faster = ("; --method shortlist chooses as well at a fraction of the cost"
-                  if method == "greedy" else
-                  "; --method bi scores in one pass, or --drop-layers skips scoring")
-        log.warning("this export will take about %s%s", estimate.describe(est, method)
-                    .removeprefix("estimated time: about "), faster)
-    return method, est.total
+    left = None if deadline is None else deadline - time.perf_counter()
+    sizing = budget.fit_prompts(len(prompts), lambda n: predict(method, n), left)
+    budget.log_sizing(sizing, method,
+                      "; --method shortlist chooses as well at a fraction of the cost"
+                      if method == "greedy" else
+                      "; --method bi scores in one pass, or --drop-layers skips scoring")
+    return method, sizing
 
 
 def _auto_dict(decision) -> dict | None:

@@ -89,12 +89,17 @@ def preflight(plan, source: ModelSource, reader: gguf.GGUFReader) -> str | None:
 
 
 def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, method: str,
-                          stages: Stages = log_stages) -> LayerReport:
+                          stages: Stages = log_stages,
+                          deadline: float | None = None) -> LayerReport:
     """Score ``source`` (a GGUF) with ``method`` (``bi`` or ``angular``) layer by layer
-    and measure the chosen draft on held-out prompts; see the module docstring."""
+    and measure the chosen draft on held-out prompts; see the module docstring.
+
+    ``deadline`` (``time.perf_counter()`` seconds; None: none): the calibration prompts
+    are cut to what is predicted to finish by then (``exporters.budget``).
+    """
     import torch
 
-    from exporters import autoprune, calibration, estimate
+    from exporters import autoprune, budget, calibration, estimate
     from exporters.layers import AUTO_MAX_FRACTION, layer_report
     from exporters.stream import GGUFLayers, score_streamed, streamed_agreement
 
@@ -115,39 +120,38 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
         raise ValueError(f"{source.path.name} has {src.n_layers} layers in PyTorch but "
                          f"{plan.n_layers} in its GGUF; cannot score it")
     tokenizer = _tokenizer(source.path, src)
-    calib_p, held_p = calibration.split_holdout(prompts)
-    encoded = [calibration.format_prompt(tokenizer, p) for p in calib_p + held_p]
+    encoded = [calibration.format_prompt(tokenizer, p) for p in prompts]
     timings["load"] = time.perf_counter() - t
     log.info("scoring %s layer by layer from the GGUF (%s, %s): one layer in memory at a "
              "time", source.path.name, method, str(dtype).removeprefix("torch."))
 
     t = time.perf_counter()
     n_new = calibration.DEFAULT_NEW_TOKENS
-    # the probe times layer 0 on a text of a calibration text's length; its token values
-    # do not change the time
-    probe = estimate.probe_streamed(src, src.text(encoded[0] + [encoded[0][-1]] * n_new,
-                                                  len(encoded[0]) - 1))
-    n_rows = calibration.generation_rows(encoded, n_new)
-    with stages("calibration text (full model's own output, llama.cpp)", n_rows) as advance:
-        def first_rows(n: int) -> None:
-            # the first call times llama.cpp on the first prompt alone: with the probe
-            # it predicts the whole export
-            nonlocal first_call
-            advance(n)
-            if first_call:
-                first_call = False
-                per_row = (time.perf_counter() - gen_start) / max(n, 1)
-                _log_estimate(estimate.predict_streamed(
-                    probe, per_row * n_rows, method, plan.n_layers,
-                    [len(e) + n_new for e in encoded[:len(calib_p)]],
-                    [len(e) + n_new for e in encoded[len(calib_p):]], n_new,
-                    max_drop if auto else 1), method, timings)
+    with calibration.open_llamacpp(source.path) as llama:
+        # the probes: layer 0 in PyTorch on a text of a calibration text's length (its
+        # token values do not change the time), and llama.cpp on the first prompt
+        probe = estimate.probe_streamed(src, src.text(encoded[0] + [encoded[0][-1]] * n_new,
+                                                      len(encoded[0]) - 1))
+        per_row = calibration.llamacpp_row_seconds(llama, encoded[0], cfg.threads)
 
-        first_call, gen_start = True, time.perf_counter()
-        conts = calibration.llamacpp_continuations(source.path, encoded, n_new,
-                                                   cfg.threads, first_rows)
-    texts = [src.text(e + c, len(e) - 1) for e, c in zip(encoded, conts, strict=True)]
-    calib, held = texts[:len(calib_p)], texts[len(calib_p):]
+        def predict(n: int) -> estimate.Estimate:
+            calib_e, held_e = budget.subset(encoded, n)
+            return estimate.predict_streamed(
+                probe, per_row * calibration.generation_rows(calib_e + held_e, n_new),
+                method, plan.n_layers, [len(e) + n_new for e in calib_e],
+                [len(e) + n_new for e in held_e], n_new, max_drop if auto else 1)
+
+        sizing = budget.fit_prompts(len(prompts), predict, _left(deadline))
+        budget.log_sizing(sizing, method, "; --drop-layers skips scoring")
+        timings["predicted_total"] = sizing.estimate.total
+        calib_e, held_e = budget.subset(encoded, sizing.used)
+        chosen = calib_e + held_e
+        with stages("calibration text (full model's own output, llama.cpp)",
+                    calibration.generation_rows(chosen, n_new)) as advance:
+            conts = calibration.llamacpp_continuations(llama, chosen, n_new, cfg.threads,
+                                                       advance)
+    texts = [src.text(e + c, len(e) - 1) for e, c in zip(chosen, conts, strict=True)]
+    calib, held = texts[:len(calib_e)], texts[len(calib_e):]
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -163,18 +167,12 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     timings["heldout"] = time.perf_counter() - t
     n_tokens = sum(len(t.ids) - 1 - t.start for t in calib)  # scored positions
     return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
-                        profile, auto, (len(calib_p), len(held_p), n_tokens), timings)
+                        profile, auto, (len(calib_e), len(held_e), n_tokens), timings,
+                        sizing)
 
 
-def _log_estimate(est, method: str, timings: dict) -> None:
-    from exporters import estimate
-    from exporters.layers import LONG_EXPORT_S
-
-    timings["predicted_total"] = est.total
-    log.info("%s", estimate.describe(est, method))
-    if est.total > LONG_EXPORT_S:
-        log.warning("this export will take about %s; --drop-layers skips scoring",
-                    estimate.describe(est, method).removeprefix("estimated time: about "))
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.perf_counter()
 
 
 def _tokenizer(path: Path, src):

@@ -56,6 +56,8 @@ class LayerReport:
     ``scores[method][i]``: layer i's importance by that method (higher = keep).
     ``heldout_alpha``: teacher-forced top-1 agreement of the draft with the full model on
     the held-out prompts (PyTorch). ``auto``: the ``--prune auto`` table and decision.
+    ``prompts_offered``: the calibration prompts given (built-in or ``--calib``), of which
+    ``calib_prompts + heldout_prompts`` fit ``time_budget_s`` (None: no budget).
     """
 
     model: str
@@ -74,6 +76,8 @@ class LayerReport:
     predicted_speedup: float
     seconds: dict[str, float] = field(default_factory=dict)
     auto: dict | None = None
+    prompts_offered: int = 0
+    time_budget_s: float | None = None
 
 
 def to_json(report: LayerReport) -> str:
@@ -126,7 +130,12 @@ def table(report: LayerReport):
 def summary(report: LayerReport) -> str:
     """The decision in a line (two with --prune auto), printed under the table: a table
     caption would be wrapped to the table's narrow width."""
+    used = report.calib_prompts + report.heldout_prompts
+    cut = (f"\ncalibrated on {used} of {report.prompts_offered} prompts "
+           f"({report.calib_prompts} scored, {report.heldout_prompts} held out) to fit the "
+           f"time budget of {report.time_budget_s / 60:g} min; --time-budget raises it"
+           if used < report.prompts_offered and report.time_budget_s else "")
     return (f"dropped {report.dropped} by {report.method}; held-out acceptance "
             f"{report.heldout_alpha:.3f}; predicted {report.predicted_speedup:.2f}x "
             f"(gamma {report.gamma}, '{report.device_profile}' profile)"
-            + (f"\n{report.auto['reason']}" if report.auto else ""))
+            + (f"\n{report.auto['reason']}" if report.auto else "") + cut)

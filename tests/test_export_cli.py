@@ -129,6 +129,8 @@ def test_broken_gguf(smollm2_gguf, tmp_path, damage, match):
     (["--keep-layers", "31"], "--keep-layers 31 is out of range"),
     (["--keep-layers", "x"], "--keep-layers expects"),
     (["--threads", "0"], "threads must be >= 1"),
+    (["--time-budget", "0"], "--time-budget must be a positive"),
+    (["--time-budget", "soon"], "--time-budget takes minutes"),
     (["--drop-layers", "3", "--keep-layers", "4"], "--keep-layers applies to --prune"),
 ])
 def test_bad_options(smollm2_gguf, tmp_path, args, match):
@@ -364,3 +366,38 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
     assert report["seconds"]["predicted_total"] > 0
     with LlamaModel(out / f"{SMOLLM2_NAME}.draft.gguf", vocab_only=True) as model:
         assert model.meta(keys.METHOD) == chosen[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bi", "shortlist"])  # streamed, and in memory
+def test_a_short_time_budget_cuts_the_calibration_set_and_says_so(smollm2_gguf, tmp_path,
+                                                                  method):
+    """Half a second cannot fit SmolLM2's export on any machine: the export runs on the
+    minimum of 4 of the 32 built-in prompts, warns before the slow stages, and the report
+    and summary say what was cut."""
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--method",
+                     method, "--time-budget", "0.008", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long log lines
+    assert "over the 0 s left of the time budget even with the minimum of 4 of 32" in text
+    assert text.index("time budget") < text.index("calibration text (full model")
+    assert "calibrated on 4 of 32 prompts (3 scored, 1 held out)" in text
+    report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
+    assert (report["calib_prompts"], report["heldout_prompts"]) == (3, 1)
+    assert report["prompts_offered"] == 32 and report["time_budget_s"] == pytest.approx(0.48)
+    assert len(report["dropped"]) == 3
+
+
+@pytest.mark.slow
+def test_no_time_budget_uses_every_prompt(smollm2_gguf, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "out"
+    result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--method", "bi",
+                     "--time-budget", "none", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "no time budget: all 32 calibration prompts" in " ".join(result.output.split())
+    report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
+    assert (report["calib_prompts"], report["heldout_prompts"]) == (24, 8)
+    assert report["prompts_offered"] == 32 and report["time_budget_s"] is None

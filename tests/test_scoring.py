@@ -217,7 +217,7 @@ def test_predict_scales_with_the_measured_costs():
 
 @pytest.mark.parametrize("seconds, text", [(42, "42 s"), (600, "10 min"), (9000, "2.5 h")])
 def test_duration(seconds, text):
-    assert estimate._duration(seconds) == text
+    assert estimate.duration(seconds) == text
 
 
 def test_probe_measures_positive_costs(tiny):
