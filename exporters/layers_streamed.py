@@ -127,11 +127,13 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
 
     t = time.perf_counter()
     n_new = calibration.DEFAULT_NEW_TOKENS
+    # the probes: layer 0 in PyTorch on a text of a calibration text's length (its token
+    # values do not change the time), then llama.cpp on the first prompt. In this order:
+    # llama.cpp maps (and prefetches) the whole file, and the probe's float32 layer must
+    # not be held beside it
+    probe = estimate.probe_streamed(src, src.text(encoded[0] + [encoded[0][-1]] * n_new,
+                                                  len(encoded[0]) - 1))
     with calibration.open_llamacpp(source.path) as llama:
-        # the probes: layer 0 in PyTorch on a text of a calibration text's length (its
-        # token values do not change the time), and llama.cpp on the first prompt
-        probe = estimate.probe_streamed(src, src.text(encoded[0] + [encoded[0][-1]] * n_new,
-                                                      len(encoded[0]) - 1))
         per_row = calibration.llamacpp_row_seconds(llama, encoded[0], cfg.threads)
 
         def predict(n: int) -> estimate.Estimate:

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))  # a script, not library code: find the checkout's
 from exporters import testmodels  # noqa: E402
 
 
-def run(label: str, args: list[str], out_dir: Path, f16_mib: float) -> None:
+def run(label: str, args: list[str], out_dir: Path, f16_mib: float,
+        log: Path | None = None) -> None:
+    """Run one export; with ``log``, its stderr (the exporter's log) is kept there."""
     cmd = [sys.executable, "-m", "bridge.cli", "export", *args, "-o", str(out_dir), "--force"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -50,6 +52,8 @@ def run(label: str, args: list[str], out_dir: Path, f16_mib: float) -> None:
     wall = time.perf_counter() - start
     watcher.join()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if log is not None:
+        log.write_text(err)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{label}: export failed:\n{err}")
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.0f} MiB"

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--method", default="bi")
     p.add_argument("--prompts", type=int, default=None,
                    help="calibrate on the first N built-in prompts (default: all)")
+    p.add_argument("--time-budget", default=None,
+                   help="the export's --time-budget in minutes, or none (default: its own)")
     a = p.parse_args()
     model = ROOT / "bench" / "work" / f"synth-{a.hidden}x{a.layers}-Q4_0.gguf"
     if not model.is_file():
@@ -51,16 +53,22 @@ def main() -> None:
     args = [str(model), "--prune", a.prune, "--method", a.method]
     if a.threads:
         args += ["--threads", str(a.threads)]
+    if a.time_budget:
+        args += ["--time-budget", a.time_budget]
+    log = ROOT / "bench" / "work" / f"{model.stem}.export.log"
     with tempfile.TemporaryDirectory(prefix="bench-streamed-", dir=ROOT / "bench" / "work") as tmp:
         if a.prompts:
             calib = Path(tmp) / "prompts.jsonl"
             calib.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
                                      calibration.builtin_prompts()[:a.prompts]))
             args += ["--calib", str(calib)]
-        bench_export.run(f"{model.stem} --method {a.method}", args, Path(tmp), mib)
-        report = next(Path(tmp).glob("*.layers.json"))
-        seconds = json.loads(report.read_text())["seconds"]
-        print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+        bench_export.run(f"{model.stem} --method {a.method}", args, Path(tmp), mib, log)
+        report = json.loads(next(Path(tmp).glob("*.layers.json")).read_text())
+        print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                         report["seconds"].items()))
+        print(f"prompts: {report['calib_prompts']} scored + {report['heldout_prompts']} "
+              f"held out of {report['prompts_offered']} offered "
+              f"({report['calib_tokens']} scored tokens); the export's log: {log}")
 
 
 if __name__ == "__main__":
