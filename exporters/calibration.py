@@ -164,6 +164,10 @@ def open_llamacpp(path: Path):
     return LlamaModel(path, repack=False)
 
 
+# prefill rows llamacpp_row_seconds runs before it starts the clock
+_WARM_ROWS = 8
+
+
 def llamacpp_row_seconds(model, prompt: Sequence[int], threads: int | None = None) -> float:
     """Seconds llama.cpp takes per row of ``prompt``'s prefill (an open ``open_llamacpp``
     model): the unit in which ``generation_rows`` are predicted.
@@ -185,9 +189,6 @@ def llamacpp_row_seconds(model, prompt: Sequence[int], threads: int | None = Non
             ctx.decode_rows(list(prompt[a:b]), list(range(a, b)), [0] * (b - a),
                             [r == n - 1 for r in range(a, b)])
         return (time.perf_counter() - start) / max(n - warm, 1)
-
-
-_WARM_ROWS = 8
 
 
 def llamacpp_continuations(model, prompts: Sequence[list[int]],
