@@ -66,8 +66,17 @@ def llama_cpp_version() -> str:
 
 
 def gpu_offload_supported() -> bool:
-    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    """True when llama.cpp has a GPU of this machine to offload to (CUDA, Metal, ...).
+
+    ``llama_supports_gpu_offload()`` alone is not that: it is also true for every build
+    with the RPC backend (setup.sh's default), whose devices are other machines' workers,
+    so a CPU-only machine would take the GPU profiles. The devices themselves say.
+    """
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    from runtime.rpc import local_accelerators
+
+    return bool(local_accelerators())
 
 
 class LlamaModel:

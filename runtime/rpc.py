@@ -221,8 +221,9 @@ def rpc_supported() -> bool:
     return bool(llama_cpp.llama_supports_rpc()) and bool(registry)
 
 
-def _local_accelerators() -> list[int]:
-    """This machine's GPUs, which llama.cpp's ``--rpc`` keeps beside the workers."""
+def local_accelerators() -> list[int]:
+    """This machine's GPUs (ggml devices of type GPU or IGPU), which llama.cpp's
+    ``--rpc`` keeps beside the workers."""
     ggml, base = _libs()
     devs = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
     return [d for d in devs if _GGML_DEVICE_TYPES.get(base.ggml_backend_dev_type(d))
@@ -279,7 +280,7 @@ class RpcDevices:
         """Point ``params.devices`` at this machine's GPUs (if any) and the workers' devices,
         as llama.cpp's ``--rpc`` would; ``-ngl`` then says how many layers go to them. The
         returned array must outlive the model load."""
-        devs = _local_accelerators() + self.devices
+        devs = local_accelerators() + self.devices
         arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         params.devices = ctypes.cast(arr, ctypes.c_void_p)
         return arr

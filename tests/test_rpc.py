@@ -402,3 +402,20 @@ def test_generate_with_a_killed_worker_ends_in_one_line(smollm2_gguf, rpc_server
     lines = err.decode().strip().splitlines()
     assert lines[-1].startswith(f"Error: RPC worker 127.0.0.1:{w.ports[0]} stopped answering")
     assert not any("Traceback" in ln or "#0 " in ln for ln in lines), err
+
+
+def test_an_rpc_build_without_a_gpu_is_not_a_gpu_machine():
+    """llama.cpp says "GPU offload supported" for any build with the RPC backend; the
+    export's --prune auto must still take the CPU verify profile on a CPU-only machine."""
+    import llama_cpp
+
+    from exporters import autoprune
+    from runtime.context import gpu_offload_supported
+
+    if rpc.local_accelerators():
+        assert gpu_offload_supported() and autoprune.default_profile() == "gpu"
+        return
+    if rpc.rpc_supported():  # the case this guards: the flag alone says yes
+        assert llama_cpp.llama_supports_gpu_offload()
+    assert not gpu_offload_supported()
+    assert autoprune.default_profile() == "cpu"
