@@ -52,6 +52,14 @@ _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 _MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
 _REFIT_EVERY = 16    # verify samples between refits of the cost curve (see add_verify)
+# A timing sample counts at most this many times the running figure: on a shared CPU one
+# step can take 300x its usual time, and one such sample would move a 15% average 45x.
+# A lasting slowdown still shows within a few steps (each may raise the figure 1.45x).
+_SAMPLE_CAP = 4.0
+# Stored profiles: the most a k-token batch may cost, in k one-token steps, and a draft
+# step, in one-token target steps, before the figure is measured again (from_profile).
+_SANE_BATCH = 2.0
+_SANE_DRAFT = 4.0
 PRUNED = "pruned"
 GRAMMAR = "grammar"  # the tokens a constraint forces: its text is certain, so its prior is high
 
@@ -145,16 +153,11 @@ class CostModel:
         if n < 2 or self._since_refit >= _REFIT_EVERY:
             self._refit()
         self.n_verify[k] = n + 1
-        # The second sample replaces the first: a first batch of a new size pays one-off
-        # costs (graph allocation, GPU kernel loading) that say nothing about later ones.
-        old = self.verify.get(k)
-        self.verify[k] = seconds if n < 2 or old is None else old + _EMA * (seconds - old)
+        self.verify[k] = _sample(self.verify.get(k), n, seconds)
 
     def add_draft(self, seconds_per_eval: float) -> None:
+        self.draft = _sample(self.draft, self.n_draft, seconds_per_eval)
         self.n_draft += 1
-        d = self.draft
-        self.draft = seconds_per_eval if self.n_draft <= 2 or d is None \
-            else d + _EMA * (seconds_per_eval - d)
 
     def add_catchup(self, seconds: float, n_tokens: int) -> None:
         per = seconds / n_tokens
@@ -213,15 +216,39 @@ class CostModel:
     @classmethod
     def from_profile(cls, profile: dict) -> CostModel:
         """Costs measured by an earlier run on the same files and settings: counted as two
-        samples each, so calibration is already done but new steps still refine them."""
+        samples each, so calibration is already done but new steps still refine them.
+
+        Figures no machine can honestly produce are measured again instead of trusted:
+        a batch of k tokens above ``_SANE_BATCH`` x k one-token steps (k steps in a row
+        cost k), or a draft step above ``_SANE_DRAFT`` one-token target steps (a pruned
+        draft runs a subset of the target's layers). A run starved by an oversubscribed
+        CPU (ggml's and OpenMP's threads spinning against each other: 2.5 s for a 10 ms
+        step, seen here) would otherwise decide every later run.
+        """
         c = cls()
-        for k, v in profile.get("verify", {}).items():
-            c.verify[int(k)], c.n_verify[int(k)] = float(v), 2
-        if profile.get("draft") is not None:
+        verify = {int(k): float(v) for k, v in profile.get("verify", {}).items()}
+        t1 = verify.get(1)
+        for k, v in verify.items():
+            if t1 is None or k == 1 or v <= _SANE_BATCH * k * t1:
+                c.verify[k], c.n_verify[k] = v, 2
+        if profile.get("draft") is not None and (
+                t1 is None or float(profile["draft"]) <= _SANE_DRAFT * t1):
             c.draft, c.n_draft = float(profile["draft"]), 2
         c.overhead_spec = float(profile.get("overhead_spec", 0.0))
         c.overhead_plain = float(profile.get("overhead_plain", 0.0))
         return c
+
+
+def _sample(old: float | None, n: int, seconds: float) -> float:
+    """A cost figure after its ``n + 1``-th sample. The first two are calibration: the
+    lower one stands (a first run of a new batch size pays one-off costs, graph
+    allocation and kernel loading, and contention only ever slows a step down); later
+    ones move an average by ``_EMA``, each capped at ``_SAMPLE_CAP`` times the figure."""
+    if old is None or n == 0:
+        return seconds
+    if n < 2:
+        return min(old, seconds)
+    return old + _EMA * (min(seconds, _SAMPLE_CAP * old) - old)
 
 
 def _line_fit(points: dict[int, float]) -> tuple[float, float, float]:

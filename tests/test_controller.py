@@ -198,6 +198,39 @@ def test_profile_round_trip_starts_decided():
     assert source == PRUNED and gamma > 0      # no calibration steps: decided at once
 
 
+def test_calibration_keeps_the_lower_sample_and_outliers_move_little():
+    c = CostModel()
+    c.add_verify(1, 0.030)   # a first batch pays one-off costs
+    c.add_verify(1, 0.010)
+    assert c.verify[1] == 0.010
+    c.add_verify(2, 0.012)
+    c.add_verify(2, 2.9)     # a starved step while calibrating: the lower one stands
+    assert c.verify[2] == 0.012
+    c.add_verify(1, 3.0)     # 300x after calibration: counted as 4x at most
+    assert c.verify[1] == pytest.approx(0.010 * (1 + 0.15 * 3))
+    for _ in range(12):      # a lasting slowdown still shows within a few steps
+        c.add_verify(1, 0.050)
+    assert c.verify[1] > 0.040
+    c.add_draft(0.011)
+    c.add_draft(2.5)
+    assert c.draft == 0.011
+
+
+def test_a_stored_profile_from_a_starved_run_is_measured_again():
+    """A profile written while the CPU was oversubscribed (this machine, 2026-12-04): a
+    2-token batch at 345 one-token steps, a 4-token one at 15 and a draft step at 300
+    cannot be real."""
+    stored = {"verify": {"1": 0.0084, "2": 2.89, "4": 0.13, "9": 0.0496}, "draft": 2.53,
+              "overhead_spec": 0.0002, "overhead_plain": 0.0001}
+    c = CostModel.from_profile(stored)
+    assert set(c.verify) == {1, 9} and c.draft is None  # 4 tokens at 15 steps: gone too
+    assert c.calibration_need(with_draft=True) == "batch:2"  # measured afresh
+    sane = {"verify": {"1": 0.01, "2": 0.018, "4": 0.03}, "draft": 0.009}
+    c = CostModel.from_profile(sane)
+    assert c.verify == {1: 0.01, 2: 0.018, 4: 0.03} and c.draft == 0.009
+    assert c.calibration_need(with_draft=True) is None
+
+
 @pytest.mark.parametrize("gamma, alpha, expected", [
     (0, 0.5, 1.0),          # a plain step emits one token
     (3, 1.0, 4.0),          # everything accepted: gamma + 1
