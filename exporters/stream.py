@@ -14,11 +14,12 @@ what the in-memory model's layer computes. Masks and rotary tables come from one
 transformers' model with every layer replaced by a recorder (``_Recorder``), as
 ``torch_model.LayerRunner`` records them in its full pass.
 
-Weights are dequantized by ggml's own converters (``exporters.dequant``), 14x faster
-than gguf-py's. Embeddings are read row by row (only the calibration tokens' rows are dequantized); the
-output head, which is as large as a layer for a large vocabulary, is dequantized in slices
-of ``HEAD_ROWS`` vocabulary rows. Pages of the file that were read are handed back to the
-kernel (``madvise``), so the mapped file does not grow the resident set either.
+Weights are dequantized by ggml's own converters (``exporters.dequant``: an 8B layer in
+0.19 s against gguf-py's 1.06 s). Embeddings are read row by row (only the calibration
+tokens' rows are dequantized); the output head, which is as large as a layer for a large
+vocabulary, is dequantized in slices of ``HEAD_ROWS`` vocabulary rows. Pages of the file
+that were read are handed back to the kernel (``madvise``), so the mapped file does not
+grow the resident set either.
 """
 
 from __future__ import annotations
