@@ -86,14 +86,14 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
         given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
                  "method": method, "calib": calib, "device_profile": device_profile,
                  "score_dtype": score_dtype, "threads": threads}
-        if time_budget is not None:
-            given["time_budget"] = parse_minutes(time_budget)
+        # None is a value here ("none": no budget), so it does not go through ``given``
+        budget = {} if time_budget is None else {"time_budget": parse_minutes(time_budget)}
         if drop_layers is not None:
             given["drop_layers"] = parse_layer_list(drop_layers)
         if keep_layers is not None:
             given["keep_layers"] = parse_layer_list(keep_layers, "--keep-layers")
-        cfg = ExportConfig(model=model, **{k: v for k, v in given.items()
-                                           if v is not None or k == "time_budget"})
+        cfg = ExportConfig(model=model, **{k: v for k, v in given.items() if v is not None},
+                           **budget)
         result = run_export(cfg, stages=rich_stages)
     except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         raise click.ClickException(_one_line(e)) from None

@@ -18,6 +18,7 @@ when even those do not fit, the export runs with them and warns with its estimat
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -62,6 +63,11 @@ class Sizing:
                     f"minimum of {self.used} of {self.offered} calibration prompts")
         return (f"{said}: {self.used} of {self.offered} calibration prompts fit the {left} "
                 f"left of the time budget (--time-budget sets it; 'none' uses all)")
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a ``time.perf_counter()`` reading; None: no budget)."""
+    return None if deadline is None else deadline - time.perf_counter()
 
 
 def fit_prompts(offered: int, predict: Callable[[int], Estimate],

@@ -107,7 +107,8 @@ def build_samples(model, tokenizer, runner: LayerRunner, prompts: Sequence[str],
     device = next(model.parameters()).device
     if gguf_path is not None:
         encoded = [format_prompt(tokenizer, text) for text in prompts]
-        conts = llamacpp_continuations(gguf_path, encoded, n_new, threads, progress)
+        with open_llamacpp(gguf_path) as llama:
+            conts = llamacpp_continuations(llama, encoded, n_new, threads, progress)
         return [reference(runner, torch.tensor([e + c], device=device), len(e) - 1)
                 for e, c in zip(encoded, conts, strict=True)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -182,7 +183,9 @@ def llamacpp_row_seconds(model, prompt: Sequence[int], threads: int | None = Non
     warm = min(_WARM_ROWS, len(prompt) - 1)
     with LlamaContext(model, n_ctx=len(prompt) + 1, n_threads=threads) as ctx:
         n = len(prompt)
-        ctx.decode_rows(list(prompt[:warm]), list(range(warm)), [0] * warm, [False] * warm)
+        if warm:
+            ctx.decode_rows(list(prompt[:warm]), list(range(warm)), [0] * warm,
+                            [False] * warm)
         start = time.perf_counter()
         for a in range(warm, n, ctx.n_batch):
             b = min(a + ctx.n_batch, n)
@@ -195,9 +198,8 @@ def llamacpp_continuations(model, prompts: Sequence[list[int]],
                            n_new: int = DEFAULT_NEW_TOKENS, threads: int | None = None,
                            progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """The full model's greedy continuation of each tokenized prompt, written by
-    llama.cpp on the GGUF itself (``model``: its path, or an ``open_llamacpp`` model):
-    quantized kernels, the weights read from the mapped file, none of them copied into
-    PyTorch.
+    llama.cpp on the GGUF itself (``model``: an ``open_llamacpp`` model): quantized
+    kernels, the weights read from the mapped file, none of them copied into PyTorch.
 
     All prompts are generated together, as parallel sequences of one context: one
     ``llama_decode`` per step, with one row per unfinished sequence. On a CPU a one-row
@@ -215,14 +217,6 @@ def llamacpp_continuations(model, prompts: Sequence[list[int]],
         progress: called with the number of rows just evaluated (``generation_rows`` in
             all; a sequence that ends early counts the rows it did not need).
     """
-    if isinstance(model, (str, Path)):
-        with open_llamacpp(Path(model)) as opened:
-            return _continuations(opened, prompts, n_new, threads, progress)
-    return _continuations(model, prompts, n_new, threads, progress)
-
-
-def _continuations(model, prompts: Sequence[list[int]], n_new: int, threads: int | None,
-                   progress: Callable[[int], None] | None) -> list[list[int]]:
     import numpy as np
 
     from runtime.context import LlamaContext

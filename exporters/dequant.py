@@ -4,8 +4,9 @@ gguf-py's numpy dequantizer builds every block through a chain of whole-array
 temporaries: one Q4_0 FFN matrix of an 8B model (14336 x 4096) takes 0.7 s on a Zen 4
 core, and a streamed export dequantizes every layer twice (scoring, then held-out
 acceptance): about 2 minutes of an 8B export. ggml's ``to_float`` for the same type, in
-the libggml-base that llama-cpp-python ships, writes the same float32 values in 0.05 s,
-and it runs without the GIL, so the rows are split over the scoring threads.
+the libggml-base that llama-cpp-python loaded (``runtime.context.ggml_library``), writes
+the same float32 values in 0.05 s, and it runs without the GIL, so the rows are split
+over the scoring threads.
 
 The converter comes from ``ggml_get_type_traits(type)`` through ctypes. The struct's
 layout is the pinned llama.cpp's (``ggml.h``); before a type's converter is trusted, its
@@ -21,7 +22,6 @@ import ctypes
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -45,9 +45,9 @@ class _Traits(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     try:
-        import llama_cpp
+        from runtime.context import ggml_library
 
-        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib = ggml_library("ggml-base")
         lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
         lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
         return lib

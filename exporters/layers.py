@@ -334,8 +334,8 @@ def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
         log.info("method: %s (shortlist's scoring is predicted at %.0f s on this machine, "
                  "the budget is %.0f s; --method overrides)", method, est.scoring,
                  AUTO_METHOD_BUDGET_S)
-    left = None if deadline is None else deadline - time.perf_counter()
-    sizing = budget.fit_prompts(len(prompts), lambda n: predict(method, n), left)
+    sizing = budget.fit_prompts(len(prompts), lambda n: predict(method, n),
+                                budget.time_left(deadline))
     budget.log_sizing(sizing, method,
                       "; --method shortlist chooses as well at a fraction of the cost"
                       if method == "greedy" else

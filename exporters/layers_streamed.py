@@ -143,7 +143,7 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
                 method, plan.n_layers, [len(e) + n_new for e in calib_e],
                 [len(e) + n_new for e in held_e], n_new, max_drop if auto else 1)
 
-        sizing = budget.fit_prompts(len(prompts), predict, _left(deadline))
+        sizing = budget.fit_prompts(len(prompts), predict, budget.time_left(deadline))
         budget.log_sizing(sizing, method, "; --drop-layers skips scoring")
         timings["predicted_total"] = sizing.estimate.total
         calib_e, held_e = budget.subset(encoded, sizing.used)
@@ -171,10 +171,6 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     return layer_report(source.name, plan, method, scores, all_scores, alphas, costs,
                         profile, auto, (len(calib_e), len(held_e), n_tokens), timings,
                         sizing)
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.perf_counter()
 
 
 def _tokenizer(path: Path, src):

@@ -179,20 +179,9 @@ def refusing(endpoints: Sequence[Endpoint], timeout: float = 1.0) -> list[Endpoi
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """libggml (the registry) and libggml-base (devices, the abort callback), the very
     libraries llama-cpp-python loaded, with the signatures used here (from ggml-backend.h)."""
-    import llama_cpp
-    from llama_cpp._ctypes_extensions import load_shared_library
+    from runtime.context import ggml_library
 
-    lib_dir = llama_cpp.llama_cpp._base_path
-
-    def load(name: str) -> ctypes.CDLL:
-        # A wheel holds libggml-base.so, .so.0 and .so.0.25.3 as three copies, not links, and
-        # libllama resolves the soname (.so.0): a callback set in another copy never fires.
-        for soname in (f"lib{name}.so.0", f"lib{name}.0.dylib"):
-            if (lib_dir / soname).is_file():
-                return ctypes.CDLL(str(lib_dir / soname))
-        return load_shared_library(name, lib_dir)
-
-    ggml, base = load("ggml"), load("ggml-base")
+    ggml, base = ggml_library("ggml"), ggml_library("ggml-base")
     vp, sz, s = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
     for lib, name, args, res in (
             (ggml, "ggml_backend_reg_by_name", [s], vp),

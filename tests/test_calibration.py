@@ -94,7 +94,8 @@ def test_one_prompt_continues_as_one_by_one_greedy_decoding(smollm2_gguf):
     from runtime.context import LlamaContext, LlamaModel
 
     ids = _tokenized(smollm2_gguf)[0]
-    (cont,) = cal.llamacpp_continuations(smollm2_gguf, [ids], 24, threads=1)
+    with cal.open_llamacpp(smollm2_gguf) as llama:
+        (cont,) = cal.llamacpp_continuations(llama, [ids], 24, threads=1)
     with LlamaModel(smollm2_gguf, repack=False) as m, LlamaContext(m, 256, n_threads=1) as c:
         first = int(np.argmax(c.eval(ids)[-1]))
         expected = [first] + c.greedy_native(first, 23, m.is_eog)[0]
@@ -117,7 +118,8 @@ def test_parallel_continuations_are_each_the_models_own_greedy_text(smollm2_gguf
     from runtime.context import LlamaContext, LlamaModel
 
     prompts, n_new, seen = _tokenized(smollm2_gguf), 20, []
-    conts = cal.llamacpp_continuations(smollm2_gguf, prompts, n_new, 1, seen.append)
+    with cal.open_llamacpp(smollm2_gguf) as llama:
+        conts = cal.llamacpp_continuations(llama, prompts, n_new, 1, seen.append)
     assert sum(seen) == cal.generation_rows(prompts, n_new)  # the progress bar ends full
     with LlamaModel(smollm2_gguf, repack=False) as m, LlamaContext(m, 256, n_threads=1) as c:
         for ids, cont in zip(prompts, conts, strict=True):
