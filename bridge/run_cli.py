@@ -168,14 +168,15 @@ def _given(**kwargs):
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def build_engine(o: dict, memory=None):
+def build_engine(o: dict, memory=None, **serving):
     """Settings objects from the parsed options, then the engine (imports stay lazy so
-    `bridge --help` does not load llama.cpp). ``memory``: a server's ``DraftMemory``."""
+    `bridge --help` does not load llama.cpp). ``memory``: a server's ``DraftMemory``;
+    ``serving``: a server's ``parallel`` and ``prefill_chunk``."""
     from runtime.engine import Engine
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
                                      n_threads=o["n_threads"], exact=o["exact"],
-                                     backend_argmax=o["backend_argmax"]),
+                                     backend_argmax=o["backend_argmax"], **serving),
                             **rpc_settings(o))
     drafter = "none" if o["no_draft"] else o["drafter"]
     if o["no_draft"] and o["drafter"] not in (None, "none"):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from runtime.config import serve_parallel
+
 from bridge.run_cli import (
     _given,
     build_engine,
@@ -53,6 +55,16 @@ from bridge.run_cli import (
               metavar="SECONDS TOKENS",
               help="Save the memory file after SECONDS (default 60) or once TOKENS (default "
                    "20000) were added since the last save: what a crash can lose.")
+@click.option("--parallel", type=int,
+              help="Requests served at once: sequences sharing one KV cache of -c tokens, "
+                   "evaluated together (default 4; 1 with --exact, --draft or --drafter "
+                   "pruned).")
+@click.option("--prefill-chunk", type=int,
+              help="Most prompt tokens a sequence evaluates per shared step, so a long "
+                   "prompt delays the others by one chunk (default 256).")
+@click.option("--max-queue", type=int,
+              help="Most requests waiting for a free sequence; past it 503 with "
+                   "Retry-After (default: no bound).")
 @click.option("--listen-fd", type=int, hidden=True,
               help="Internal: serve on this inherited listening socket (the --rpc "
                    "supervisor's child).")
@@ -62,12 +74,14 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
               cors_origins: tuple[str, ...], max_body: int | None, max_messages: int | None,
               context_overflow: str | None, memory_tokens: int | None,
               no_shared_drafts: bool, memory_file: Path | None,
-              memory_save: tuple[float, int] | None, listen_fd: int | None, **o) -> None:
+              memory_save: tuple[float, int] | None, parallel: int | None,
+              prefill_chunk: int | None, max_queue: int | None, listen_fd: int | None,
+              **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
     /stats).
 
-    Requests are answered one at a time (one model, one KV cache); concurrent clients
-    wait their turn. The sampling and drafting options set the defaults that requests may
+    Up to --parallel requests are answered at once, their steps evaluated together in one
+    batch; more wait their turn. The sampling and drafting options set the defaults that requests may
     override. Requests also draft from earlier requests made with the same API key (a
     request sends "shared_drafts": false to stay out). Ctrl-C or SIGTERM stops the server
     cleanly.
@@ -87,7 +101,8 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     keys = ((api_key,) if api_key is not None else ()) + \
         (read_keys_file(api_key_file) if api_key_file else ())
     cfg = ServerConfig(**_given(host=host, port=port, max_body=max_body,
-                                max_messages=max_messages, context_overflow=context_overflow),
+                                max_messages=max_messages, context_overflow=context_overflow,
+                                max_queue=max_queue),
                        api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins, memory=memory_cfg)
     gen = generation(o)
@@ -100,5 +115,8 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
         supervise([sys.executable, "-m", "bridge.cli", *sys.argv[1:]], cfg.host, cfg.port)
         return
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
-    with build_engine(o, memory=open_memory(memory_cfg, o["model"])) as engine:
+    pruned = o["draft"] is not None or o["drafter"] == "pruned"
+    serving = _given(parallel=parallel if parallel is not None else serve_parallel(
+        bool(o["exact"]), pruned), prefill_chunk=prefill_chunk)
+    with build_engine(o, memory=open_memory(memory_cfg, o["model"]), **serving) as engine:
         serve(engine, cfg, gen, sock)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from runtime.chat_render import ChatRenderer, ChatTemplateError, Rendered, fit
 from runtime.config import GenerationConfig
-from runtime.engine import Chunk, Engine
+from runtime.engine import Chunk, Engine, Lane
 from runtime.speculative import Stats
 from runtime.tools import detect
 
@@ -36,10 +36,12 @@ class ChatSession:
     Args:
         engine: the loaded model (and draft).
         system: an optional system message, kept when old turns are dropped.
+        lane: the engine's sequence this conversation lives in (default: the first).
     """
 
-    def __init__(self, engine: Engine, system: str | None = None):
+    def __init__(self, engine: Engine, system: str | None = None, lane: Lane | None = None):
         self.engine = engine
+        self.lane = lane if lane is not None else engine.lanes[0]
         self.history: list[dict[str, str]] = \
             [{"role": "system", "content": system}] if system else []
         self.dropped_turns = 0
@@ -118,7 +120,7 @@ class ChatSession:
         parts: list[str] = []
         ids: list[int] = []
         try:
-            for chunk in self.engine.generate(prompt, gen, stats, **overrides):
+            for chunk in self.lane.generate(prompt, gen, stats, **overrides):
                 parts.append(chunk.text)
                 ids.extend(chunk.tokens)
                 yield chunk
@@ -158,8 +160,17 @@ class ChatSession:
         self.history = kept
         return self._ids_for(rendered), rendered.text
 
+    @property
+    def cached_text(self) -> str:
+        """The conversation text the lane's cache holds (what a follow-up can reuse)."""
+        return self._text
+
+    def forget(self) -> None:
+        """The lane's cache was emptied under this session (evicted): start over."""
+        self._text, self._ids = "", []
+
     def reset(self) -> None:
         self.history = [m for m in self.history if m["role"] == "system"]
-        self._text, self._ids = "", []
-        self.engine.reset()
+        self.forget()
+        self.lane.reset()
 

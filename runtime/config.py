@@ -86,6 +86,10 @@ class RuntimeConfig:
     ``backend_argmax`` lets llama.cpp take greedy choices inside its graph, so plain
     greedy decoding copies no logits out (``LlamaContext.eval_argmax``).
 
+    ``parallel``: sequences evaluated together in one KV cache of ``n_ctx`` tokens that
+    they share (a server's concurrent requests, ``runtime.batching``); a long prompt joins
+    the others' rounds ``prefill_chunk`` tokens at a time.
+
     ``rpc``: llama.cpp RPC workers (``rpc-server``) that take the target's offloaded layers
     (``n_gpu_layers`` of them, as with llama.cpp's ``--rpc``); the draft stays on this
     machine unless ``draft_rpc`` names workers for it. ``rpc_timeout``: seconds one
@@ -102,8 +106,20 @@ class RuntimeConfig:
     rpc: tuple[Endpoint, ...] = ()
     draft_rpc: tuple[Endpoint, ...] = ()
     rpc_timeout: float = 120.0
+    parallel: int = 1
+    prefill_chunk: int = 256
 
     def __post_init__(self) -> None:
+        _check(1 <= self.parallel <= 256, f"--parallel must be in 1..256, got {self.parallel}")
+        _check(not (self.exact and self.parallel > 1),
+               "--exact evaluates one sequence at a time (a shared batch changes how "
+               "llama.cpp rounds each row); use --parallel 1 with it")
+        _check(1 <= self.prefill_chunk <= self.n_batch,
+               f"--prefill-chunk must be in 1..{self.n_batch} (--batch), got "
+               f"{self.prefill_chunk}")
+        _check(self.n_ctx >= 64 * self.parallel,
+               f"-c/--ctx {self.n_ctx} leaves under 64 tokens per sequence for "
+               f"--parallel {self.parallel}; raise -c or lower --parallel")
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
         _check(1 <= self.n_batch <= 1 << 16, f"--batch must be >= 1, got {self.n_batch}")
         _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")
@@ -111,6 +127,17 @@ class RuntimeConfig:
                f"--threads must be >= 1, got {self.n_threads}")
         _check(1.0 <= self.rpc_timeout <= 86400.0,
                f"--rpc-timeout must be in 1..86400 seconds, got {self.rpc_timeout}")
+
+
+# `bridge serve`'s sequences unless told: llama-server's default is 4 slots too, and on the
+# 2-core machines measured (bench/results/2026-12-07-parallel-*.md) 4 served best
+SERVE_PARALLEL = 4
+
+
+def serve_parallel(exact: bool, pruned: bool = False) -> int:
+    """``--parallel``'s default for a server: one sequence under ``--exact``, and when a
+    pruned draft is asked for by name (its context drafts for one sequence)."""
+    return 1 if exact or pruned else SERVE_PARALLEL
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,11 @@ class Constraint:
         self.seconds = 0.0
         self.n_masks = 0
 
+    def fresh(self) -> Constraint:
+        """A copy with a state of its own (the compiled grammar is shared): two answers
+        under one schema, at once, must not move each other's matcher."""
+        return Constraint(self._m.deep_copy(), self.n_vocab)
+
     def bind(self, start: int) -> None:
         """Start a new answer at sequence position ``start`` (the prompt's length)."""
         t = time.perf_counter()

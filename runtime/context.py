@@ -497,6 +497,16 @@ class LlamaContext:
         self.eval_seconds += time.perf_counter() - start_time
         return self._logits_view(ptr, sum(map(bool, want)))
 
+    def remove_seq(self, seq: int, start: int) -> None:
+        """Forget positions ``start..`` of sequence ``seq`` (``decode_rows``' sequences:
+        their positions are the caller's to keep, as ``n_past`` is for sequence 0)."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, start, -1):
+            raise RuntimeError(f"llama_memory_seq_rm failed for sequence {seq} at {start}")
+
+    def seq_cells(self, seq: int) -> int:
+        """How many positions sequence ``seq`` holds in the cache (its highest + 1)."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq)) + 1
+
     def greedy_native(self, first: int, n_tokens: int, is_eog, backend: bool = False
                       ) -> tuple[list[int], float]:
         """The leanest greedy loops llama-cpp-python allows, as benchmark baselines: one
@@ -543,6 +553,10 @@ class LlamaContext:
             raise
         finally:
             llama_cpp.llama_sampler_free(smpl)
+
+    def idle(self) -> None:
+        """A generation ended. Nothing to do for a context of one's own; a sequence of a
+        shared one (``runtime.batching.SequenceView``) leaves the rounds here."""
 
     def truncate(self, n_keep: int) -> None:
         """Forget every token from position ``n_keep`` on (roll back the KV cache)."""

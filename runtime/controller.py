@@ -28,7 +28,7 @@ predictable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -60,6 +60,7 @@ _SAMPLE_CAP = 4.0
 # step, in one-token target steps, before the figure is measured again (from_profile).
 _SANE_BATCH = 2.0
 _SANE_DRAFT = 4.0
+_HISTORY_MAX = 4096  # choices kept for inspection (halved when full)
 PRUNED = "pruned"
 GRAMMAR = "grammar"  # the tokens a constraint forces: its text is certain, so its prior is high
 
@@ -278,8 +279,12 @@ class GammaController:
     """
 
     def __init__(self, draft_max: int, adaptive: bool = True, has_pruned: bool = True,
-                 costs: CostModel | None = None):
+                 costs: CostModel | None = None,
+                 load: Callable[[], tuple[int, float]] | None = None):
         self.draft_max = draft_max
+        # in a shared batch: (rows, tokens) the other sequences put in the round, and the
+        # rounds are timed by the shared context (a step's own wait includes the others')
+        self.load = load
         self.adaptive = adaptive
         self.has_pruned = has_pruned
         self.costs = costs or CostModel()
@@ -294,8 +299,19 @@ class GammaController:
         self._n_judged = 0  # drafts judged so far: acceptance changes only with this
         self._verdict: tuple[tuple | None, bool] = (None, False)  # _pruned_off()'s
         self._plain_verdict: tuple[tuple | None, bool] = (None, False)  # plain_now()'s
+        # the last choices, for tests and debugging (bounded: a server runs for weeks)
         self.history: list[int] = []           # gamma chosen at each step
         self.source_history: list[str | None] = []
+
+    def _record(self, gamma: int, source: str | None) -> None:
+        if len(self.history) >= _HISTORY_MAX:
+            del self.history[: _HISTORY_MAX // 2]
+            del self.source_history[: _HISTORY_MAX // 2]
+        self.history.append(gamma)
+        self.source_history.append(source)
+
+    def _others(self) -> tuple[int, float]:
+        return self.load() if self.load is not None else (0, 0.0)
 
     # -- acceptance ---------------------------------------------------------------------
 
@@ -355,7 +371,7 @@ class GammaController:
         if self._since_probe + 1 >= self._backoff:
             return True
         # the verdict holds until the costs are refitted or an acceptance changes
-        key = (self.costs.version, self.draft_max, self._n_judged)
+        key = (self.costs.version, self.draft_max, self._n_judged, self._others())
         if self._could_pay[0] != key:
             self._could_pay = (key, {})
         verdicts = self._could_pay[1]
@@ -383,7 +399,8 @@ class GammaController:
         # the draft's cost, the acceptances, the sources (calibration, once complete for a
         # draft_max, stays complete)
         c = self.costs
-        key = (c.version, c.draft, self.draft_max, self._n_judged, tuple(sources))
+        key = (c.version, c.draft, self.draft_max, self._n_judged, self._others(),
+               tuple(sources))
         if self._plain_verdict[0] != key:
             plain = c.calibration_need(self.has_pruned, self.draft_max + 1) is None and not any(
                 (not self._pruned_off()) if name == PRUNED else self.wants(name)
@@ -394,15 +411,13 @@ class GammaController:
         # what choose() -> _maybe_probe() records for a plain step that is not a probe
         self._since_probe += 1
         self._since_retime += 1
-        self.history.append(0)
-        self.source_history.append(None)
+        self._record(0, None)
         return True
 
     def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
         """(source, gamma) for the next step; (None, 0) is a plain step."""
         source, gamma = self._choose(offers)
-        self.history.append(gamma)
-        self.source_history.append(source)
+        self._record(gamma, source)
         return source, gamma
 
     def _choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
@@ -479,23 +494,26 @@ class GammaController:
         """Up to _PROBE_GAMMA drafts, but no more than a batch costing at most two plain
         steps buys: on a CPU where batching buys nothing a probe then costs under one
         extra step, on a GPU it drafts the full _PROBE_GAMMA."""
-        t1 = self.costs.verify_cost(1)
+        v, r = self.costs.verify_cost, self._others()[0]
+        t1 = v(1)
         g = 1
+        # the probe's extra rows, on top of what the round holds anyway (r = 0 alone)
         while g < min(_PROBE_GAMMA, self.draft_max, n_max) and \
-                self.costs.verify_cost(g + 2) <= 2.0 * t1:
+                v(r + g + 2) - v(r + 1) <= t1:
             g += 1
         return g
 
     def _rate(self, gamma: int, alpha: float, c: float) -> float:
         k = self.costs
-        return costmodel.expected_tokens(gamma, alpha) / costmodel.step_cost(
-            gamma, c, k.verify_cost, k.overhead_spec if gamma else k.overhead_plain)
+        return costmodel.batch_rate(gamma, alpha, c, k.verify_cost,
+                                    k.overhead_spec if gamma else k.overhead_plain,
+                                    self._others())
 
     def _best(self, alpha: float, c: float | None, gamma_max: int, gamma_min: int = 0
               ) -> tuple[int, float]:
         k = self.costs
         return costmodel.best_gamma(alpha, c or 0.0, k.verify_cost, gamma_max, gamma_min,
-                                    (k.overhead_plain, k.overhead_spec))
+                                    (k.overhead_plain, k.overhead_spec), self._others())
 
     def best_gamma(self, alpha: float) -> int:
         """The pruned draft's best gamma at acceptance ``alpha`` on the current costs."""
@@ -506,7 +524,8 @@ class GammaController:
     def observe(self, rec: StepRecord) -> None:
         """Record one step."""
         c = self.costs
-        c.add_verify(rec.n_verified, rec.verify_seconds)
+        if self.load is None:  # shared rounds are timed whole by runtime.batching
+            c.add_verify(rec.n_verified, rec.verify_seconds)
         if rec.n_catchup:
             c.add_catchup(rec.catchup_seconds, rec.n_catchup)
         if rec.n_drafted and rec.source is not None:

@@ -12,6 +12,17 @@ tokens, so speculation runs at E(gamma) / (gamma * c + V(gamma + 1)) tokens per 
 cost, against 1 / V(1) for plain decoding:
 
     speedup(gamma) = E(gamma) * V(1) / (gamma * c + V(gamma + 1)).
+
+In a batch shared with other sequences (``runtime.batching``), whose rows R_o yield T_o
+tokens per round, one sequence's gamma changes the whole round, and the round's throughput
+is what counts:
+
+    rate(gamma) = (T_o + E(gamma)) / (gamma * c + V(R_o + gamma + 1)),
+
+so a draft row is worth adding only while its expected yield beats what it adds to the
+round's cost for everyone. With R_o = T_o = 0 this is the single-sequence rate. As the
+batch fills on a CPU, V grows about linearly in R and drafts shrink to zero by themselves;
+on a nearly flat curve (a GPU) they stay.
 """
 
 from __future__ import annotations
@@ -40,15 +51,25 @@ def speedup(gamma: int, alpha: float, c_draft: float, verify: VerifyCost) -> flo
     return expected_tokens(gamma, alpha) * verify(1) / step_cost(gamma, c_draft, verify)
 
 
+def batch_rate(gamma: int, alpha: float, c_draft: float, verify: VerifyCost,
+               overhead: float = 0.0, others: tuple[int, float] = (0, 0.0)) -> float:
+    """(T_o + E(gamma)) / (gamma * c + V(R_o + gamma + 1) + overhead): tokens per unit
+    cost of a round whose other sequences put ``others`` = (R_o rows, T_o tokens) in it."""
+    rows, tokens = others
+    return (tokens + expected_tokens(gamma, alpha)) / (
+        gamma * c_draft + verify(rows + gamma + 1) + overhead)
+
+
 def best_gamma(alpha: float, c_draft: float, verify: VerifyCost, gamma_max: int,
-               gamma_min: int = 0, overheads: tuple[float, float] = (0.0, 0.0)
-               ) -> tuple[int, float]:
-    """(gamma, tokens per unit cost) maximizing E(gamma) / T(gamma) over gamma_min..gamma_max.
+               gamma_min: int = 0, overheads: tuple[float, float] = (0.0, 0.0),
+               others: tuple[int, float] = (0, 0.0)) -> tuple[int, float]:
+    """(gamma, tokens per unit cost) maximizing ``batch_rate`` over gamma_min..gamma_max
+    (alone in its batch, ``others`` = (0, 0): E(gamma) / T(gamma)).
 
     ``overheads`` = (per plain step, per speculative step), e.g. Python time in seconds.
     """
     def rate(g: int) -> float:
-        return expected_tokens(g, alpha) / step_cost(g, c_draft, verify, overheads[g > 0])
+        return batch_rate(g, alpha, c_draft, verify, overheads[g > 0], others)
 
     return max(((g, rate(g)) for g in range(gamma_min, gamma_max + 1)), key=lambda gr: gr[1])
 

@@ -1,21 +1,24 @@
 """The public runtime object: a target GGUF, its draft, and text in and out.
 
 ``Engine`` owns both llama.cpp models and contexts (``close()`` frees them), finds the draft
-beside the model (``MODEL.draft.gguf``), refuses a draft made for another model, and turns
-the token-level decode loop into streamed text with stop strings and chat templates.
+beside the model (``MODEL.draft.gguf``), refuses a draft made for another model, and builds
+one ``Lane`` (``runtime.lane``) per sequence of the target's context: the lane turns the
+token-level decode loop into streamed text with stop strings. With ``parallel`` > 1 the
+sequences share one KV cache and are evaluated together, a round at a time
+(``runtime.batching``); the lanes share the measured costs, the compiled constraints and
+the drafting memory, and nothing else.
 """
 
 from __future__ import annotations
 
-import bisect
-import codecs
 import logging
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import keys
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
+from runtime.batching import SharedContext
 from runtime.constraint import Constraint, ConstraintCompiler, ConstraintSpec
 from runtime.context import LlamaContext, LlamaModel, Numerics, llama_cpp_version
 from runtime.controller import CostModel, GammaController
@@ -23,28 +26,21 @@ from runtime.drafters.lookup import LookupDrafter
 from runtime.drafters.memory import DraftMemory, MemoryDrafter
 from runtime.drafters.pruned import PrunedDrafter
 from runtime.files import draft_path_for, sha256_file_cached
+from runtime.lane import Chunk, Lane
 from runtime.numerics import exact_width
 from runtime.profiles import load_profile, save_profile
 from runtime.rpc import RpcDevices, Watchdog, watch_aborts
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
 
+__all__ = ["Chunk", "Engine", "Lane", "check_draft_matches"]
+
 log = logging.getLogger(__name__)
 
 # exact mode's probe text (any tokens would do; see runtime.numerics.exact_width)
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and 17 times 23 is 391."
-
-@dataclass(slots=True)
-class Chunk:
-    """A piece of streamed output: ``text`` (possibly empty while a multi-byte character
-    or a possible stop string is held back), the token ids it came from, and on the last
-    chunk why generation ended (``eog``, ``stop``, ``length`` or ``context``)."""
-
-    text: str
-    tokens: list[int]
-    finish_reason: str | None = None
-    # per token, when asked for: (log-prob, [(token, log-prob) of the most likely])
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+# batch widths timed before serving several sequences (see SharedContext.calibrate)
+_SHARED_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Engine:
@@ -57,6 +53,7 @@ class Engine:
         runtime: llama.cpp resources; speculative / sampling: see their dataclasses.
             ``speculative.drafter`` picks the sources: ``auto`` (lookup, plus the pruned
             draft when one was found), ``lookup``, ``pruned`` or ``none``.
+            ``runtime.parallel`` sequences share the target's cache, one ``Lane`` each.
         memory: a drafting memory shared across requests (a server's): with ``auto`` or
             ``lookup`` it is one more source, and every finished sequence is added to it.
     """
@@ -71,7 +68,17 @@ class Engine:
         self.sampling = sampling or SamplingConfig()
         model = Path(model)
         _check_gguf(model, "model")
+        n_seq = self.runtime.parallel
+        # the pruned draft's context holds one sequence: it drafts for a single lane only
         use_pruned = self.spec_cfg.drafter in ("auto", "pruned")
+        if n_seq > 1 and use_pruned and (self.spec_cfg.drafter == "pruned" or
+                                         draft not in (None, "auto")):
+            raise ValueError("a pruned draft (--draft, --drafter pruned) drafts for one "
+                             f"sequence; use --parallel 1 with it, not --parallel {n_seq}")
+        if n_seq > 1 and use_pruned and draft == "auto" and draft_path_for(model).is_file():
+            log.info("%d sequences at once: the pruned draft beside the model is not used "
+                     "(it drafts for one sequence; --parallel 1 uses it)", n_seq)
+        use_pruned = use_pruned and n_seq == 1
         self.draft_path = self._resolve_draft(model, draft) if use_pruned else None
         if self.spec_cfg.drafter == "pruned" and self.draft_path is None:
             raise ValueError(f"--drafter pruned needs a draft GGUF, and none was found at "
@@ -79,7 +86,8 @@ class Engine:
                              f"{model} --prune 0.25`, pass --draft PATH, or use "
                              f"--drafter lookup")
         self._owned: list = []
-        self.last_stats: Stats | None = None
+        self._lock = threading.Lock()  # the compiled constraints and the stored profile
+        self.shared: SharedContext | None = None
         try:
             # only the target needs exact numerics: a draft is a proposal, checked anyway
             self.numerics = Numerics.exact() if self.runtime.exact else Numerics()
@@ -91,13 +99,7 @@ class Engine:
             self.model = self._own(LlamaModel(model, self.runtime.n_gpu_layers,
                                               repack=self.numerics.repack,
                                               devices=target_devices))
-            self.ctx = self._own(self._context(self.model, self.numerics))
-            self.sampler = Sampler(self.sampling)
-            drafters: list = []
-            if self.spec_cfg.drafter in ("auto", "lookup"):
-                drafters.append(LookupDrafter())
-                if memory is not None:
-                    drafters.append(MemoryDrafter(memory))
+            self.ctx = self._own(self._context(self.model, self.numerics, n_seq))
             self.memory = memory if self.spec_cfg.drafter in ("auto", "lookup") else None
             if self.draft_path is not None:
                 draft_devices = RpcDevices(rt.draft_rpc) if rt.draft_rpc else None
@@ -106,21 +108,24 @@ class Engine:
                                                         devices=draft_devices))
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
-                drafters.append(PrunedDrafter(self.draft_ctx, self.sampler))
             self.max_rows = self._exact_rows() if self.runtime.exact else None
-            if self.max_rows == 1:
-                drafters = []
-            self._profile_key = self._profile_key_for(drafters) if drafters else None
-            stored = None if self.spec_cfg.recalibrate or not drafters \
+            sources = self._source_names()
+            self._profile_key = self._profile_key_for(sources) if sources else None
+            stored = None if self.spec_cfg.recalibrate or not sources \
                 else load_profile(self._profile_key)
-            self.controller = GammaController(
-                self.draft_cap(self.spec_cfg.draft_max), self.spec_cfg.adaptive,
-                has_pruned=self.draft_path is not None,
-                costs=CostModel.from_profile(stored) if stored else None)
-            self.decoder = SpeculativeDecoder(self.ctx, drafters, self.sampler,
-                                              self.controller, self.spec_cfg.p_min,
-                                              max_rows=self.max_rows,
-                                              forced_drafts=self.spec_cfg.forced_drafts)
+            self.costs = CostModel.from_profile(stored) if stored else CostModel()
+            calibrated = stored is not None
+            if n_seq > 1:
+                self.shared = SharedContext(self.ctx, n_seq, rt.prefill_chunk,
+                                            on_round=self.costs.add_verify)
+                targets = self.shared.views
+            else:
+                targets = [self.ctx]
+            self.lanes = [self._lane(i, t, calibrated) for i, t in enumerate(targets)]
+            if self.shared is not None and sources and self.spec_cfg.adaptive:
+                widest = n_seq * (self.spec_cfg.draft_max + 1)
+                self.shared.calibrate(tuple(w for w in _SHARED_WIDTHS if w <= widest and
+                                            self.costs.n_verify.get(w, 0) < 2))
             if rt.rpc or rt.draft_rpc:
                 remote = [self.ctx] if rt.rpc else []
                 if rt.draft_rpc and self.draft_path is not None:
@@ -133,13 +138,47 @@ class Engine:
             self.close()
             raise
 
+    def _source_names(self) -> list[str]:
+        """The draft sources every lane has (the memory is added per lane when present)."""
+        if self.max_rows == 1:
+            return []
+        names = ["lookup"] if self.spec_cfg.drafter in ("auto", "lookup") else []
+        if self.memory is not None:
+            names.append("memory")
+        if self.draft_path is not None:
+            names.append("pruned")
+        return names
+
+    def _lane(self, index: int, target, calibrated: bool) -> Lane:
+        """One sequence's sampler, drafters, controller and decode loop over ``target``."""
+        sampler = Sampler(self.sampling)
+        drafters: list = []
+        names = self._source_names()
+        if "lookup" in names:
+            drafters.append(LookupDrafter())
+        if "memory" in names:
+            drafters.append(MemoryDrafter(self.memory))
+        if "pruned" in names:
+            drafters.append(PrunedDrafter(self.draft_ctx, sampler))
+        load = (lambda s=index: self.shared.load(s)) if self.shared is not None else None
+        controller = GammaController(
+            self.draft_cap(self.spec_cfg.draft_max), self.spec_cfg.adaptive,
+            has_pruned=self.draft_path is not None, costs=self.costs, load=load)
+        controller.calibrated_from_profile = calibrated
+        decoder = SpeculativeDecoder(target, drafters, sampler, controller,
+                                     self.spec_cfg.p_min, max_rows=self.max_rows,
+                                     forced_drafts=self.spec_cfg.forced_drafts)
+        return Lane(self, decoder, index)
+
     def _own(self, obj):
         self._owned.append(obj)
         return obj
 
-    def _context(self, model: LlamaModel, numerics: Numerics | None = None) -> LlamaContext:
+    def _context(self, model: LlamaModel, numerics: Numerics | None = None,
+                 n_seq: int = 1) -> LlamaContext:
         return LlamaContext(model, self.runtime.n_ctx, self.runtime.n_batch,
-                            self.runtime.n_threads, numerics, self.runtime.backend_argmax)
+                            self.runtime.n_threads, numerics, self.runtime.backend_argmax,
+                            n_seq=n_seq)
 
     def _exact_rows(self) -> int:
         """Exact mode: the widest batch that matches one-token steps bitwise here."""
@@ -158,16 +197,23 @@ class Engine:
         """``gamma`` within exact mode's widest bitwise-equal batch (unchanged otherwise)."""
         return gamma if self.max_rows is None else max(1, min(gamma, self.max_rows - 1))
 
-    def _profile_key_for(self, drafters: list) -> str:
+    def _profile_key_for(self, sources: list[str]) -> str:
         """Which stored device profile applies: same files, threads, offload and build."""
         draft = sha256_file_cached(self.draft_path) if self.draft_path else "none"
         rt = self.runtime
         return (f"{sha256_file_cached(self.model.path)}:{draft}:"
-                f"{'+'.join(sorted(d.source for d in drafters))}:t{rt.n_threads or 'all'}:"
+                f"{'+'.join(sorted(sources))}:t{rt.n_threads or 'all'}:"
                 f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:{'exact:' if rt.exact else ''}"
+                f"{'shared:' if rt.parallel > 1 else ''}"
                 f"{'rpc' + ','.join(map(str, rt.rpc)) + ':' if rt.rpc else ''}"
                 f"{'draft-rpc' + ','.join(map(str, rt.draft_rpc)) + ':' if rt.draft_rpc else ''}"
                 f"llama-cpp-python{llama_cpp_version()}")
+
+    def save_costs(self) -> None:
+        """Store the measured costs for the next run with the same files and settings."""
+        if self._profile_key and self.spec_cfg.adaptive:
+            with self._lock:
+                save_profile(self._profile_key, self.costs.to_profile())
 
     @staticmethod
     def _resolve_draft(model: Path, draft: str | Path | None) -> Path | None:
@@ -184,6 +230,24 @@ class Engine:
         _check_gguf(path, "draft")
         return path
 
+    # -- the first lane, for callers that use one sequence --------------------------------
+
+    @property
+    def decoder(self) -> SpeculativeDecoder:
+        return self.lanes[0].decoder
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.lanes[0].sampler
+
+    @property
+    def controller(self) -> GammaController:
+        return self.lanes[0].controller
+
+    @property
+    def last_stats(self) -> Stats | None:
+        return self.lanes[0].last_stats
+
     @property
     def sources(self) -> list[str]:
         """The draft sources this engine can choose from."""
@@ -197,17 +261,21 @@ class Engine:
     # -- generation -------------------------------------------------------------------
 
     def compile(self, spec: ConstraintSpec) -> Constraint:
-        """The constraint for ``spec`` on this model's vocabulary (the last few compiled
-        are kept: a server sees the same schema again and again).
+        """A fresh constraint for ``spec`` on this model's vocabulary (the last few
+        compiled grammars are kept: a server sees the same schema again and again).
 
         Raises:
             ValueError: an invalid schema or grammar, naming the problem.
         """
-        c = self._compiled.pop(spec, None) or self._compiler.compile(spec)
-        self._compiled[spec] = c  # most recently used last
-        while len(self._compiled) > 16:
-            del self._compiled[next(iter(self._compiled))]
-        return c
+        with self._lock:
+            c = self._compiled.pop(spec, None)
+        if c is None:
+            c = self._compiler.compile(spec)
+        with self._lock:
+            self._compiled[spec] = c  # most recently used last
+            while len(self._compiled) > 16:
+                del self._compiled[next(iter(self._compiled))]
+        return c.fresh()  # each answer moves a matcher of its own
 
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  stats: Stats | None = None, sampling: SamplingConfig | None = None,
@@ -215,84 +283,21 @@ class Engine:
                  constraint: ConstraintSpec | None = None, logprobs: int | None = None
                  ) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt`` (text, tokenized with special tokens parsed,
-        or token ids). The last chunk carries ``finish_reason`` (``eog``, ``stop``,
-        ``length`` or ``context``). The tokens returned and the KV cache end where the
-        text ends, stop strings included. ``sampling`` and ``draft_max`` override the
-        engine's settings for this call only. With a drafting memory, ``scope`` says whose
-        earlier requests may be drafted from (and where this one is stored); ``use_memory``
-        False keeps this request out of the memory both ways. ``constraint``: what the
-        answer must match (it ends where the grammar is complete). ``logprobs``: each
-        chunk carries its tokens' log-probs and this many top alternatives. Figures land
-        in ``stats``.
+        or token ids) on the first lane. The last chunk carries ``finish_reason`` (``eog``,
+        ``stop``, ``length`` or ``context``). The tokens returned and the KV cache end where
+        the text ends, stop strings included. ``sampling`` and ``draft_max`` are this
+        call's settings (the engine's defaults otherwise). With a drafting memory,
+        ``scope`` says whose earlier requests may be drafted from (and where this one is
+        stored); ``use_memory`` False keeps this request out of the memory both ways.
+        ``constraint``: what the answer must match (it ends where the grammar is
+        complete). ``logprobs``: each chunk carries its tokens' log-probs and this many top
+        alternatives. Figures land in ``stats``.
 
         Raises:
             ValueError: an invalid constraint (before anything is evaluated).
         """
-        gen = gen or GenerationConfig()
-        compiled = self.compile(constraint) if constraint is not None else None
-        ids = self.model.tokenize(prompt, add_special=True, parse_special=True) \
-            if isinstance(prompt, str) else list(prompt)
-        stats = stats if stats is not None else Stats()
-        self.last_stats = stats
-        saved = self.sampler.cfg, self.controller.draft_max
-        if sampling is not None:
-            self.sampler.reconfigure(sampling)
-        if draft_max is not None:
-            self.controller.draft_max = self.draft_cap(draft_max)
-        memory = self.decoder.drafters.get("memory")
-        if memory is not None:
-            memory.scope = scope
-            if not use_memory:
-                del self.decoder.drafters["memory"]
-        out: list[int] = []
-        try:
-            for chunk in self._stream(ids, gen, stats, compiled, logprobs):
-                out.extend(chunk.tokens)
-                yield chunk
-        finally:
-            self.sampler.reconfigure(saved[0])
-            self.controller.draft_max = saved[1]
-            if memory is not None:
-                self.decoder.drafters["memory"] = memory
-                if use_memory and out:
-                    self.memory.add(ids + out, scope)
-            if self._profile_key and self.spec_cfg.adaptive:
-                save_profile(self._profile_key, self.controller.costs.to_profile())
-
-    def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats,
-                constraint: Constraint | None, n_logprobs: int | None) -> Iterator[Chunk]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held = ""      # text held back because it may be the start of a stop string
-        shown = 0      # characters yielded so far
-        ends: list[int] = []  # text length after each generated token
-        steps = self.decoder.generate(ids, gen.max_tokens, self.model.is_eog, stats,
-                                      constraint, n_logprobs)
-        try:
-            for step in steps:
-                for t in step.tokens:
-                    if not self.model.is_eog(t):
-                        held += decoder.decode(self.model.token_bytes(t))
-                    ends.append(shown + len(held))
-                out, held, cut = _split_stop(held, gen.stop)
-                if cut is None:
-                    shown += len(out)
-                    yield Chunk(out, step.tokens, stats.finish_reason, step.logprobs)
-                    continue
-                # a stop string: keep the tokens whose text ends before it, and no more
-                n_keep = bisect.bisect_right(ends, shown + cut)
-                text_end = ends[n_keep - 1] if n_keep else 0
-                n_step = n_keep - (len(ends) - len(step.tokens))
-                steps.close()
-                self.decoder.keep(len(ids) + n_keep)
-                stats.n_tokens, stats.finish_reason = n_keep, "stop"
-                yield Chunk(out[: max(0, text_end - shown)], step.tokens[:max(0, n_step)],
-                            "stop", step.logprobs[:max(0, n_step)] if step.logprobs else None)
-                return
-            held += decoder.decode(b"", final=True)
-            if held:
-                yield Chunk(held, [], stats.finish_reason)
-        finally:
-            steps.close()  # runs the decoder's finally: caches match the emitted tokens
+        return self.lanes[0].generate(prompt, gen, stats, sampling, draft_max, scope,
+                                      use_memory, constraint, logprobs)
 
     def complete(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  **overrides) -> tuple[str, list[int], Stats]:
@@ -305,8 +310,9 @@ class Engine:
         return "".join(text), tokens, stats
 
     def reset(self) -> None:
-        """Forget the conversation: every cache starts empty (costs stay measured)."""
-        self.decoder.reset()
+        """Forget every conversation: every cache starts empty (costs stay measured)."""
+        for lane in self.lanes:
+            lane.reset()
 
     def close(self) -> None:
         for obj in reversed(self._owned):  # contexts before their models
@@ -318,24 +324,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, int | None]:
-    """(text safe to emit, text to hold back, where a stop string starts in ``text`` or
-    None). On a stop, the text to emit is everything before it."""
-    if not stops:
-        return text, "", None
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], "", cut
-    # hold back the longest tail that is a prefix of some stop string
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return text[: len(text) - hold], text[len(text) - hold:], None
 
 
 def _check_gguf(path: Path, what: str) -> None:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from runtime.constraint import Constraint
-from runtime.context import LlamaContext
+from runtime.context import ContextFullError, LlamaContext
 from runtime.controller import GRAMMAR, PRUNED, GammaController, Offer, StepRecord
 from runtime.drafters.grammar import GrammarDrafter
 from runtime.drafting import Draft, Drafter
@@ -77,6 +77,10 @@ class Stats:
     n_accepted: int = 0
     n_rejections: int = 0  # steps where the target rejected a draft
     llama_seconds: float = 0.0  # inside llama_decode, all models, decode phase
+    # shared rounds (runtime.batching) this request took part in, and their rows (every
+    # sequence's): rows per round is how full the batch was
+    batch_rounds: int = 0
+    batch_rows: int = 0
     gamma_history: list[int] = field(default_factory=list)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     finish_reason: str | None = None
@@ -166,6 +170,8 @@ class Stats:
             "python_overhead": round(self.python_overhead, 4),
             "python_us_per_step": round(self.python_us_per_step, 1),
             "gamma": self.gamma_summary(),
+            "batch_rows_per_round": round(self.batch_rows / self.batch_rounds, 2)
+            if self.batch_rounds else None,
             "note": self.note,
         }
 
@@ -265,7 +271,11 @@ class SpeculativeDecoder:
                 stats.finish_reason = "eog"
                 return
             while stats.n_tokens < limit:
-                step = self._step(limit - stats.n_tokens, is_eog)
+                try:
+                    step = self._step(limit - stats.n_tokens, is_eog)
+                except ContextFullError:  # a shared cache ran out of cells (batching)
+                    stats.finish_reason = "context"
+                    return
                 stats.add_step(step)
                 stats.decode_seconds = time.perf_counter() - t_start
                 yield step
@@ -282,6 +292,7 @@ class SpeculativeDecoder:
                 stats.mode = "plain (speculation off)"
             stats.note = note
             self._restore()
+            self.target.idle()
 
     def _ended(self, token: int, is_eog: Callable[[int], bool]) -> bool:
         """The answer is complete: an end-of-generation token, or a grammar that admits
@@ -311,7 +322,7 @@ class SpeculativeDecoder:
         if len(prompt) >= self.target.n_ctx:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context holds "
                              f"{self.target.n_ctx}; raise -c/--ctx or shorten the prompt")
-        n = _common_prefix(self.kv, prompt)
+        n = common_prefix(self.kv, prompt)
         n = min(n, len(prompt) - 1)  # re-evaluate at least one token for its logits
         self.target.truncate(n)
         del self.kv[n:]
@@ -452,12 +463,17 @@ class SpeculativeDecoder:
             self.constraint.rollback(len(self.kv) + (self.pending is not None))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the common prefix of two lists (or strings): a binary search over slice
+    comparisons, which run in C (a Python loop over a 10,000-token prompt costs ~1 ms)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # invariant: a[:lo] == b[:lo]; the answer is in lo..hi
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _cut(tokens: list[int], budget: int, is_eog: Callable[[int], bool]) -> list[int]:

@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-One model has one KV cache, so one worker thread (``runtime.serve.worker``) runs every
-llama.cpp call and requests are served one at a time, in arrival order; the async handlers
-only wait on it, so ``/health`` answers and concurrent clients queue instead of failing.
-Nothing unbounded runs on that thread: ``runtime.serve.guard`` bounds the body and checks
+The engine's KV cache holds ``--parallel`` sequences; each is a slot with a thread of its
+own (``runtime.serve.worker``), and the slots' decode steps are evaluated together, one
+``llama_decode`` a round (``runtime.batching``), so concurrent clients are served at once
+and a request joins or leaves between steps. Requests beyond the slots wait in arrival
+order; the async handlers only wait on their job, so ``/health`` always answers.
+Nothing unbounded runs on those threads: ``runtime.serve.guard`` bounds the body and checks
 where it comes from, and ``runtime.serve.admission`` checks sizes and renders, tokenizes
 and fits the prompt on a helper thread (large prompts one at a time) before the request
 joins the queue. Chat requests go through one ``ChatSession`` (the GGUF's own template),
@@ -15,9 +17,10 @@ A drafting memory (``runtime.drafters.memory``) remembers every finished request
 and answer, and later requests draft from it. Requests draft only from earlier requests made
 with the same API key (the scope is a hash of the presented bearer token; without
 API keys every request shares one scope); ``"shared_drafts": false`` keeps a request
-out of it both ways. The prompt cache follows the same scopes: a request from another
-scope than the last one starts from an empty KV cache, so neither ``cache_n`` nor speed
-tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
+out of it both ways. The prompt cache follows the same scopes: each slot keeps its last
+conversation, a request goes to the free slot of its own scope that holds the longest prefix
+of its prompt, and a slot that held another scope's prompt starts empty, so neither
+``cache_n`` nor speed tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
 start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
 
 Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
@@ -26,9 +29,10 @@ and into message text otherwise, and the answer is read back for calls as it str
 (``runtime.serve.stream``).
 
 Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
-llama-server's ``timings`` object, plus bridge's ``mode``, target steps and per-source draft
-counts;
-``GET /stats`` reports the memory's size. FastAPI, sse-starlette and uvicorn come with the
+llama-server's ``timings`` object, plus bridge's ``mode``, target steps, per-source draft
+counts and how full the shared batch was; ``GET /stats`` reports the memory's size, and
+``GET /metrics`` the server's counters in Prometheus's text format
+(``runtime.serve.metrics``). FastAPI, sse-starlette and uvicorn come with the
 ``serve`` extra.
 """
 
@@ -65,10 +69,12 @@ from runtime.serve import admission
 from runtime.serve import openai_api as api
 from runtime.serve.admission import Limits
 from runtime.serve.guard import LOCAL_NAMES, Guard, header_timeout_protocol, key_scope
+from runtime.serve.metrics import CONTENT_TYPE, render_metrics
 from runtime.serve.openai_api import APIError
 from runtime.serve.stream import events, whole
 from runtime.serve.worker import (
     Interrupted,
+    Slot,
     Worker,
     next_item,
     save_periodically,
@@ -132,6 +138,8 @@ class ServerConfig:
         idle_seconds: an idle keep-alive connection is closed after this time.
         body_seconds: a request body must arrive within this time.
         shutdown_seconds: how long in-flight requests may take to finish on Ctrl-C/SIGTERM.
+        max_queue: most requests waiting for a free sequence (None: no bound); past it
+            503 with ``Retry-After``.
         memory: the drafting memory across requests.
     """
 
@@ -147,6 +155,7 @@ class ServerConfig:
     idle_seconds: float = 5.0
     body_seconds: float = 30.0
     shutdown_seconds: float = 3.0
+    max_queue: int | None = None
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
@@ -154,6 +163,8 @@ class ServerConfig:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if any(not k.strip() or k != k.strip() or " " in k for k in self.api_keys):
             raise ValueError("API keys must be non-empty and hold no spaces")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.max_body < 1024:
             raise ValueError(f"--max-body must be >= 1024 bytes, got {self.max_body}")
         for name in ("header_seconds", "idle_seconds", "body_seconds"):
@@ -226,7 +237,8 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     model_id = engine.model.path.name
     model_ids = {model_id, model_id.removesuffix(".gguf")}
     save = (lambda: save_memory(engine, cfg.memory)) if cfg.memory.path is not None else None
-    worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens)
+    worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens,
+                    cfg.max_queue)
     limits = Limits(engine.ctx.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
                     cfg.max_messages, cfg.context_overflow)
     # prompts are rendered and tokenized off the model's thread; large ones one at a time,
@@ -276,12 +288,17 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         # nbytes takes the memory's lock, which a rebuild may hold a moment: not on the loop
         return await asyncio.to_thread(_server_stats, engine, worker, cfg.memory)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(engine, worker), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "owned_by": "bridge",
             "created": int(engine.model.path.stat().st_mtime),
             "meta": {"n_ctx": engine.ctx.n_ctx,
+                     "n_parallel": len(engine.lanes),
                      "draft": engine.draft_path.name if engine.draft_path else None}}]}
 
     async def read(request: Request, kind: type[api.CompletionBody]) -> api.CompletionBody:
@@ -346,11 +363,13 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
                                tool_text=json.dumps(spec.tools) if spec.tools else "")
         adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
-        def start(stats: Stats) -> Iterator[Chunk]:
-            return session.ask_messages(adm.messages, g, stats, rendered=adm.rendered, **kw)
+        def start(slot: Slot, stats: Stats) -> Iterator[Chunk]:
+            return slot.session.ask_messages(adm.messages, g, stats, rendered=adm.rendered,
+                                             **kw)
 
         return await respond(request, body, start, chat=True, scope=kw["scope"],
-                             dropped=adm.dropped, calls=calls if spec.active else None)
+                             key=adm.rendered.text, dropped=adm.dropped,
+                             calls=calls if spec.active else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -360,14 +379,15 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         adm, g = await admit(body, g, len(prompt), admission.admit_completion, engine.model,
                              prompt)
 
-        def start(stats: Stats) -> Iterator[Chunk]:
-            return engine.generate(adm.prompt, g, stats, **kw)
+        def start(slot: Slot, stats: Stats) -> Iterator[Chunk]:
+            return slot.lane.generate(adm.prompt, g, stats, **kw)
 
-        return await respond(request, body, start, chat=False, scope=kw["scope"])
+        return await respond(request, body, start, chat=False, scope=kw["scope"],
+                             key=adm.prompt)
 
     async def respond(request: Request, body: api.CompletionBody, start, chat: bool,
-                      scope: str, dropped: int = 0, calls: CallReading | None = None):
-        job = worker.submit(start, scope)
+                      scope: str, key, dropped: int = 0, calls: CallReading | None = None):
+        job = worker.submit(start, scope, key)
         watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
             # the first item decides between an HTTP error (prompt too long) and a stream
@@ -414,7 +434,9 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
                "max_tokens": memory.max_tokens,
                "file": str(cfg.path) if cfg.path is not None else None}
     return {"model": engine.model.path.name, "sources": engine.sources,
-            "requests_served": worker.n_served, "memory": mem}
+            "parallel": len(engine.lanes), "requests_served": worker.n_served,
+            "requests_processing": worker.n_running, "requests_deferred": worker.n_queued,
+            "memory": mem}
 
 
 # -- running it ---------------------------------------------------------------------------

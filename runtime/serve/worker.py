@@ -1,9 +1,18 @@
-"""The worker of ``bridge serve``: every llama.cpp call on one thread, one job at a time.
+"""The workers of ``bridge serve``: one thread per sequence slot, jobs in arrival order.
 
-One model has one KV cache, so jobs run in arrival order on a single thread that owns the
-engine; the async handlers wait on a job's queue of items (``Chunk``s, then ``DONE`` or an
-error). The KV cache holds one scope's prompt at a time (see ``Worker._enter_scope``), and
-the drafting memory is saved on this thread, between jobs.
+The engine has one ``Lane`` per sequence of its shared KV cache (``--parallel``); each is a
+``Slot`` here, served by a thread of its own. A job waits in one FIFO queue until a slot's
+thread is free, then runs on the free slot whose cache holds the longest prefix of its
+prompt within the same scope (llama-server's slot similarity; a slot of another scope is
+emptied first, so neither ``cache_n`` nor speed tells one key's client what another sent).
+The threads' decode steps meet in ``runtime.batching``'s rounds: one ``llama_decode``
+advances every running sequence. ``--max-queue`` bounds the queue: past it a request gets
+503 with ``Retry-After``.
+
+The async handlers wait on a job's queue of items (``Chunk``s, then ``DONE`` or an error).
+A job whose client went away is cancelled: its thread closes the generator within a step
+(its ``finally`` keeps every cache consistent) and empties the slot's cache, so nothing of
+a cancelled sequence stays in the KV cache. The drafting memory is saved between jobs.
 """
 
 from __future__ import annotations
@@ -13,30 +22,64 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from runtime.chat import ChatSession, ChatTemplateError
-from runtime.engine import Chunk, Engine
+from runtime.context import ContextFullError
+from runtime.engine import Chunk, Engine, Lane
 from runtime.serve.openai_api import APIError
-from runtime.speculative import Stats
+from runtime.speculative import Stats, common_prefix
 
 log = logging.getLogger(__name__)
 
 DONE = object()
 
 
+class Slot:
+    """One sequence of the engine and the conversation its cache holds."""
+
+    def __init__(self, engine: Engine, lane: Lane):
+        self.lane = lane
+        self.scope = ""       # whose prompt the cache holds
+        self.last_used = 0.0
+        try:
+            self.session: ChatSession | None = ChatSession(engine, lane=lane)
+        except ChatTemplateError:  # a base model: /v1/completions only
+            self.session = None
+
+    def reuse(self, job: Job) -> int:
+        """How much of ``job``'s prompt this slot's cache already holds (-1: another
+        scope's cache, which the job may not see)."""
+        if job.scope != self.scope:
+            return -1
+        if isinstance(job.key, str):
+            held = self.session.cached_text if self.session is not None else ""
+        else:
+            held = self.lane.tokens
+        return common_prefix(held, job.key or "")
+
+    def clear(self) -> None:
+        """Empty the cache (and the conversation it held)."""
+        if self.session is not None:
+            self.session.reset()
+        else:
+            self.lane.reset()
+
+
 @dataclass(eq=False)  # jobs are compared (and hashed) by identity
 class Job:
-    """One generation, queued for the worker. Items arrive on ``queue``: ``Chunk``s, then
-    ``DONE`` or an exception."""
+    """One generation, queued for a slot. Items arrive on ``queue``: ``Chunk``s, then
+    ``DONE`` or an exception. ``key``: the start of its prompt (the rendered chat text, or
+    the completion's token ids), for choosing the slot whose cache holds most of it."""
 
-    start: Callable[[Stats], Iterator[Chunk]]
+    start: Callable[[Slot, Stats], Iterator[Chunk]]
     loop: asyncio.AbstractEventLoop
     scope: str = ""
+    key: str | list[int] | None = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     stats: Stats = field(default_factory=Stats)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -48,54 +91,135 @@ class Job:
             self.cancelled.set()
 
 
+@dataclass
+class Totals:
+    """What the server has done, for ``/metrics`` (counts only grow)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    predicted_tokens: int = 0
+    predicted_seconds: float = 0.0
+    target_steps: int = 0
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, s: Stats) -> None:
+        self.requests += 1
+        self.prompt_tokens += s.n_prompt_new
+        self.prompt_seconds += s.prompt_seconds
+        self.predicted_tokens += s.n_tokens
+        self.predicted_seconds += s.decode_seconds
+        self.target_steps += s.n_steps
+        for name, v in s.sources.items():
+            mine = self.sources.setdefault(name, {"drafted": 0, "accepted": 0})
+            mine["drafted"] += v["drafted"]
+            mine["accepted"] += v["accepted"]
+
+
 class Worker:
-    """Runs jobs one at a time, in order, on a single thread that owns the engine.
+    """Runs jobs on the engine's slots, one thread per slot, in arrival order.
 
     Args:
         engine: the loaded model.
-        save: saves the drafting memory (None: it has no file); called on this thread,
+        save: saves the drafting memory (None: it has no file); called between jobs,
             when ``save_tokens`` were added since the last save or ``save_seconds`` have
             passed with anything unsaved.
+        max_queue: most jobs waiting for a slot (None: no bound); past it, 503.
     """
 
     def __init__(self, engine: Engine, save: Callable[[], None] | None = None,
-                 save_seconds: float = 60.0, save_tokens: int = 20_000):
+                 save_seconds: float = 60.0, save_tokens: int = 20_000,
+                 max_queue: int | None = None):
         self.engine = engine
         self.save, self.save_seconds, self.save_tokens = save, save_seconds, save_tokens
-        self.kv_scope = ""  # whose prompt the KV cache holds
+        self.max_queue = max_queue
         self._unsaved, self._saved_at = 0, time.monotonic()
-        try:
-            self.session: ChatSession | None = ChatSession(engine)
-            self.no_chat: str | None = None
-        except ChatTemplateError as e:  # a base model: /v1/completions only
-            self.session, self.no_chat = None, str(e)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-llama")
+        self.slots = [Slot(engine, lane) for lane in engine.lanes]
+        self.session = self.slots[0].session  # the chat template's reader (renderer, tools)
+        self.no_chat: str | None = None
+        if self.session is None:
+            try:
+                ChatSession(engine)
+            except ChatTemplateError as e:
+                self.no_chat = str(e)
+        self._cv = threading.Condition()
+        self._save_lock = threading.Lock()
+        self._queue: deque[Job] = deque()
+        self._free = list(self.slots)
         self._jobs: set[Job] = set()
+        self._closing = False
         self.n_served = 0  # generations that ran to their end with their client there
+        self.n_running = 0
+        self.totals = Totals()
+        self._threads = [threading.Thread(target=self._serve, name=f"bridge-seq{i}",
+                                          daemon=True) for i in range(len(self.slots))]
+        for t in self._threads:
+            t.start()
 
-    def submit(self, start: Callable[[Stats], Iterator[Chunk]], scope: str = "") -> Job:
-        job = Job(start, asyncio.get_running_loop(), scope)
-        self._jobs.add(job)
-        self._pool.submit(self._run, job)
+    @property
+    def n_queued(self) -> int:
+        """Requests waiting for a sequence (beyond those a free slot is about to take)."""
+        return max(0, len(self._queue) - len(self._free))
+
+    def submit(self, start: Callable[[Slot, Stats], Iterator[Chunk]], scope: str = "",
+               key: str | list[int] | None = None) -> Job:
+        """Queue a job.
+
+        Raises:
+            APIError: 503 when ``max_queue`` jobs already wait (with ``Retry-After``).
+        """
+        job = Job(start, asyncio.get_running_loop(), scope, key)
+        with self._cv:
+            if self.max_queue is not None and self.n_queued >= self.max_queue:
+                raise APIError(f"the server is busy: {self.n_queued} requests already "
+                               "wait for a free sequence (--max-queue); retry shortly",
+                               503, code="server_busy", kind="server_error",
+                               headers={"Retry-After": "1"})
+            self._jobs.add(job)
+            self._queue.append(job)
+            self._cv.notify()
         return job
 
-    def _enter_scope(self, scope: str) -> None:
-        """Start from an empty KV cache when the last prompt came from another scope: a
-        reused prefix (``cache_n``, and the speed it buys) would tell this client what
-        the other one sent."""
-        if scope != self.kv_scope:
-            if self.session is not None:
-                self.session.reset()
-            else:
-                self.engine.reset()
-            self.kv_scope = scope
+    def _serve(self) -> None:
+        """One slot's thread: take the oldest job, run it on the best free slot."""
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                job = self._queue.popleft()
+                slot = max(self._free, key=lambda s: (s.reuse(job), -s.last_used))
+                self._free.remove(slot)
+                self.n_running += 1
+            try:
+                self._run(job, slot)
+            finally:
+                with self._cv:
+                    slot.last_used = time.monotonic()
+                    self._free.append(slot)
+                    self.n_running -= 1
 
-    def _run(self, job: Job) -> None:
+    def _enter(self, slot: Slot, job: Job) -> None:
+        """Make the slot's cache the job's to use: kept if it is the same scope's and
+        survived (an idle cache may be evicted for another sequence's cells), else empty."""
+        target = slot.lane.target
+        kept = target.acquire() if hasattr(target, "acquire") else True
+        if not kept:
+            if slot.session is not None:
+                slot.session.forget()
+            slot.lane.reset()
+        if job.scope != slot.scope:
+            slot.clear()
+            slot.scope = job.scope
+
+    def _run(self, job: Job, slot: Slot) -> None:
+        target = slot.lane.target
         try:
             if job.cancelled.is_set():  # its client left while it waited
                 return
-            self._enter_scope(job.scope)
-            stream = job.start(job.stats)
+            self._enter(slot, job)
+            stream = job.start(slot, job.stats)
             try:
                 for chunk in stream:
                     job.emit(chunk)
@@ -103,41 +227,60 @@ class Worker:
                         break
             finally:
                 stream.close()  # the engine's finally: caches end at the emitted tokens
-                self._unsaved += job.stats.n_prompt + job.stats.n_tokens
-            if not job.cancelled.is_set():
-                self.n_served += 1
+                with self._cv:
+                    self._unsaved += job.stats.n_prompt + job.stats.n_tokens
+                    self.totals.add(job.stats)
+            if job.cancelled.is_set():
+                slot.clear()  # a cancelled sequence leaves nothing in the KV cache
+            else:
+                with self._cv:
+                    self.n_served += 1
             job.emit(DONE)
         except ValueError as e:  # the request's fault (prompt too long, bad template...)
             job.emit(APIError(str(e)))
+        except ContextFullError as e:  # the shared cache had no room for this prompt now
+            slot.clear()
+            job.emit(APIError(str(e), 503, code="context_full", kind="server_error",
+                              headers={"Retry-After": "1"}))
         except Exception as e:
-            log.exception("generation failed; resetting the model's caches")
-            self.engine.reset()
+            log.exception("generation failed; resetting this sequence's caches")
+            slot.clear()
             job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
         finally:
-            self._jobs.discard(job)
+            if hasattr(target, "release"):
+                target.release()
+            with self._cv:
+                self._jobs.discard(job)
             self.save_if_due()
 
     def save_if_due(self) -> None:
         """Save the drafting memory when ``save_tokens`` were added since the last save,
-        or ``save_seconds`` have passed with anything unsaved. Runs on the worker's
-        thread (after a job, or queued by the timer), so no job adds to it meanwhile."""
+        or ``save_seconds`` have passed with anything unsaved (the memory's own lock keeps
+        what the running jobs add consistent with the file)."""
         if self.save is None or not self._unsaved:
             return
-        late = time.monotonic() - self._saved_at >= self.save_seconds
-        if self._unsaved >= self.save_tokens or late:
-            self.save()
-            self._unsaved, self._saved_at = 0, time.monotonic()
+        with self._save_lock:
+            late = time.monotonic() - self._saved_at >= self.save_seconds
+            if self._unsaved >= self.save_tokens or late:
+                self.save()
+                self._unsaved, self._saved_at = 0, time.monotonic()
 
     def save_soon(self) -> None:
-        """Queue a timed save behind the running job (the timer's call)."""
-        with contextlib.suppress(RuntimeError):  # the pool is shut down: shutdown saves
-            self._pool.submit(self.save_if_due)
+        """A timed save (the timer's call), on a thread of its own."""
+        if not self._closing:
+            threading.Thread(target=self.save_if_due, name="bridge-save", daemon=True).start()
 
     def close(self) -> None:
-        """Cancel queued and running jobs and wait for the thread (within a step)."""
-        for job in list(self._jobs):
-            job.cancelled.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel queued and running jobs and wait for the threads (within a step)."""
+        with self._cv:
+            self._closing = True
+            for job in list(self._jobs):
+                job.cancelled.set()
+            self._queue.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=60)
 
 
 async def wait_disconnect(request: Request) -> None:
