@@ -62,6 +62,10 @@ from bridge.run_cli import (
 @click.option("--prefill-chunk", type=int,
               help="Most prompt tokens a sequence evaluates per shared step, so a long "
                    "prompt delays the others by one chunk (default 256).")
+@click.option("--kv-unified", is_flag=True, default=None,
+              help="With --parallel: one cache of -c tokens shared by all sequences (less "
+                   "memory; answers may then differ from a request alone at near-ties). "
+                   "Default: -c tokens for each sequence, answers as alone.")
 @click.option("--max-queue", type=int,
               help="Most requests waiting for a free sequence; past it 503 with "
                    "Retry-After (default: no bound).")
@@ -75,7 +79,8 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
               context_overflow: str | None, memory_tokens: int | None,
               no_shared_drafts: bool, memory_file: Path | None,
               memory_save: tuple[float, int] | None, parallel: int | None,
-              prefill_chunk: int | None, max_queue: int | None, listen_fd: int | None,
+              prefill_chunk: int | None, kv_unified: bool | None, max_queue: int | None,
+              listen_fd: int | None,
               **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
     /stats).
@@ -117,6 +122,6 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
     pruned = o["draft"] is not None or o["drafter"] == "pruned"
     serving = _given(parallel=parallel if parallel is not None else serve_parallel(
-        bool(o["exact"]), pruned), prefill_chunk=prefill_chunk)
+        bool(o["exact"]), pruned), prefill_chunk=prefill_chunk, kv_unified=kv_unified)
     with build_engine(o, memory=open_memory(memory_cfg, o["model"]), **serving) as engine:
         serve(engine, cfg, gen, sock)

@@ -16,8 +16,14 @@ then prompt chunks, so a long prompt (``prefill_chunk`` rows a round) delays the
 steps by one chunk's cost, never by the whole prompt. Every llama.cpp call on the context
 holds one lock: llama.cpp contexts are not thread-safe.
 
-Cells: a sequence's cells are its ``n_past`` tokens. Idle sequences keep their cache (the
-prompt cache of their slot) until a round needs the cells; then the least recently used go
+Cells: by default each sequence has a stream of cells of its own (``n_ctx_seq``), laid out
+as a one-sequence cache is, so a row's logits do not depend on the other sequences: on a
+2-core Xeon (AVX-512) a sequence's logits in shared rounds were bitwise equal to the same
+sequence alone with separate streams, and up to 2.2 apart in one unified cache, where its
+cells interleave with the others' and the sums over them group differently. A unified
+cache (``unified``, llama-server's ``--kv-unified``) lets any sequence use any cell: a
+sequence's cells are its ``n_past`` tokens, idle sequences keep their cache (the prompt
+cache of their slot) until a round needs the cells, and then the least recently used go
 first (``evicted`` tells their owner). When the active sequences alone need more cells
 than there are, a request that does not fit waits for a later round while others run; if
 no request of a round fits, the sequence holding the most cells gets ``ContextFullError``
@@ -49,6 +55,7 @@ class _Request:
     pos0: int
     all_logits: bool
     prefill: bool  # a prompt chunk (scheduled after the decode steps)
+    want_last: bool = True  # the last row's logits (a prompt's inner chunks need none)
     rows: np.ndarray | None = None
     width: int = 0  # rows of the round that took it, every sequence's
     error: BaseException | None = None
@@ -79,12 +86,11 @@ class SharedContext:
 
     def __init__(self, ctx: LlamaContext, n_seq: int, prefill_chunk: int = 256,
                  on_round=None):
-        if not 1 <= prefill_chunk <= ctx.n_batch:
-            raise ValueError(f"--prefill-chunk must be in 1..{ctx.n_batch} (the batch size), "
-                             f"got {prefill_chunk}")
         self.ctx = ctx
-        self.n_ctx = ctx.n_ctx
-        self.prefill_chunk = prefill_chunk
+        self.n_ctx = ctx.n_ctx_seq  # what one sequence may hold
+        self.unified = ctx.n_ctx_seq == ctx.n_ctx and n_seq > 1
+        # llama.cpp may have lowered the batch below the configured one (never above n_ctx)
+        self.prefill_chunk = max(1, min(prefill_chunk, ctx.n_batch))
         self.on_round = on_round
         self.stats = RoundStats()
         self._cv = threading.Condition()
@@ -117,11 +123,11 @@ class SharedContext:
     # -- rounds ---------------------------------------------------------------------------
 
     def submit(self, seq: int, tokens: list[int], pos0: int, all_logits: bool,
-               prefill: bool) -> tuple[np.ndarray, int]:
+               prefill: bool, want_last: bool = True) -> tuple[np.ndarray, int]:
         """Evaluate ``tokens`` at positions ``pos0..`` of ``seq`` in the next round that
         takes them. Returns their logits rows (all, or the last only; a read-only view
         valid until this sequence submits again or goes idle) and the round's width."""
-        req = _Request(seq, tokens, pos0, all_logits, prefill)
+        req = _Request(seq, tokens, pos0, all_logits, prefill, want_last)
         with self._cv:
             self._active.add(seq)
             self._pending.append(req)
@@ -197,6 +203,8 @@ class SharedContext:
         return chosen
 
     def _free_cells(self) -> int:
+        if not self.unified:  # each stream has its own; SequenceView.eval checked them
+            return 1 << 30
         return self.n_ctx - sum(v.n_past for v in self.views)
 
     def _evict(self, need: int) -> int:
@@ -223,7 +231,7 @@ class SharedContext:
             tokens.extend(r.tokens)
             pos.extend(range(r.pos0, r.pos0 + n))
             seq.extend([r.seq] * n)
-            want.extend([True] * n if r.all_logits else [False] * (n - 1) + [True])
+            want.extend([True] * n if r.all_logits else [False] * (n - 1) + [r.want_last])
         start = time.perf_counter()
         try:
             with self._llama:
@@ -235,7 +243,7 @@ class SharedContext:
         seconds = time.perf_counter() - start
         at = 0
         for r in chosen:
-            n = len(r.tokens) if r.all_logits else 1
+            n = len(r.tokens) if r.all_logits else int(r.want_last)
             r.rows, r.width = out[at:at + n], len(tokens)
             at += n
         st = self.stats
@@ -329,8 +337,9 @@ class SequenceView:
         for at in range(0, len(tokens), chunk):
             part = tokens[at:at + chunk]
             prefill = not all_logits and len(tokens) > 1
+            last = at + chunk >= len(tokens)
             rows, width = self.shared.submit(self.seq, part, self.n_past, all_logits,
-                                             prefill)
+                                             prefill, want_last=last)
             self.n_past += len(part)
             self.rounds += 1
             self.round_rows += width

@@ -107,9 +107,9 @@ class ChatSession:
                 prompt, text = self._fit(gen.max_tokens)
             else:
                 prompt, text = self._ids_for(rendered), rendered.text
-                if len(prompt) + 1 > self.engine.ctx.n_ctx:
+                if len(prompt) + 1 > self.engine.n_ctx:
                     raise ValueError(f"the conversation needs {len(prompt)} tokens but the "
-                                     f"context holds {self.engine.ctx.n_ctx}")
+                                     f"context holds {self.engine.n_ctx}")
         except BaseException:
             self.history.pop()
             raise
@@ -146,7 +146,7 @@ class ChatSession:
     def _fit(self, max_tokens: int) -> tuple[list[int], str]:
         """Render, dropping the oldest user/assistant pairs until prompt + answer fit (or,
         when even the last exchange is longer, until the prompt does)."""
-        n_ctx = self.engine.ctx.n_ctx
+        n_ctx = self.engine.n_ctx
         try:
             rendered, kept = fit(self.renderer, self.history, n_ctx - max_tokens)
         except ValueError:

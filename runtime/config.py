@@ -86,9 +86,11 @@ class RuntimeConfig:
     ``backend_argmax`` lets llama.cpp take greedy choices inside its graph, so plain
     greedy decoding copies no logits out (``LlamaContext.eval_argmax``).
 
-    ``parallel``: sequences evaluated together in one KV cache of ``n_ctx`` tokens that
-    they share (a server's concurrent requests, ``runtime.batching``); a long prompt joins
-    the others' rounds ``prefill_chunk`` tokens at a time.
+    ``parallel``: sequences evaluated together (a server's concurrent requests,
+    ``runtime.batching``), each with ``n_ctx`` tokens of cache of its own, or, with
+    ``kv_unified``, all sharing one cache of ``n_ctx`` tokens (less memory; a sequence's
+    logits then move with where the others' cells sit). A long prompt joins the others'
+    rounds ``prefill_chunk`` tokens at a time.
 
     ``rpc``: llama.cpp RPC workers (``rpc-server``) that take the target's offloaded layers
     (``n_gpu_layers`` of them, as with llama.cpp's ``--rpc``); the draft stays on this
@@ -108,6 +110,7 @@ class RuntimeConfig:
     rpc_timeout: float = 120.0
     parallel: int = 1
     prefill_chunk: int = 256
+    kv_unified: bool = False
 
     def __post_init__(self) -> None:
         _check(1 <= self.parallel <= 256, f"--parallel must be in 1..256, got {self.parallel}")
@@ -117,9 +120,14 @@ class RuntimeConfig:
         _check(1 <= self.prefill_chunk <= self.n_batch,
                f"--prefill-chunk must be in 1..{self.n_batch} (--batch), got "
                f"{self.prefill_chunk}")
-        _check(self.n_ctx >= 64 * self.parallel,
+        _check(not self.kv_unified or self.n_ctx >= 64 * self.parallel,
                f"-c/--ctx {self.n_ctx} leaves under 64 tokens per sequence for "
-               f"--parallel {self.parallel}; raise -c or lower --parallel")
+               f"--parallel {self.parallel} in a unified cache; raise -c or lower --parallel")
+
+    @property
+    def n_ctx_total(self) -> int:
+        """Cells of the target's cache: ``n_ctx`` per sequence, or ``n_ctx`` shared."""
+        return self.n_ctx if self.kv_unified else self.n_ctx * self.parallel
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
         _check(1 <= self.n_batch <= 1 << 16, f"--batch must be >= 1, got {self.n_batch}")
         _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")

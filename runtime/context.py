@@ -282,6 +282,10 @@ class LlamaContext:
         n_threads: CPU threads (default: all cores).
         n_seq: sequences the cache can hold (``decode_rows``); the single-sequence
             methods use sequence 0.
+        unified: the sequences share one cache of ``n_ctx`` cells, any of them may use
+            any cell (llama.cpp's ``kv_unified``); False gives each a stream of its own of
+            ``n_ctx / n_seq`` cells, laid out as a one-sequence cache is (so a row's logits
+            do not depend on where the other sequences' cells sit).
         numerics: how llama.cpp computes; ``Numerics.exact()`` makes a row's logits
             independent of the batch it is evaluated in (see ``Numerics``).
         backend_argmax: let ``eval_argmax`` take the argmax inside llama.cpp's graph
@@ -291,7 +295,7 @@ class LlamaContext:
 
     def __init__(self, model: LlamaModel, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, numerics: Numerics | None = None,
-                 backend_argmax: bool = True, n_seq: int = 1):
+                 backend_argmax: bool = True, n_seq: int = 1, unified: bool = True):
         if n_seq < 1:
             raise ValueError(f"n_seq must be >= 1, got {n_seq}")
         self.model = model
@@ -308,12 +312,14 @@ class LlamaContext:
         params.n_outputs_max_per_seq = 0
         # several sequences share one cache of n_ctx cells (``decode_rows``), however
         # their lengths differ
-        params.n_seq_max, params.kv_unified = n_seq, n_seq > 1
+        params.n_seq_max, params.kv_unified = n_seq, n_seq > 1 and unified
         self.numerics.apply(params)
         self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self._ctx:
             raise RuntimeError(f"llama_init_from_model failed for {model.path} (n_ctx={n_ctx})")
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx) - (self.numerics.min_rows - 1)
+        # the cells one sequence can hold: all of them in a unified cache
+        self.n_ctx_seq: int = self.n_ctx if params.kv_unified else self.n_ctx // n_seq
         # llama.cpp may lower the batch sizes (n_batch is capped at the context size) and
         # asserts that no llama_decode exceeds them, so chunk by what it really uses.
         self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self._ctx),

@@ -176,9 +176,10 @@ class Engine:
 
     def _context(self, model: LlamaModel, numerics: Numerics | None = None,
                  n_seq: int = 1) -> LlamaContext:
-        return LlamaContext(model, self.runtime.n_ctx, self.runtime.n_batch,
-                            self.runtime.n_threads, numerics, self.runtime.backend_argmax,
-                            n_seq=n_seq)
+        rt = self.runtime
+        return LlamaContext(model, rt.n_ctx_total if n_seq > 1 else rt.n_ctx, rt.n_batch,
+                            rt.n_threads, numerics, rt.backend_argmax, n_seq=n_seq,
+                            unified=rt.kv_unified)
 
     def _exact_rows(self) -> int:
         """Exact mode: the widest batch that matches one-token steps bitwise here."""
@@ -204,7 +205,7 @@ class Engine:
         return (f"{sha256_file_cached(self.model.path)}:{draft}:"
                 f"{'+'.join(sorted(sources))}:t{rt.n_threads or 'all'}:"
                 f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:{'exact:' if rt.exact else ''}"
-                f"{'shared:' if rt.parallel > 1 else ''}"
+                f"{('unified:' if rt.kv_unified else 'shared:') if rt.parallel > 1 else ''}"
                 f"{'rpc' + ','.join(map(str, rt.rpc)) + ':' if rt.rpc else ''}"
                 f"{'draft-rpc' + ','.join(map(str, rt.draft_rpc)) + ':' if rt.draft_rpc else ''}"
                 f"llama-cpp-python{llama_cpp_version()}")
@@ -229,6 +230,11 @@ class Engine:
         path = Path(draft)
         _check_gguf(path, "draft")
         return path
+
+    @property
+    def n_ctx(self) -> int:
+        """The most tokens one sequence (a prompt and its answer) can hold."""
+        return self.ctx.n_ctx_seq
 
     # -- the first lane, for callers that use one sequence --------------------------------
 

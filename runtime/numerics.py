@@ -130,6 +130,61 @@ def measure_bound(make_context: Callable[[], LlamaContext], prompt: Sequence[int
     return bound
 
 
+def measure_shared_bound(make_context: Callable[[int], LlamaContext], prompt: Sequence[int],
+                         others: Sequence[Sequence[int]], n_positions: int = 64,
+                         widths: Sequence[int] = (1, 3, 5, 2)) -> BatchBound:
+    """``BatchBound`` for a sequence that shares its rounds and its unified KV cache with
+    others (``runtime.batching``), against plain decoding alone: a row's logits can move
+    with the rows beside it and with where its cells sit among the others' cells.
+
+    Plain decoding runs in a one-sequence context from ``make_context(1)``; then the same
+    tokens run one a round in a context of ``1 + len(others)`` sequences, each round also
+    holding every other sequence's next rows (``widths`` in turn: a plain step, drafts),
+    whose rejected tail is removed afterwards so that cells are freed and reused, as
+    verification does. ``widths`` in the result are the other sequences' row counts.
+    """
+    t0 = time.perf_counter()
+    prompt = list(prompt)
+    n_other = len(others)
+    with make_context(1) as ctx:
+        single = np.empty((n_positions, ctx.model.n_vocab), dtype=np.float32)
+        tokens = [int(np.argmax(ctx.eval(prompt)[-1]))]
+        for j in range(n_positions):
+            single[j] = ctx.eval([tokens[-1]])[0]
+            tokens.append(int(np.argmax(single[j])))
+    shared = np.empty_like(single)
+    with make_context(1 + n_other) as ctx:
+        seqs = [prompt, *map(list, others)]
+        rows: list[tuple[int, int, int]] = [(t, p, s) for s, seq in enumerate(seqs)
+                                            for p, t in enumerate(seq)]
+        for at in range(0, len(rows), ctx.n_batch):
+            part = rows[at:at + ctx.n_batch]
+            ctx.decode_rows([r[0] for r in part], [r[1] for r in part],
+                            [r[2] for r in part], [False] * len(part))
+        past = [len(seq) for seq in seqs]
+        for j in range(n_positions):
+            w = widths[j % len(widths)]
+            toks, pos, seq = [tokens[j]], [past[0]], [0]
+            for s in range(1, 1 + n_other):
+                src = seqs[s]
+                toks += [src[(past[s] + i) % len(src)] for i in range(w)]
+                pos += list(range(past[s], past[s] + w))
+                seq += [s] * w
+            out = ctx.decode_rows(toks, pos, seq, [True] + [False] * (len(toks) - 1))
+            shared[j] = out[0]
+            past[0] += 1
+            for s in range(1, 1 + n_other):  # keep one row, as a rejected draft does
+                ctx.remove_seq(s, past[s] + 1)
+                past[s] += 1
+    worst = np.abs(shared - single).max(axis=1)
+    bound = BatchBound(float(worst.max()), float(np.median(worst)), n_positions,
+                       tuple(widths), int((worst == 0).sum()),
+                       int((shared.argmax(axis=1) != single.argmax(axis=1)).sum()),
+                       time.perf_counter() - t0)
+    log.info("shared rounds: %s", bound.describe())
+    return bound
+
+
 def exact_width(ctx: LlamaContext, probe: Sequence[int], max_width: int) -> int:
     """The widest verify batch whose rows are bitwise equal to one-token steps in ``ctx``
     (1 when even a 2-row batch differs), probing widths 2..``max_width`` once.

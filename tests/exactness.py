@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.context import LlamaContext, LlamaModel, Numerics
-from runtime.numerics import BatchBound, measure_bound
+from runtime.numerics import BatchBound, measure_bound, measure_shared_bound
 from runtime.sampling import gumbel_noise
 
 # the tests' llama.cpp settings (tests/test_speculative.py's RT)
@@ -39,6 +39,29 @@ def batch_bound(gguf: Path, exact: bool = False) -> BatchBound:
                      for p in _BOUND_PROMPTS), key=lambda b: b.max_abs)
     print(f"{gguf.name}{' (exact)' if exact else ''}: {bound.describe()}")
     return bound
+
+
+@cache
+def shared_bound(gguf: Path, unified: bool = False) -> BatchBound:
+    """The bound for a sequence in shared rounds (``runtime.batching``) against plain
+    decoding alone, on this machine: the larger of the verify-batch bound and the shared
+    rounds' own (other sequences' rows beside it; with ``unified``, its cells among
+    theirs)."""
+    alone = batch_bound(gguf)
+    with LlamaModel(gguf) as model:
+        # the others' prompts are evaluated in the same first round: a longer one makes a
+        # wider batch (seen on a 2-core Xeon: bitwise equal beside 20-token prompts, up to
+        # 1.0 apart beside a 50-token one)
+        others = [model.tokenize(p, True, True) for p in reversed(_BOUND_PROMPTS)]
+        others.append(model.tokenize(" ".join(_BOUND_PROMPTS) * 2, True, True))
+        shared = max((measure_shared_bound(
+            lambda n: LlamaContext(model, N_CTX * n, n_threads=N_THREADS, n_seq=n,
+                                   unified=unified),
+            model.tokenize(p, True, True), others, n_positions=48)
+            for p in _BOUND_PROMPTS), key=lambda b: b.max_abs)
+    print(f"{gguf.name} in shared rounds{' (unified)' if unified else ''}: "
+          f"{shared.describe()}")
+    return max(alone, shared, key=lambda b: b.max_abs)
 
 
 def plain_margin(model: LlamaModel, prompt: list[int], plain: list[int], sampler=None,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.batching import SharedContext
+from runtime.config import RuntimeConfig
 from runtime.context import ContextFullError
 
 V = 64  # the stand-in vocabulary
@@ -22,6 +23,7 @@ class FakeContext:
 
     def __init__(self, n_ctx: int = 256, n_batch: int = 32, seconds: float = 0.0):
         self.n_ctx, self.n_batch, self.seconds = n_ctx, n_batch, seconds
+        self.n_ctx_seq = n_ctx  # one unified cache: any sequence may use every cell
         self.calls: list[list[tuple[int, int, int, bool]]] = []  # (seq, pos, token, want)
         self.cells: dict[int, set[int]] = {}
 
@@ -173,6 +175,16 @@ def test_a_leaving_sequence_releases_the_round():
     t.join()
 
 
-def test_prefill_chunk_is_validated():
-    with pytest.raises(ValueError, match="--prefill-chunk"):
-        SharedContext(FakeContext(n_batch=32), 2, prefill_chunk=64)
+@pytest.mark.parametrize("kw, match", [
+    ({"prefill_chunk": 1024, "n_batch": 512}, "--prefill-chunk"),
+    ({"prefill_chunk": 0}, "--prefill-chunk"),
+    ({"parallel": 0}, "--parallel"),
+    ({"parallel": 64, "n_ctx": 2048, "kv_unified": True}, "per sequence"),  # 32 tokens each
+])
+def test_settings_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RuntimeConfig(**kw)
+
+
+def test_prefill_chunk_follows_the_batch_llama_cpp_allows():
+    assert SharedContext(FakeContext(n_batch=32), 2, prefill_chunk=256).prefill_chunk == 32

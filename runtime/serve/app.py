@@ -239,7 +239,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     save = (lambda: save_memory(engine, cfg.memory)) if cfg.memory.path is not None else None
     worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens,
                     cfg.max_queue)
-    limits = Limits(engine.ctx.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
+    limits = Limits(engine.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
                     cfg.max_messages, cfg.context_overflow)
     # prompts are rendered and tokenized off the model's thread; large ones one at a time,
     # so a burst of huge requests takes one core, not all of them, and small ones (a few
@@ -297,7 +297,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "owned_by": "bridge",
             "created": int(engine.model.path.stat().st_mtime),
-            "meta": {"n_ctx": engine.ctx.n_ctx,
+            "meta": {"n_ctx": engine.n_ctx,
                      "n_parallel": len(engine.lanes),
                      "draft": engine.draft_path.name if engine.draft_path else None}}]}
 
