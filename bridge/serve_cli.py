@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from runtime.config import serve_parallel
-
 from bridge.run_cli import (
     _given,
     build_engine,
@@ -18,6 +16,7 @@ from bridge.run_cli import (
     rpc_settings,
     user_errors,
 )
+from runtime.config import serve_parallel
 
 
 @click.command("serve")

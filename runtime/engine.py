@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime import keys
-from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
 from runtime.batching import SharedContext
+from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
 from runtime.constraint import Constraint, ConstraintCompiler, ConstraintSpec
 from runtime.context import LlamaContext, LlamaModel, Numerics, llama_cpp_version
 from runtime.controller import CostModel, GammaController

@@ -434,7 +434,10 @@ def _server_stats(engine: Engine, worker: Worker, cfg: MemoryConfig) -> dict:
                "max_tokens": memory.max_tokens,
                "file": str(cfg.path) if cfg.path is not None else None}
     return {"model": engine.model.path.name, "sources": engine.sources,
-            "parallel": len(engine.lanes), "requests_served": worker.n_served,
+            "parallel": len(engine.lanes),
+            "slots": [{"id": i, "cached_tokens": s.lane.target.n_past}
+                      for i, s in enumerate(worker.slots)],
+            "requests_served": worker.n_served,
             "requests_processing": worker.n_running, "requests_deferred": worker.n_queued,
             "memory": mem}
 

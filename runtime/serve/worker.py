@@ -18,7 +18,6 @@ a cancelled sequence stays in the KV cache. The drafting memory is saved between
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -170,7 +169,9 @@ class Worker:
         """
         job = Job(start, asyncio.get_running_loop(), scope, key)
         with self._cv:
-            if self.max_queue is not None and self.n_queued >= self.max_queue:
+            # would this job wait behind more than max_queue others for a sequence?
+            if self.max_queue is not None and \
+                    len(self._queue) + 1 - len(self._free) > self.max_queue:
                 raise APIError(f"the server is busy: {self.n_queued} requests already "
                                "wait for a free sequence (--max-queue); retry shortly",
                                503, code="server_busy", kind="server_error",

@@ -1,0 +1,216 @@
+"""`bridge serve --parallel N` end to end: several clients at once on one server process
+(SmolLM2), through the official `openai` client and raw httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="bridge serve needs the serve extra")
+openai = pytest.importorskip("openai", reason="the server tests need the dev extra")
+httpx = pytest.importorskip("httpx", reason="the server tests need the dev extra")
+parser = pytest.importorskip("prometheus_client.parser",
+                             reason="the metrics test needs the dev extra")
+
+pytestmark = pytest.mark.slow
+
+BRIDGE = Path(sys.executable).with_name("bridge")
+PROMPTS = ["Name three colours.", "Write a haiku about the sea.", "What is 12 times 12?",
+           "Give one tip for learning Python."]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model: Path, *extra: str):
+    port = _free_port()
+    argv = [str(BRIDGE), "serve", str(model), "--port", str(port), "--threads", "1",
+            "-c", "1024", *extra]
+    proc = subprocess.Popen(argv, env={**os.environ, "COLUMNS": "400"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bridge serve exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("bridge serve did not answer /health within 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf):
+    proc, url = _start(smollm2_gguf, "--parallel", "3")
+    yield url
+    assert _stop(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server, smollm2_gguf):
+    c = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    c.model_id = smollm2_gguf.name
+    return c
+
+
+def _ask(client, prompt: str, **kw):
+    kw.setdefault("max_tokens", 24)
+    return client.chat.completions.create(
+        model=client.model_id, messages=[{"role": "user", "content": prompt}],
+        temperature=0, **kw)
+
+
+def _together(fns) -> list:
+    out: list = [None] * len(fns)
+
+    def run(i):
+        out[i] = fns[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def test_concurrent_streams_equal_each_alone(client):
+    """Separate KV streams per sequence (the default): on the machines measured a
+    sequence's logits in a shared round are bitwise those it gets alone
+    (tests/test_parallel.py checks the bound on this machine); the server's answers are
+    the same text."""
+    alone = [_ask(client, p).choices[0].message.content for p in PROMPTS]
+
+    def streamed(p):
+        chunks = list(_ask(client, p, stream=True))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    got = _together([lambda p=p: streamed(p) for p in PROMPTS])
+    assert got == alone
+
+
+def test_requests_overlap_and_timings_say_so(client, server):
+    """Three requests at once take about the time of one, not three: they share rounds."""
+    results = _together([lambda p=p: _ask(client, p, max_tokens=32) for p in PROMPTS[:3]])
+    rows = [r.model_extra["timings"] for r in results]
+    assert all(r.choices[0].message.content for r in results)
+    stats = httpx.get(f"{server}/stats").json()
+    assert stats["parallel"] == 3 and len(stats["slots"]) == 3
+    metrics = httpx.get(f"{server}/metrics").text
+    fams = {f.name: f for f in parser.text_string_to_metric_families(metrics)}
+    rounds = fams["bridge_batch_rounds"].samples[0].value
+    batch_rows = fams["bridge_batch_rows"].samples[0].value
+    assert batch_rows > rounds  # some rounds held several sequences
+    assert all("n_steps" in t for t in rows)
+
+
+def test_metrics_parse_and_count(client, server):
+    before = {f.name: f for f in parser.text_string_to_metric_families(
+        httpx.get(f"{server}/metrics").text)}
+    r = _ask(client, PROMPTS[0], max_tokens=8)
+    after = {f.name: f for f in parser.text_string_to_metric_families(
+        httpx.get(f"{server}/metrics").text)}
+    # prometheus_client's parser drops a counter's _total suffix from the family name
+    grew = after["llamacpp:tokens_predicted"].samples[0].value - \
+        before["llamacpp:tokens_predicted"].samples[0].value
+    assert grew == r.usage.completion_tokens
+    assert after["llamacpp:requests_processing"].samples[0].value == 0
+    assert after["bridge_parallel_sequences"].samples[0].value == 3
+    assert "bridge_drafted_tokens" in after and "llamacpp:prompt_tokens" in after
+
+
+def test_a_disconnected_stream_frees_its_sequence(client, server):
+    body = {"model": client.model_id, "stream": True, "temperature": 0,
+            "max_tokens": 600, "messages": [{"role": "user", "content": "Tell a long story."}]}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line.startswith("data:"))
+        busy = [s["cached_tokens"] for s in httpx.get(f"{server}/stats").json()["slots"]]
+        assert max(busy) > 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{server}/stats").json()
+        if stats["requests_processing"] == 0:
+            break
+        time.sleep(0.1)
+    # the slot that served the story holds nothing; a finished answer's slot may keep its
+    # conversation (the prompt cache), but none holds 600 tokens of a cancelled story
+    cached = [s["cached_tokens"] for s in stats["slots"]]
+    assert 0 in cached and max(cached) < 100
+    assert _ask(client, "Hi", max_tokens=2).choices[0].message.content
+
+
+def test_each_request_keeps_its_own_format_under_concurrency(client):
+    schema = {"type": "object", "properties": {"colour": {"type": "string"}},
+              "required": ["colour"], "additionalProperties": False}
+    js, lp, st = _together([
+        lambda: _ask(client, "Name a colour.", max_tokens=30, response_format={
+            "type": "json_schema", "json_schema": {"name": "c", "schema": schema}}),
+        lambda: _ask(client, "Say hello.", max_tokens=8, logprobs=True, top_logprobs=2),
+        lambda: _ask(client, "Count from 1 to 10 with commas.", max_tokens=40, stop=["5"]),
+    ])
+    assert "colour" in json.loads(js.choices[0].message.content)
+    entries = lp.choices[0].logprobs.content
+    assert len(entries) == lp.usage.completion_tokens and len(entries[0].top_logprobs) == 2
+    assert "5" not in st.choices[0].message.content
+    assert st.choices[0].finish_reason == "stop"
+
+
+def test_max_queue_answers_503_with_retry_after(smollm2_gguf):
+    proc, url = _start(smollm2_gguf, "--parallel", "1", "--max-queue", "0")
+    try:
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "stream": True, "temperature": 0, "max_tokens": 300,
+                "messages": [{"role": "user", "content": "Tell a long story."}]}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream (a cancel)
+            next(line for line in lines if line.startswith("data:"))
+            busy = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+                **body, "stream": False, "max_tokens": 4})
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "server_busy"
+        ok = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                        json={**body, "stream": False, "max_tokens": 4})
+        assert ok.status_code == 200  # a free sequence again: served
+    finally:
+        assert _stop(proc) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parallel", "0"], "--parallel must be in 1..256"),
+    (["--parallel", "2", "--exact"], "--parallel 1"),
+    (["--max-queue", "-1"], "--max-queue must be >= 0"),
+])
+def test_bad_options_get_one_line(smollm2_gguf, argv, message):
+    out = subprocess.run([str(BRIDGE), "serve", str(smollm2_gguf), "--port", "0", *argv],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr
