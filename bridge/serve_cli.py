@@ -82,11 +82,11 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
               listen_fd: int | None,
               **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
-    /stats).
+    /stats, /metrics).
 
     Up to --parallel requests are answered at once, their steps evaluated together in one
-    batch; more wait their turn. The sampling and drafting options set the defaults that requests may
-    override. Requests also draft from earlier requests made with the same API key (a
+    batch; more wait their turn. The sampling and drafting options set the defaults that
+    requests may override. Requests also draft from earlier requests made with the same API key (a
     request sends "shared_drafts": false to stay out). Ctrl-C or SIGTERM stops the server
     cleanly.
     """

@@ -20,8 +20,9 @@ API keys every request shares one scope); ``"shared_drafts": false`` keeps a req
 out of it both ways. The prompt cache follows the same scopes: each slot keeps its last
 conversation, a request goes to the free slot of its own scope that holds the longest prefix
 of its prompt, and a slot that held another scope's prompt starts empty, so neither
-``cache_n`` nor speed tells one key's client what another sent. ``--draft-memory-file`` loads the memory at
-start and saves it every ``save_seconds`` or ``save_tokens`` added, and at shutdown.
+``cache_n`` nor speed tells one key's client what another sent. ``--draft-memory-file``
+loads the memory at start and saves it every ``save_seconds`` or ``save_tokens`` added, and
+at shutdown.
 
 Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
 (``runtime.tools``), tools and tool messages go through the template when it takes them
