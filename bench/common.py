@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import math
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,6 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 
 
+class ServerError(SystemExit):
+    """A server that exited or never answered. A ``SystemExit``, so a benchmark that does not
+    catch it ends with the server's stderr as its message; a sweep catches it and goes on."""
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as s:
@@ -36,7 +42,8 @@ def free_port() -> int:
 
 
 def start_server(argv: Sequence[str], port: int, what: str, env: dict | None = None,
-                 health_path: str = "/health", timeout: float = 300.0) -> subprocess.Popen:
+                 health_path: str = "/health", timeout: float = 300.0,
+                 log_path: Path | None = None) -> subprocess.Popen:
     """Start a server and wait until ``http://127.0.0.1:{port}{health_path}`` answers 200.
 
     bridge and llama-server answer ``/health`` (llama-server with 503 while it loads);
@@ -49,37 +56,39 @@ def start_server(argv: Sequence[str], port: int, what: str, env: dict | None = N
         env: the environment for the process (None: this one's).
         health_path: the path polled until it answers 200.
         timeout: seconds to wait for it.
+        log_path: where its stderr goes, kept to read after a crash (None: an unnamed
+            temporary file, gone when the process ends).
 
     Returns:
-        The running process (stdout discarded, stderr to an unnamed temporary file).
+        The running process (stdout discarded).
 
     Raises:
-        SystemExit: the process exited first (the message holds its stderr) or did not answer
+        ServerError: the process exited first (the message holds its stderr) or did not answer
             in time.
     """
     # a file, not a pipe: nobody reads a running server's log, and a full pipe would block it
-    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the child keeps its own descriptor
-    log.info("starting %s: %s", what, " ".join(argv))
-    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=err, text=True,
-                            env=env)
-    url = f"http://{LOOPBACK}:{port}{health_path}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err.seek(0)
-            raise SystemExit(f"{what} exited {proc.returncode} before answering {health_path}:"
-                             f"\n$ {' '.join(argv)}\n{err.read().strip()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):  # refused, 503 while loading, reset
-            pass
-        time.sleep(0.3)
-    stop_server(proc)
-    err.seek(0)
-    tail = "\n".join(err.read().strip().splitlines()[-20:])
-    raise SystemExit(f"{what} did not answer {health_path} within {timeout:.0f} s:\n{tail}")
+    with (open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")) as err:
+        log.info("starting %s: %s", what, shlex.join(argv))
+        proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                env=env)
+        url = f"http://{LOOPBACK}:{port}{health_path}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err.seek(0)
+                raise ServerError(f"{what} exited {proc.returncode} before answering "
+                                  f"{health_path}:\n$ {shlex.join(argv)}\n{err.read().strip()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return proc  # the child keeps its own descriptor of the log
+            except (urllib.error.URLError, OSError):  # refused, 503 while loading, reset
+                pass
+            time.sleep(0.3)
+        stop_server(proc)
+        err.seek(0)
+        tail = "\n".join(err.read().strip().splitlines()[-20:])
+    raise ServerError(f"{what} did not answer {health_path} within {timeout:.0f} s:\n{tail}")
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
