@@ -42,8 +42,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import (LOOPBACK, ServerError, cpu_facts, free_port, load_script, rss_mib,
-                          start_server, stop_server)
+from bench.common import (
+    LOOPBACK,
+    ServerError,
+    cpu_facts,
+    free_port,
+    load_script,
+    rss_mib,
+    start_server,
+    stop_server,
+)
 from bench.loadgen import RequestResult, run_clients, summarize
 from bench.report import format_table
 

@@ -53,7 +53,7 @@ class RequestResult:
 
 def itl_gaps(times: Sequence[float]) -> list[float]:
     """Gaps between consecutive chunk arrivals of one stream."""
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
 def stream_chat(http: httpx.Client, base_url: str, body: dict, client: int,
@@ -145,12 +145,13 @@ def summarize(rounds: list[list[RequestResult]]) -> dict:
     round. ``tokens_per_step`` is ``(predicted_n - 1) / n_steps`` summed over requests: the
     first token comes with the prompt, each later target step yields its accepted drafts + 1.
     """
-    walls = [max(r.end for r in rs) - min(r.start for r in rs) for rs in rounds if rs]
+    rounds = [rs for rs in rounds if rs]
+    walls = [max(r.end for r in rs) - min(r.start for r in rs) for rs in rounds]
     every = [r for rs in rounds for r in rs]
     ok = [r for r in every if r.error is None]
     tokens = sum(r.tokens for r in ok)
     per_round = [sum(r.tokens for r in rs if r.error is None) / w
-                 for rs, w in zip(rounds, walls) if w > 0]
+                 for rs, w in zip(rounds, walls, strict=True) if w > 0]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     itl = [g for r in ok for g in itl_gaps(r.chunk_times)]
     errors = [r.error for r in every if r.error is not None]
@@ -166,8 +167,8 @@ def summarize(rounds: list[list[RequestResult]]) -> dict:
     sums = {k: sum(t[k] for t in timed if k in t) for k in TIMING_SUMS
             if any(k in t for t in timed)}
     out["timings"] = sums
-    if sums.get("n_steps"):
-        with_steps = [t for t in timed if "n_steps" in t and "predicted_n" in t]
-        out["tokens_per_step"] = (sum(t["predicted_n"] - 1 for t in with_steps)
-                                  / sum(t["n_steps"] for t in with_steps))
+    with_steps = [t for t in timed if "n_steps" in t and "predicted_n" in t]
+    steps = sum(t["n_steps"] for t in with_steps)
+    if steps:
+        out["tokens_per_step"] = sum(t["predicted_n"] - 1 for t in with_steps) / steps
     return out

@@ -11,8 +11,14 @@ import httpx
 import pytest
 
 from bench.common import cpu_facts, free_port, percentile
-from bench.concurrency import (ServerSettings, client_bodies, parse_args, per_client_count,
-                               preset_argv, workload)
+from bench.concurrency import (
+    ServerSettings,
+    client_bodies,
+    parse_args,
+    per_client_count,
+    preset_argv,
+    workload,
+)
 from bench.loadgen import RequestResult, itl_gaps, stream_chat, summarize
 from bench.report import format_table
 
