@@ -298,6 +298,7 @@ def llama_server_binary(args: argparse.Namespace) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the log
     sets = {s: workload(s) for s in args.set}
     settings = None
     if args.url:
