@@ -195,8 +195,14 @@ def sweep(args: argparse.Namespace, servers: list[Server], settings: ServerSetti
                     log.info("round %d, %d clients, %s, %s: %.1f s, %d errors", rnd + 1,
                              clients, set_name, sv.name, time.perf_counter() - t0, bad)
                     if sv.proc is not None and sv.proc.poll() is not None:
-                        log.error("%s exited %d; its log: %s", sv.name, sv.proc.returncode,
-                                  logdir / f"{sv.name}.log")
+                        # a crash under load is a finding: keep its stderr, skip its cells
+                        tail = (logdir / f"{sv.name}.log").read_text().strip().splitlines()
+                        failed[f"{sv.name} at {clients} clients"] = (
+                            f"exited {sv.proc.returncode} during the sweep: "
+                            + " / ".join(tail[-3:]))
+                        log.error("%s exited %d:\n%s", sv.name, sv.proc.returncode,
+                                  "\n".join(tail[-20:]))
+                        sv.proc, sv.base_url = None, None
             for sv in restarted:
                 sv.stop(clients)
                 sv.base_url = None
