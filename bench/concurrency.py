@@ -210,7 +210,7 @@ def sweep(args: argparse.Namespace, servers: list[Server], settings: ServerSetti
 
 
 def _last_lines(e: Exception, n: int = 3) -> str:
-    return " / ".join(str(e).strip().splitlines()[-n:])
+    return " / ".join([ln for ln in str(e).splitlines() if ln.strip()][-n:])
 
 
 def header(args: argparse.Namespace, servers: list[Server], failed: dict[str, str],
@@ -240,9 +240,11 @@ def header(args: argparse.Namespace, servers: list[Server], failed: dict[str, st
                 if per_client_count(sv.name) else ""
             rss = ", ".join(f"{v:.0f} MiB" + (f" at {c} clients" if note else "")
                             for c, v in sv.rss.items() if v is not None) or "-"
-            out.append(f"- `{sv.name}`{note}: `{argv}`; RSS at the end: "
-                       f"{rss}")
-    out += [f"- `{name}` did not start: {why}" for name, why in failed.items()]
+            end = f"did not start: {failed[sv.name]}" if sv.name in failed \
+                else f"RSS at the end: {rss}"
+            out.append(f"- `{sv.name}`{note}: `{argv}`; {end}")
+    out += [f"- `{name}`: {why}" for name, why in failed.items()
+            if name not in {sv.name for sv in servers}]
     out += ["", "```", shlex.join(["python", "-m", "bench.concurrency", *sys.argv[1:]]),
             "```", ""]
     return out
