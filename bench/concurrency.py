@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     failed: dict[str, str] = {}
     load0 = os.getloadavg()[0]
+    if load0 > 0.5 * (os.cpu_count() or 1):  # llama.cpp's spinning threads amplify contention
+        log.warning("1-minute load average %.2f on %d cores: other work will skew the figures",
+                    load0, os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
         try:
             for sv in servers:
