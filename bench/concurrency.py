@@ -192,8 +192,9 @@ def sweep(args: argparse.Namespace, servers: list[Server], settings: ServerSetti
                     rs = run_clients(sv.base_url, bodies, args.timeout, headers)
                     results.setdefault((set_name, clients, sv.name), []).append(rs)
                     bad = sum(r.error is not None for r in rs)
-                    log.info("round %d, %d clients, %s, %s: %.1f s, %d errors", rnd + 1,
-                             clients, set_name, sv.name, time.perf_counter() - t0, bad)
+                    log.info("round %d, %d clients, %s, %s: %.1f s, %d errors, load %.2f",
+                             rnd + 1, clients, set_name, sv.name, time.perf_counter() - t0,
+                             bad, os.getloadavg()[0])
                     if sv.proc is not None and sv.proc.poll() is not None:
                         # a crash under load is a finding: keep its stderr, skip its cells
                         tail = (logdir / f"{sv.name}.log").read_text().strip().splitlines()
