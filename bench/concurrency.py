@@ -24,6 +24,12 @@ from the first request's start to the last one's end), time to first token and i
 latency (gaps between content chunks, all streams pooled) at p50 and p95, errors, tokens per
 target step where the server's ``timings`` carry ``n_steps`` (bridge), the ratios to
 ``--baseline`` at the same client count, and the RSS of the servers it started.
+``--extra-body JSON`` is merged into every request (e.g. ``{"ignore_eos": true}`` for a fixed
+answer length on llama-server; a server that refuses a field counts every request as an error).
+
+Run it on a quiet machine: llama.cpp's threads spin while they wait for each other, so with
+``--threads`` equal to the cores, any other busy process (a test run, a build) can slow a
+server by 100x for as long as it runs. The log names the load average after every cell.
 """
 
 from __future__ import annotations
