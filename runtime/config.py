@@ -113,6 +113,13 @@ class RuntimeConfig:
     kv_unified: bool = False
 
     def __post_init__(self) -> None:
+        _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
+        _check(1 <= self.n_batch <= 1 << 16, f"--batch must be >= 1, got {self.n_batch}")
+        _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")
+        _check(self.n_threads is None or self.n_threads >= 1,
+               f"--threads must be >= 1, got {self.n_threads}")
+        _check(1.0 <= self.rpc_timeout <= 86400.0,
+               f"--rpc-timeout must be in 1..86400 seconds, got {self.rpc_timeout}")
         _check(1 <= self.parallel <= 256, f"--parallel must be in 1..256, got {self.parallel}")
         _check(not (self.exact and self.parallel > 1),
                "--exact evaluates one sequence at a time (a shared batch changes how "
@@ -128,13 +135,6 @@ class RuntimeConfig:
     def n_ctx_total(self) -> int:
         """Cells of the target's cache: ``n_ctx`` per sequence, or ``n_ctx`` shared."""
         return self.n_ctx if self.kv_unified else self.n_ctx * self.parallel
-        _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
-        _check(1 <= self.n_batch <= 1 << 16, f"--batch must be >= 1, got {self.n_batch}")
-        _check(self.n_gpu_layers >= -1, f"-ngl must be >= -1 (-1: all), got {self.n_gpu_layers}")
-        _check(self.n_threads is None or self.n_threads >= 1,
-               f"--threads must be >= 1, got {self.n_threads}")
-        _check(1.0 <= self.rpc_timeout <= 86400.0,
-               f"--rpc-timeout must be in 1..86400 seconds, got {self.rpc_timeout}")
 
 
 # `bridge serve`'s sequences unless told: llama-server's default is 4 slots too, and on the

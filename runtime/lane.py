@@ -97,6 +97,9 @@ class Lane:
                 out.extend(chunk.tokens)
                 yield chunk
         finally:
+            # the lane's own defaults again (a caller reading them sees no request's)
+            self.sampler.reconfigure(self.base_sampling)
+            self.controller.draft_max = self.base_draft_max
             if memory is not None:
                 drafters["memory"] = memory
                 if use_memory and out:

@@ -248,6 +248,7 @@ def test_stop_string_and_interrupt_roll_the_grammar_back(engines, monkeypatch):
             got.extend(chunk.tokens)
     monkeypatch.setattr(ctx, "eval", real_eval)
     d = spec_engine.decoder
+    c = d.constraint  # each generation moves a matcher of its own (Engine.compile)
     assert c.start + c.n_consumed == len(d.kv) + (d.pending is not None)
     # and the engine answers correctly afterwards
     out, _, stats = spec_engine.complete(prompt, GEN, constraint=spec)
