@@ -1,20 +1,25 @@
-"""Many sequences, one KV cache, one ``llama_decode`` per round: continuous batching.
+"""Many sequences, one context, one ``llama_decode`` per round: continuous batching.
 
-``SharedContext`` owns the rounds of one multi-sequence ``LlamaContext`` (its cache of
-``n_ctx`` cells is unified: any sequence may use any cell). Each sequence is driven by its
-own thread through a ``SequenceView``, which offers the single-sequence methods the decode
-loop uses (``eval``, ``eval_argmax``, ``truncate``...), so every sequence keeps the whole
-draft -> verify -> commit loop of ``runtime.speculative`` with its own sampler, grammar,
-drafters and stop strings.
+``SharedContext`` owns the rounds of one multi-sequence ``LlamaContext``. Each sequence is
+a *task*: a greenlet (a coroutine with its own stack) that runs the whole single-sequence
+loop of ``runtime.speculative`` (draft, verify, commit) with its own sampler, grammar,
+drafters and stop strings, through a ``SequenceView`` that offers the single-sequence
+methods the loop uses (``eval``, ``eval_argmax``, ``truncate``...). When a task evaluates,
+its view hands the rows to the hub and the task pauses there; once every live task has
+handed in its rows (or ended), ``round()`` runs one ``llama_decode`` of all of them and
+resumes each task with its logits rows. Tasks start (``spawn``) and end between rounds.
 
-A round: every *active* sequence (one that has evaluated in its current generation and
-has not gone idle) submits its rows and waits; the thread whose submission completes the
-set runs one ``llama_decode`` of all of them and hands each its logits rows. Sequences join
-(their first submission) and leave (``idle()``, at the end of a generation) between
-rounds. A round holds at most ``n_batch`` rows: decode steps first, oldest sequence first,
-then prompt chunks, so a long prompt (``prefill_chunk`` rows a round) delays the others'
-steps by one chunk's cost, never by the whole prompt. Every llama.cpp call on the context
-holds one lock: llama.cpp contexts are not thread-safe.
+Everything runs on one OS thread, the one that calls ``spawn`` and ``round`` (as
+llama-server's slots do): no handoff between threads per step. Threads were tried first,
+a thread per sequence meeting at a barrier: on a 2-core Xeon (SmolLM2, 2 threads) a step
+then took 10.5-11.5 ms against 8.6 ms when one thread did everything, because ggml's CPU
+backend keeps OpenMP worker threads per calling thread, spinning after each decode, and
+every handoff had to wait for a core.
+
+A round holds at most ``n_batch`` rows: decode steps first, in arrival order, then prompt
+chunks, so a long prompt (``prefill_chunk`` rows a round) delays the others' steps by one
+chunk's cost, never by the whole prompt. A view used outside a task (one sequence through
+``Engine.generate``) runs its round at once, alone.
 
 Cells: by default each sequence has a stream of cells of its own (``n_ctx_seq``), laid out
 as a one-sequence cache is, so a row's logits do not depend on the other sequences: on a
@@ -24,9 +29,9 @@ cells interleave with the others' and the sums over them group differently. A un
 cache (``unified``, llama-server's ``--kv-unified``) lets any sequence use any cell: a
 sequence's cells are its ``n_past`` tokens, idle sequences keep their cache (the prompt
 cache of their slot) until a round needs the cells, and then the least recently used go
-first (``evicted`` tells their owner). When the active sequences alone need more cells
-than there are, a request that does not fit waits for a later round while others run; if
-no request of a round fits, the sequence holding the most cells gets ``ContextFullError``
+first (``evicted`` tells their owner). When the live sequences alone need more cells than
+there are, a request that does not fit waits for a later round while others run; if no
+request of a round fits, the sequence holding the most cells gets ``ContextFullError``
 (its answer ends with ``finish_reason: context``), so the rest can go on.
 
 Every round's (rows, seconds) feeds the shared ``CostModel``: the verify curve V(R) the
@@ -39,9 +44,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from greenlet import greenlet
 
 from runtime.context import ContextFullError, LlamaContext
 
@@ -59,7 +66,6 @@ class _Request:
     rows: np.ndarray | None = None
     width: int = 0  # rows of the round that took it, every sequence's
     error: BaseException | None = None
-    done: bool = False
 
 
 @dataclass
@@ -75,7 +81,7 @@ class RoundStats:
 
 
 class SharedContext:
-    """The rounds of one multi-sequence context.
+    """The rounds of one multi-sequence context, on one thread.
 
     Args:
         ctx: a ``LlamaContext`` made with ``n_seq`` sequences (owned by the caller).
@@ -93,30 +99,74 @@ class SharedContext:
         self.prefill_chunk = max(1, min(prefill_chunk, ctx.n_batch))
         self.on_round = on_round
         self.stats = RoundStats()
-        self._cv = threading.Condition()
-        self._llama = threading.Lock()  # every llama.cpp call on ctx
-        self._running = False           # a round is decoding (outside _cv)
-        self._pending: list[_Request] = []
-        self._active: set[int] = set()
-        self._last_rows: dict[int, int] = {}  # rows of each active sequence's last request
+        self._llama = threading.Lock()  # a view used from another thread waits for a round
+        self._tasks: dict[greenlet, _Request | None] = {}  # live task -> its submission
+        self._last_rows: dict[int, int] = {}  # rows of each sequence's last request
         self.views = [SequenceView(self, s) for s in range(n_seq)]
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def spawn(self, fn: Callable[[], object]) -> None:
+        """Start ``fn`` as a task; it runs now until its first evaluation (or its end).
+        ``fn`` must catch its own errors: one that escapes ends ``spawn``/``round``."""
+        task = greenlet(fn)
+        self._tasks[task] = None
+        self._resume(task)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self._tasks)
+
+    def run(self, fns: list[Callable[[], object]]) -> None:
+        """Run ``fns`` as tasks together, to their ends (a caller's own batch of
+        generations: the server's worker spawns and rounds as requests come and go)."""
+        for fn in fns:
+            self.spawn(fn)
+        while self._tasks:
+            self.round()
+
+    def close(self) -> None:
+        """Forget the tasks (their owner ends them first: ``Worker.close``)."""
+        self._tasks.clear()
+
+    def _resume(self, task: greenlet, *value: object) -> None:
+        """Switch into ``task`` (with its submission, served; nothing to start it); it
+        comes back with its next submission, or ends."""
+        req = task.switch(*value)
+        if task.dead:
+            del self._tasks[task]
+        else:
+            assert isinstance(req, _Request)
+            self._tasks[task] = req
+
+    def round(self) -> None:
+        """One round: decode what the live tasks handed in (within the batch and the
+        cells), then resume each task that was served until its next submission."""
+        pending = [r for r in self._tasks.values() if r is not None]
+        if not pending:
+            return
+        chosen, failed = self._choose(pending)
+        if chosen:
+            self._decode(chosen)
+        by_req = {r: t for t, r in self._tasks.items() if r is not None}
+        for r in chosen + failed:
+            self._last_rows[r.seq] = len(r.tokens)
+            task = by_req[r]
+            self._tasks[task] = None
+            self._resume(task, r)
 
     # -- what the controllers read --------------------------------------------------------
 
     def load(self, seq: int) -> tuple[int, float]:
-        """(rows, tokens) the other active sequences put in a round: their submission in
+        """(rows, tokens) the other live sequences put in a round: their submission in
         the round being gathered, else their last one. A decode step is counted as one
         token (its drafts' expected yield is theirs to weigh), a prompt chunk as none."""
         rows, tokens = 0, 0.0
-        with self._cv:
-            pending = {r.seq: r for r in self._pending}
-            active = list(self._active)
-        for s in active:
-            if s == seq:
+        for task, r in self._tasks.items():
+            s = r.seq if r is not None else getattr(task, "seq", None)
+            if s == seq or s is None:
                 continue
-            r = pending.get(s)
-            n = len(r.tokens) if r is not None else self._last_rows.get(s, 1)
-            rows += n
+            rows += len(r.tokens) if r is not None else self._last_rows.get(s, 1)
             tokens += 0.0 if (r is not None and r.prefill) else 1.0
         return rows, tokens
 
@@ -126,53 +176,27 @@ class SharedContext:
                prefill: bool, want_last: bool = True) -> tuple[np.ndarray, int]:
         """Evaluate ``tokens`` at positions ``pos0..`` of ``seq`` in the next round that
         takes them. Returns their logits rows (all, or the last only; a read-only view
-        valid until this sequence submits again or goes idle) and the round's width."""
+        valid until the next round) and the round's width."""
         req = _Request(seq, tokens, pos0, all_logits, prefill, want_last)
-        with self._cv:
-            self._active.add(seq)
-            self._pending.append(req)
-            while not req.done:
-                if not self._running and self._ready():
-                    self._run_round()
-                else:
-                    self._cv.wait()
+        current = greenlet.getcurrent()
+        if current in self._tasks:
+            current.seq = seq  # for load(): whose task this is
+            done = current.parent.switch(req)  # the hub resumes us after the round
+            assert done is req
+        else:  # not a task: a round of its own, now
+            chosen, failed = self._choose([req])
+            if chosen:
+                self._decode(chosen)
         if req.error is not None:
             raise req.error
         return req.rows, req.width
 
-    def leave(self, seq: int) -> None:
-        """``seq`` will not submit again in this generation: rounds stop waiting for it."""
-        with self._cv:
-            self._active.discard(seq)
-            self._last_rows.pop(seq, None)
-            if not self._running and self._pending and self._ready():
-                self._run_round()
-            self._cv.notify_all()  # a waiter may now complete the set
-
-    def _ready(self) -> bool:
-        return bool(self._pending) and {r.seq for r in self._pending} >= self._active
-
-    def _run_round(self) -> None:
-        """Pick the round's requests, decode them outside the condition, deliver. Called
-        with ``_cv`` held; returns with it held."""
-        chosen = self._choose()
-        self._running = True
-        self._cv.release()
-        try:
-            if chosen:
-                self._decode(chosen)
-        finally:
-            self._cv.acquire()
-            self._running = False
-            for r in chosen:
-                r.done = True
-                self._last_rows[r.seq] = len(r.tokens)
-            self._cv.notify_all()
-
-    def _choose(self) -> list[_Request]:
-        """The requests this round takes: decode steps (oldest first), then prompt chunks,
-        within ``n_batch`` rows and the free cells (evicting idle caches as needed)."""
-        order = sorted(self._pending, key=lambda r: r.prefill)  # stable: arrival order
+    def _choose(self, pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """(taken, failed): the requests this round takes, decode steps first (arrival
+        order), then prompt chunks, within ``n_batch`` rows and the free cells (evicting
+        idle caches as needed); when none fits, the one of the sequence holding the most
+        cells fails with ``ContextFullError``."""
+        order = sorted(pending, key=lambda r: r.prefill)  # stable: arrival order
         rows_left = self.ctx.n_batch
         free = self._free_cells()
         chosen: list[_Request] = []
@@ -192,15 +216,9 @@ class SharedContext:
             victim.error = ContextFullError(
                 f"the shared context of {self.n_ctx} tokens is full (sequence {victim.seq} "
                 f"holds {self.views[victim.seq].n_past}); raise -c/--ctx or lower --parallel")
-            victim.done = True
-            self._pending.remove(victim)
-            self._active.discard(victim.seq)
-            self._cv.notify_all()
-            return []
+            return [], [victim]
         self.stats.deferred += len(order) - len(chosen)
-        for r in chosen:
-            self._pending.remove(r)
-        return chosen
+        return chosen, []
 
     def _free_cells(self) -> int:
         if not self.unified:  # each stream has its own; SequenceView.eval checked them
@@ -289,7 +307,7 @@ class SequenceView:
         self.shared = shared
         self.seq = seq
         self.n_past = 0
-        self.eval_seconds = 0.0  # time inside rounds (waiting for the others included)
+        self.eval_seconds = 0.0  # time inside rounds (the others' work in them included)
         self.busy_since: float | None = None
         self.busy = False
         self.evicted = False
@@ -304,26 +322,22 @@ class SequenceView:
     def acquire(self) -> bool:
         """Take the sequence for a generation; True when its cache survived since the last
         one (False: it was evicted, and whatever the owner remembers of it is gone)."""
-        with self.shared._cv:
-            self.busy = True
-            kept = not self.evicted
-            self.evicted = False
-            return kept
+        self.busy = True
+        kept, self.evicted = not self.evicted, False
+        return kept
 
     def release(self) -> None:
-        with self.shared._cv:
-            self.busy = False
-            self.last_used = time.monotonic()
+        self.busy = False
+        self.last_used = time.monotonic()
 
     def drop(self) -> None:
-        """Evict: called by the shared context, with its condition held, while idle."""
+        """Evict (the shared context's call, while the sequence is idle)."""
         self.shared.remove(self.seq, 0)
         self.n_past = 0
         self.evicted = True
 
     def idle(self) -> None:
-        """The generation ended: rounds stop waiting for this sequence."""
-        self.shared.leave(self.seq)
+        """The generation ended (a task simply ends; nothing waits for it)."""
 
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         if not tokens:

@@ -116,8 +116,8 @@ class Engine:
             self.costs = CostModel.from_profile(stored) if stored else CostModel()
             calibrated = stored is not None
             if n_seq > 1:
-                self.shared = SharedContext(self.ctx, n_seq, rt.prefill_chunk,
-                                            on_round=self.costs.add_verify)
+                self.shared = self._own(SharedContext(self.ctx, n_seq, rt.prefill_chunk,
+                                                      on_round=self.costs.add_verify))
                 targets = self.shared.views
             else:
                 targets = [self.ctx]

@@ -5,9 +5,6 @@ token it was evaluated for."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
@@ -21,8 +18,8 @@ V = 64  # the stand-in vocabulary
 class FakeContext:
     """Records every decode_rows call; cells per sequence as llama.cpp would hold them."""
 
-    def __init__(self, n_ctx: int = 256, n_batch: int = 32, seconds: float = 0.0):
-        self.n_ctx, self.n_batch, self.seconds = n_ctx, n_batch, seconds
+    def __init__(self, n_ctx: int = 256, n_batch: int = 32):
+        self.n_ctx, self.n_batch = n_ctx, n_batch
         self.n_ctx_seq = n_ctx  # one unified cache: any sequence may use every cell
         self.calls: list[list[tuple[int, int, int, bool]]] = []  # (seq, pos, token, want)
         self.cells: dict[int, set[int]] = {}
@@ -30,7 +27,6 @@ class FakeContext:
     def decode_rows(self, tokens, pos, seq, want):
         rows = list(zip(seq, pos, tokens, want, strict=True))
         self.calls.append(rows)
-        time.sleep(self.seconds)  # a decode takes time: the others' threads catch up
         for s, p, _, _ in rows:
             self.cells.setdefault(s, set()).add(p)
         out = np.zeros((sum(map(bool, want)), V), dtype=np.float32)
@@ -42,83 +38,75 @@ class FakeContext:
         self.cells[seq] = {p for p in self.cells.get(seq, set()) if p < start}
 
 
-def _run(fns):
-    """Run each callable on its own thread; re-raise the first error."""
-    errors: list[BaseException] = []
-
-    def wrap(f):
-        def go():
-            try:
-                f()
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-        return go
-
-    threads = [threading.Thread(target=wrap(f)) for f in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive(), "a sequence is stuck waiting for a round"
-    if errors:
-        raise errors[0]
-
-
-def test_active_sequences_share_each_round():
+def test_live_tasks_share_each_round():
     ctx = FakeContext()
     shared = SharedContext(ctx, 3, prefill_chunk=8)
-    barrier = threading.Barrier(3)
 
     def seq(i: int):
         v = shared.views[i]
-        v.acquire()
-        barrier.wait()
         for step in range(5):
             row = v.eval([10 * i + step], all_logits=True)
             assert int(np.argmax(row[0])) == 10 * i + step + 1  # its own row back
-        v.idle()
-        v.release()
 
-    _run([lambda i=i: seq(i) for i in range(3)])
-    # after the first round (the threads may arrive one by one), all three share rounds
-    widths = [len(c) for c in ctx.calls]
-    assert sum(widths) == 15
-    assert widths.count(3) >= 3
+    shared.run([lambda i=i: seq(i) for i in range(3)])
+    assert [len(c) for c in ctx.calls] == [3] * 5  # every round holds all three
     for c in ctx.calls:
-        assert len({s for s, *_ in c}) == len(c)  # one row per sequence per step
+        assert sorted(s for s, *_ in c) == [0, 1, 2]
     assert [v.n_past for v in shared.views] == [5, 5, 5]
 
 
+def test_tasks_join_and_leave_between_rounds():
+    ctx = FakeContext()
+    shared = SharedContext(ctx, 2)
+    a, b = shared.views
+
+    def long():
+        for t in range(6):
+            a.eval([t], all_logits=True)
+
+    def short():
+        for t in range(2):
+            b.eval([t], all_logits=True)
+
+    shared.spawn(long)
+    shared.round()  # a alone
+    shared.spawn(short)
+    shared.run([])  # to the end
+    seqs = [sorted(s for s, *_ in c) for c in ctx.calls]
+    assert seqs == [[0], [0, 1], [0, 1], [0], [0], [0]]
+
+
 def test_a_long_prompt_joins_rounds_a_chunk_at_a_time():
-    ctx = FakeContext(seconds=0.01)
+    ctx = FakeContext()
     shared = SharedContext(ctx, 2, prefill_chunk=4)
-    started = threading.Event()
 
     def decoder():
         v = shared.views[0]
-        v.eval([1])
-        started.set()
         for t in range(8):
             v.eval([t], all_logits=True)
-        v.idle()
 
     def prompt():
-        started.wait()
-        v = shared.views[1]
-        rows = v.eval(list(range(20)))  # 5 chunks of 4
+        rows = shared.views[1].eval(list(range(20)))  # 5 chunks of 4
         assert rows.shape == (1, V) and int(np.argmax(rows[0])) == 20  # the last row only
-        v.idle()
 
-    _run([decoder, prompt])
+    shared.run([decoder, prompt])
     chunks = [[r for r in c if r[0] == 1] for c in ctx.calls]
     assert max(len(c) for c in chunks) == 4  # never more than a chunk a round
     assert sum(len(c) for c in chunks) == 20
-    # the decoding sequence kept stepping while the prompt was read
-    shared_rounds = [c for c in ctx.calls if {r[0] for r in c} == {0, 1}]
-    assert len(shared_rounds) >= 3
-    # only the prompt's last row asked for logits
-    wanted = [(p, w) for c in ctx.calls for s, p, _, w in c if s == 1 and w]
-    assert wanted == [(19, True)]
+    # the decoding sequence stepped in every round while the prompt was read
+    assert all({r[0] for r in c} == {0, 1} for c in ctx.calls[:5])
+    # the decode step comes first in each round, and only the prompt's last row has logits
+    assert all(c[0][0] == 0 for c in ctx.calls)
+    wanted = [p for c in ctx.calls for s, p, _, w in c if s == 1 and w]
+    assert wanted == [19]
+
+
+def test_a_round_holds_at_most_the_batch():
+    ctx = FakeContext(n_batch=8)
+    shared = SharedContext(ctx, 3, prefill_chunk=8)
+    shared.run([lambda i=i: shared.views[i].eval(list(range(6))) for i in range(3)])
+    assert [len(c) for c in ctx.calls] == [6, 6, 6]  # 12 rows would not fit: one a round
+    assert shared.stats.deferred == 3  # two waited, then one
 
 
 def test_idle_caches_are_evicted_least_recently_used_first():
@@ -128,7 +116,6 @@ def test_idle_caches_are_evicted_least_recently_used_first():
         v = shared.views[i]
         v.acquire()
         v.eval(list(range(15)))
-        v.idle()
         v.release()
     v2 = shared.views[2]
     v2.acquire()
@@ -146,9 +133,7 @@ def test_when_nothing_fits_the_largest_sequence_gives_way():
     a, b = shared.views
     a.acquire(), b.acquire()  # both busy: neither cache may be evicted
     a.eval(list(range(12)))
-    a.idle()
     b.eval(list(range(10)))
-    b.idle()
     # 2 cells left; a (12 cells) asks for 4 rows: nothing fits, so a gets the error
     with pytest.raises(ContextFullError, match="full"):
         a.eval([1, 2, 3, 4], all_logits=True)
@@ -156,23 +141,20 @@ def test_when_nothing_fits_the_largest_sequence_gives_way():
     assert b.eval([5], all_logits=True).shape == (1, V)  # the other goes on
 
 
-def test_a_leaving_sequence_releases_the_round():
-    ctx = FakeContext()
-    shared = SharedContext(ctx, 2)
-    a, b = shared.views
-    b.eval([1], all_logits=True)  # b is active now: rounds wait for it
-    done = threading.Event()
+def test_the_load_a_sequence_sees_is_the_others_rows():
+    shared = SharedContext(FakeContext(), 3)
+    seen = []
 
-    def waiter():
-        a.eval([2], all_logits=True)  # waits for b's submission or departure
-        done.set()
+    def seq(i: int, width: int):
+        v = shared.views[i]
+        for _ in range(3):
+            seen.append((i, shared.load(i)))
+            v.eval([1] * width, all_logits=True)
 
-    t = threading.Thread(target=waiter)
-    t.start()
-    assert not done.wait(0.3)
-    b.idle()
-    assert done.wait(5)
-    t.join()
+    shared.run([lambda: seq(0, 1), lambda: seq(1, 3), lambda: seq(2, 1)])
+    # in the last round, sequence 0 decided while 1 and 2 had their rows from before
+    assert seen[-3] == (0, (4, 2.0))
+    assert seen[-1] == (2, (4, 2.0))  # 1 row of sequence 0 + 3 of sequence 1
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -4,7 +4,6 @@ generating on its own thread, their steps evaluated together in shared rounds.""
 from __future__ import annotations
 
 import json
-import threading
 from collections import defaultdict
 
 import numpy as np
@@ -55,33 +54,21 @@ def alone(smollm2_gguf):
 
 
 def _together(engine: Engine, jobs: list[dict]) -> list[tuple[str, list[int], Stats]]:
-    """Run ``jobs`` (Lane.generate keyword arguments) on lanes 0.. at once."""
+    """Run ``jobs`` (Lane.generate keyword arguments) on lanes 0.. as tasks of the
+    engine's shared context: every step of every lane in the same rounds."""
     out: list = [None] * len(jobs)
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(jobs))
 
     def run(i: int) -> None:
-        try:
-            lane = engine.lanes[i]
-            lane.reset()
-            stats = Stats()
-            start.wait()
-            text, tokens = [], []
-            for chunk in lane.generate(stats=stats, **jobs[i]):
-                text.append(chunk.text)
-                tokens.extend(chunk.tokens)
-            out[i] = ("".join(text), tokens, stats)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(e)
+        lane = engine.lanes[i]
+        lane.reset()
+        stats = Stats()
+        text, tokens = [], []
+        for chunk in lane.generate(stats=stats, **jobs[i]):
+            text.append(chunk.text)
+            tokens.extend(chunk.tokens)
+        out[i] = ("".join(text), tokens, stats)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-        assert not t.is_alive(), "a lane never finished (a round waited forever)"
-    if errors:
-        raise errors[0]
+    engine.shared.run([lambda i=i: run(i) for i in range(len(jobs))])
     return out
 
 
@@ -171,11 +158,7 @@ def test_logprobs_come_back_per_token_under_concurrency(parallel):
         for c in lane.generate(**jobs[i]):
             chunks_per_job[i].append(c)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    parallel.shared.run([lambda i=i: run(i) for i in range(2)])
     for chunks in chunks_per_job:
         tokens = [t for c in chunks for t in c.tokens]
         lps = [lp for c in chunks for lp in (c.logprobs or [])]

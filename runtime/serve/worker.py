@@ -1,13 +1,15 @@
-"""The workers of ``bridge serve``: one thread per sequence slot, jobs in arrival order.
+"""The worker of ``bridge serve``: one thread runs every llama.cpp call, jobs in arrival
+order, up to ``--parallel`` of them at once.
 
-The engine has one ``Lane`` per sequence of its shared KV cache (``--parallel``); each is a
-``Slot`` here, served by a thread of its own. A job waits in one FIFO queue until a slot's
-thread is free, then runs on the free slot whose cache holds the longest prefix of its
-prompt within the same scope (llama-server's slot similarity; a slot of another scope is
-emptied first, so neither ``cache_n`` nor speed tells one key's client what another sent).
-The threads' decode steps meet in ``runtime.batching``'s rounds: one ``llama_decode``
-advances every running sequence. ``--max-queue`` bounds the queue: past it a request gets
-503 with ``Retry-After``.
+The engine has one ``Lane`` per sequence of its KV cache (``--parallel``); each is a
+``Slot`` here. A job waits in one FIFO queue until a slot is free, then runs on the free
+slot whose cache holds the longest prefix of its prompt within the same scope (llama-server's
+slot similarity; a slot of another scope is emptied first, so neither ``cache_n`` nor speed
+tells one key's client what another sent). Running jobs are tasks of
+``runtime.batching.SharedContext`` on the worker's one thread: one ``llama_decode`` a round
+advances every running sequence, and jobs start and end between rounds. With one sequence
+a job simply runs to its end. ``--max-queue`` bounds the queue: past it a request gets 503
+with ``Retry-After``.
 
 The async handlers wait on a job's queue of items (``Chunk``s, then ``DONE`` or an error).
 A job whose client went away is cancelled: its thread closes the generator within a step
@@ -18,6 +20,7 @@ a cancelled sequence stays in the KV cache. The drafting memory is saved between
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -150,10 +153,8 @@ class Worker:
         self.n_served = 0  # generations that ran to their end with their client there
         self.n_running = 0
         self.totals = Totals()
-        self._threads = [threading.Thread(target=self._serve, name=f"bridge-seq{i}",
-                                          daemon=True) for i in range(len(self.slots))]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._loop, name="bridge-llama", daemon=True)
+        self._thread.start()
 
     @property
     def n_queued(self) -> int:
@@ -181,25 +182,29 @@ class Worker:
             self._cv.notify()
         return job
 
-    def _serve(self) -> None:
-        """One slot's thread: take the oldest job, run it on the best free slot."""
+    def _loop(self) -> None:
+        """The model's thread: start queued jobs on free slots, then run a round."""
+        shared = self.engine.shared
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not (self._closing or self._queue or (shared and shared.n_tasks)):
                     self._cv.wait()
-                if self._closing:
+                if self._closing and not (shared and shared.n_tasks):
                     return
-                job = self._queue.popleft()
-                slot = max(self._free, key=lambda s: (s.reuse(job), -s.last_used))
-                self._free.remove(slot)
-                self.n_running += 1
-            try:
-                self._run(job, slot)
-            finally:
-                with self._cv:
-                    slot.last_used = time.monotonic()
-                    self._free.append(slot)
-                    self.n_running -= 1
+                starts = []
+                while self._queue and self._free and not self._closing:
+                    job = self._queue.popleft()
+                    slot = max(self._free, key=lambda s: (s.reuse(job), -s.last_used))
+                    self._free.remove(slot)
+                    self.n_running += 1
+                    starts.append((job, slot))
+            for job, slot in starts:
+                if shared is None:  # one sequence: the job runs to its end, here
+                    self._run(job, slot)
+                else:
+                    shared.spawn(functools.partial(self._run, job, slot))
+            if shared is not None:
+                shared.round()
 
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
@@ -252,6 +257,9 @@ class Worker:
                 target.release()
             with self._cv:
                 self._jobs.discard(job)
+                slot.last_used = time.monotonic()
+                self._free.append(slot)
+                self.n_running -= 1
             self.save_if_due()
 
     def save_if_due(self) -> None:
@@ -267,21 +275,22 @@ class Worker:
                 self._unsaved, self._saved_at = 0, time.monotonic()
 
     def save_soon(self) -> None:
-        """A timed save (the timer's call), on a thread of its own."""
+        """A timed save (the timer's call), on a thread of its own (the memory's lock
+        keeps it consistent with what the model's thread adds meanwhile)."""
         if not self._closing:
             threading.Thread(target=self.save_if_due, name="bridge-save", daemon=True).start()
 
     def close(self) -> None:
-        """Cancel queued and running jobs and wait for the threads (within a step)."""
+        """Cancel queued and running jobs and wait for the thread: each running job ends
+        within a step (its ``finally`` keeps the caches consistent)."""
         with self._cv:
             self._closing = True
             for job in list(self._jobs):
                 job.cancelled.set()
             self._queue.clear()
             self._cv.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=60)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
 
 async def wait_disconnect(request: Request) -> None:
