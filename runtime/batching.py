@@ -132,7 +132,11 @@ class SharedContext:
     def _resume(self, task: greenlet, *value: object) -> None:
         """Switch into ``task`` (with its submission, served; nothing to start it); it
         comes back with its next submission, or ends."""
-        req = task.switch(*value)
+        try:
+            req = task.switch(*value)
+        except BaseException:  # the task let an error out: it is over, the caller hears
+            self._tasks.pop(task, None)
+            raise
         if task.dead:
             del self._tasks[task]
         else:
@@ -159,15 +163,18 @@ class SharedContext:
 
     def load(self, seq: int) -> tuple[int, float]:
         """(rows, tokens) the other live sequences put in a round: their submission in
-        the round being gathered, else their last one. A decode step is counted as one
-        token (its drafts' expected yield is theirs to weigh), a prompt chunk as none."""
+        the round being gathered, else their last one. A decode step yields what its
+        sequence expects of its drafts (``SequenceView.expected``: E(gamma) at its own
+        acceptance; counting it as one token would hide what the others' draft rows earn
+        and make one's own drafts look cheaper than they are), a prompt chunk none."""
         rows, tokens = 0, 0.0
         for task, r in self._tasks.items():
             s = r.seq if r is not None else getattr(task, "seq", None)
             if s == seq or s is None:
                 continue
             rows += len(r.tokens) if r is not None else self._last_rows.get(s, 1)
-            tokens += 0.0 if (r is not None and r.prefill) else 1.0
+            if r is None or not r.prefill:
+                tokens += self.views[s].expected()
         return rows, tokens
 
     # -- rounds ---------------------------------------------------------------------------
@@ -314,6 +321,8 @@ class SequenceView:
         self.last_used = 0.0
         self.rounds = 0       # rounds this sequence took part in
         self.round_rows = 0   # rows of those rounds, every sequence's
+        # tokens this sequence's current step should yield (its controller's E(gamma))
+        self.expected: Callable[[], float] = lambda: 1.0
 
     @property
     def n_ctx(self) -> int:

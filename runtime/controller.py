@@ -285,6 +285,7 @@ class GammaController:
         # in a shared batch: (rows, tokens) the other sequences put in the round, and the
         # rounds are timed by the shared context (a step's own wait includes the others')
         self.load = load
+        self.expected = 1.0  # tokens the last step's choice should yield (E(gamma))
         self.adaptive = adaptive
         self.has_pruned = has_pruned
         self.costs = costs or CostModel()
@@ -412,12 +413,15 @@ class GammaController:
         self._since_probe += 1
         self._since_retime += 1
         self._record(0, None)
+        self.expected = 1.0
         return True
 
     def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
         """(source, gamma) for the next step; (None, 0) is a plain step."""
         source, gamma = self._choose(offers)
         self._record(gamma, source)
+        self.expected = costmodel.expected_tokens(gamma, self.acceptance(
+            source, offers[source].match_len).alpha) if gamma else 1.0
         return source, gamma
 
     def _choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:

@@ -165,6 +165,8 @@ class Engine:
             self.draft_cap(self.spec_cfg.draft_max), self.spec_cfg.adaptive,
             has_pruned=self.draft_path is not None, costs=self.costs, load=load)
         controller.calibrated_from_profile = calibrated
+        if self.shared is not None:  # what this sequence's steps yield, for the others
+            target.expected = lambda: controller.expected
         decoder = SpeculativeDecoder(target, drafters, sampler, controller,
                                      self.spec_cfg.p_min, max_rows=self.max_rows,
                                      forced_drafts=self.spec_cfg.forced_drafts)

@@ -198,13 +198,16 @@ class Worker:
                     self._free.remove(slot)
                     self.n_running += 1
                     starts.append((job, slot))
-            for job, slot in starts:
-                if shared is None:  # one sequence: the job runs to its end, here
-                    self._run(job, slot)
-                else:
-                    shared.spawn(functools.partial(self._run, job, slot))
-            if shared is not None:
-                shared.round()
+            try:
+                for job, slot in starts:
+                    if shared is None:  # one sequence: the job runs to its end, here
+                        self._run(job, slot)
+                    else:
+                        shared.spawn(functools.partial(self._run, job, slot))
+                if shared is not None:
+                    shared.round()
+            except Exception:  # _run answers its job's errors; this is a bug of ours
+                log.exception("the model's thread caught an error; it goes on")
 
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
