@@ -284,23 +284,30 @@ class SharedContext:
         with self._llama:
             self.ctx.remove_seq(seq, start)
 
-    def calibrate(self, widths: tuple[int, ...], repeats: int = 2) -> None:
-        """Time rounds of each width on an empty scratch sequence (the last view's, before
+    def calibrate(self, widths: tuple[int, ...], repeats: int = 2, context: int = 256
+                  ) -> None:
+        """Time rounds of each width on a scratch sequence (the last view's, before
         anything is served), so the controllers know V(R) at the widths a full batch
-        reaches before the load arrives; each figure is the lower of ``repeats`` runs."""
+        reaches before the load arrives; each figure is the lower of ``repeats`` runs.
+        The rows follow ``context`` tokens, as a conversation's do: attention over an
+        empty cache would make every width look cheap."""
         v = self.views[-1]
         assert not v.busy and v.n_past == 0
-        for w in widths:
-            if w > self.ctx.n_batch or w > self.n_ctx:
-                continue
-            for _ in range(repeats):
-                start = time.perf_counter()
-                with self._llama:
-                    self.ctx.decode_rows([0] * w, range(w), [v.seq] * w, [True] * w)
-                seconds = time.perf_counter() - start
-                self.remove(v.seq, 0)
-                if self.on_round is not None:
-                    self.on_round(w, seconds)
+        n0 = min(context, self.n_ctx // 2, self.ctx.n_batch)
+        with self._llama:
+            if n0:
+                self.ctx.decode_rows([0] * n0, range(n0), [v.seq] * n0, [False] * n0)
+            for w in widths:
+                if w > self.ctx.n_batch or n0 + w > self.n_ctx:
+                    continue
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self.ctx.decode_rows([0] * w, range(n0, n0 + w), [v.seq] * w, [True] * w)
+                    seconds = time.perf_counter() - start
+                    self.ctx.remove_seq(v.seq, n0)
+                    if self.on_round is not None:
+                        self.on_round(w, seconds)
+            self.ctx.remove_seq(v.seq, 0)
 
 
 class SequenceView:

@@ -130,6 +130,7 @@ class CostModel:
     catchup_per_token: float | None = None
     overhead_spec: float = 0.0          # Python time per speculative step
     overhead_plain: float = 0.0         # Python time per plain step
+    smooth: bool = False                # V(k) from the fitted line only (shared batches)
 
     def __post_init__(self) -> None:
         self._fit: tuple[float, float, float] | None = None  # (a, b, min t), lazily
@@ -193,7 +194,10 @@ class CostModel:
         return t
 
     def _verify_cost(self, k: int) -> float:
-        if k in self.verify and self.n_verify.get(k, 0) >= 2:
+        # a shared batch's widths come and go with the load: one rarely seen keeps an old
+        # figure (taken at another context length) beside a fresh one, and a draft row
+        # could look cheaper than no row; the line through all of them stays monotone
+        if not self.smooth and k in self.verify and self.n_verify.get(k, 0) >= 2:
             return self.verify[k]
         if self._fit is None:
             self._fit = _line_fit(self.verify)

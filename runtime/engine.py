@@ -116,6 +116,7 @@ class Engine:
             self.costs = CostModel.from_profile(stored) if stored else CostModel()
             calibrated = stored is not None
             if n_seq > 1:
+                self.costs.smooth = True
                 self.shared = self._own(SharedContext(self.ctx, n_seq, rt.prefill_chunk,
                                                       on_round=self.costs.add_verify))
                 targets = self.shared.views
