@@ -352,9 +352,6 @@ class SequenceView:
         self.n_past = 0
         self.evicted = True
 
-    def idle(self) -> None:
-        """The generation ended (a task simply ends; nothing waits for it)."""
-
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         if not tokens:
             raise ValueError("eval() needs at least one token")

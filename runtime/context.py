@@ -560,10 +560,6 @@ class LlamaContext:
         finally:
             llama_cpp.llama_sampler_free(smpl)
 
-    def idle(self) -> None:
-        """A generation ended. Nothing to do for a context of one's own; a sequence of a
-        shared one (``runtime.batching.SequenceView``) leaves the rounds here."""
-
     def truncate(self, n_keep: int) -> None:
         """Forget every token from position ``n_keep`` on (roll back the KV cache)."""
         if not 0 <= n_keep <= self.n_past:

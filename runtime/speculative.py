@@ -292,7 +292,6 @@ class SpeculativeDecoder:
                 stats.mode = "plain (speculation off)"
             stats.note = note
             self._restore()
-            self.target.idle()
 
     def _ended(self, token: int, is_eog: Callable[[int], bool]) -> bool:
         """The answer is complete: an end-of-generation token, or a grammar that admits
