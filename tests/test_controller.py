@@ -331,3 +331,14 @@ def test_plain_now_decides_as_asking_every_source_would(points, c, accept):
                      shortcuts))
     assert runs[0][:4] == runs[1][:4]
     assert runs[0][4] > 0 or sum(runs[0][0]) > 0  # the shortcut was taken, or drafting won
+
+
+def test_the_choice_history_stays_bounded_in_a_long_run():
+    """A server's controller lives for weeks: what it keeps of past steps is bounded."""
+    from runtime.controller import _HISTORY_MAX
+
+    ctrl = GammaController(4, adaptive=False, has_pruned=False)
+    for i in range(3 * _HISTORY_MAX):
+        ctrl.choose({"lookup": Offer(4, match_len=2)} if i % 2 else {})
+    assert len(ctrl.history) <= _HISTORY_MAX and len(ctrl.source_history) <= _HISTORY_MAX
+    assert ctrl.history[-2:] == [0, 4]  # the newest are kept
