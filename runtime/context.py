@@ -491,9 +491,11 @@ class LlamaContext:
             b.seq_id[r][0], b.logits[r] = seq[r], bool(want[r])
         b.n_tokens = n
         start_time = time.perf_counter()
+        self.busy_since = time.monotonic()  # for runtime.rpc.Watchdog
         try:
             rc = llama_cpp.llama_decode(self._ctx, b)
         finally:
+            self.busy_since = None
             for r in range(n):  # the other decodes write sequence 0 only (see __init__)
                 b.seq_id[r][0] = 0
         if rc != 0:
