@@ -498,6 +498,9 @@ class LlamaContext:
             self.busy_since = None
             for r in range(n):  # the other decodes write sequence 0 only (see __init__)
                 b.seq_id[r][0] = 0
+        if rc == 1:
+            raise ContextFullError(f"llama_decode found no KV slot for {n} rows of sequences "
+                                   f"{min(seq)}..{max(seq)} (n_ctx={self.n_ctx})")
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for {n} rows of sequences "
                                f"{min(seq)}..{max(seq)} (n_ctx={self.n_ctx})")
