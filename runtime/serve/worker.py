@@ -86,36 +86,11 @@ class Job:
     stats: Stats = field(default_factory=Stats)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-
-class Outbox:
-    """Items for the event loop, handed over once per round: one wake-up of the loop for
-    every stream's token of the round, not one per stream (each wake-up is a system call
-    on the model's thread and a turn of the loop that competes with ggml for the cores)."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[Job, object]] = []
-
-    def put(self, job: Job, item: object) -> None:
-        self._items.append((job, item))
-
-    def flush(self) -> None:
-        if not self._items:
-            return
-        items, self._items = self._items, []
-        loops: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
-        for job, item in items:
-            loops.setdefault(job.loop, []).append((job, item))
-        for loop, batch in loops.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                for job, _ in batch:
-                    job.cancelled.set()
-
-
-def _deliver(batch: list[tuple[Job, object]]) -> None:
-    for job, item in batch:
-        job.queue.put_nowait(item)
+    def emit(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self.cancelled.set()
 
 
 @dataclass
@@ -178,7 +153,6 @@ class Worker:
         self.n_served = 0  # generations that ran to their end with their client there
         self.n_running = 0
         self.totals = Totals()
-        self._outbox = Outbox()
         self._thread = threading.Thread(target=self._loop, name="bridge-llama", daemon=True)
         self._thread.start()
 
@@ -234,7 +208,6 @@ class Worker:
                     shared.round()
             except Exception:  # _run answers its job's errors; this is a bug of ours
                 log.exception("the model's thread caught an error; it goes on")
-            self._outbox.flush()
 
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
@@ -249,11 +222,6 @@ class Worker:
             slot.clear()
             slot.scope = job.scope
 
-    def _emit(self, job: Job, item: object) -> None:
-        self._outbox.put(job, item)
-        if self.engine.shared is None:  # one sequence runs to its end: no rounds to wait
-            self._outbox.flush()
-
     def _run(self, job: Job, slot: Slot) -> None:
         target = slot.lane.target
         try:
@@ -263,7 +231,7 @@ class Worker:
             stream = job.start(slot, job.stats)
             try:
                 for chunk in stream:
-                    self._emit(job, chunk)
+                    job.emit(chunk)
                     if job.cancelled.is_set():
                         break
             finally:
@@ -276,17 +244,17 @@ class Worker:
             else:
                 with self._cv:
                     self.n_served += 1
-            self._emit(job, DONE)
+            job.emit(DONE)
         except ValueError as e:  # the request's fault (prompt too long, bad template...)
-            self._emit(job, APIError(str(e)))
+            job.emit(APIError(str(e)))
         except ContextFullError as e:  # the shared cache had no room for this prompt now
             slot.clear()
-            self._emit(job, APIError(str(e), 503, code="context_full", kind="server_error",
-                                     headers={"Retry-After": "1"}))
+            job.emit(APIError(str(e), 503, code="context_full", kind="server_error",
+                              headers={"Retry-After": "1"}))
         except Exception as e:
             log.exception("generation failed; resetting this sequence's caches")
             slot.clear()
-            self._emit(job, APIError(f"generation failed: {e}", 500, kind="server_error"))
+            job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
         finally:
             if hasattr(target, "release"):
                 target.release()
@@ -339,8 +307,6 @@ class Interrupted(Exception):
 
 async def next_item(job: Job, watcher: asyncio.Future) -> object:
     """The job's next item, unless ``watcher`` (disconnect or shutdown) completes first."""
-    if not job.queue.empty() and not watcher.done():  # already here: no task to wait on
-        return job.queue.get_nowait()
     getter = asyncio.ensure_future(job.queue.get())
     await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if not getter.done():
