@@ -307,6 +307,8 @@ class Interrupted(Exception):
 
 async def next_item(job: Job, watcher: asyncio.Future) -> object:
     """The job's next item, unless ``watcher`` (disconnect or shutdown) completes first."""
+    if not job.queue.empty() and not watcher.done():  # already here: no task to wait on
+        return job.queue.get_nowait()
     getter = asyncio.ensure_future(job.queue.get())
     await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if not getter.done():
