@@ -267,9 +267,14 @@ def keys_and_crash(args, model: Path, tmp: Path) -> None:
                          {"role": "user", "content": "Say OK."}], "max_tokens": 2},
             headers={**JSON, "authorization": f"Bearer {key}"})[0]
 
+    # each sequence slot keeps its own scope's last prompt (--parallel), so before each
+    # guess beta's own cache holds the same text ("...code is 0000."): its own prefix is
+    # then the same for both guesses, and only a leak of alpha's could tell them apart
     ask("alpha", "4821")
+    ask("beta", "0000")
     right = ask("beta", "4821").json()["timings"]["cache_n"]
     ask("alpha", "4821")
+    ask("beta", "0000")
     wrong = ask("beta", "1234").json()["timings"]["cache_n"]
     row("guessing another key's secret by cache_n", "same cache_n right or wrong",
         f"right guess {right}, wrong guess {wrong}", right == wrong)
