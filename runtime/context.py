@@ -565,6 +565,14 @@ class LlamaContext:
         finally:
             llama_cpp.llama_sampler_free(smpl)
 
+    def acquire(self) -> bool:
+        """A generation takes the context: its cache is as the last one left it (a
+        sequence of a shared cache may have been evicted: ``SequenceView.acquire``)."""
+        return True
+
+    def release(self) -> None:
+        """The generation is over (a shared cache may now evict this one's cells)."""
+
     def truncate(self, n_keep: int) -> None:
         """Forget every token from position ``n_keep`` on (roll back the KV cache)."""
         if not 0 <= n_keep <= self.n_past:

@@ -212,9 +212,7 @@ class Worker:
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
         survived (an idle cache may be evicted for another sequence's cells), else empty."""
-        target = slot.lane.target
-        kept = target.acquire() if hasattr(target, "acquire") else True
-        if not kept:
+        if not slot.lane.target.acquire():
             if slot.session is not None:
                 slot.session.forget()
             slot.lane.reset()
@@ -256,8 +254,7 @@ class Worker:
             slot.clear()
             job.emit(APIError(f"generation failed: {e}", 500, kind="server_error"))
         finally:
-            if hasattr(target, "release"):
-                target.release()
+            target.release()
             with self._cv:
                 self._jobs.discard(job)
                 slot.last_used = time.monotonic()
