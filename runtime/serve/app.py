@@ -1,15 +1,16 @@
 """An OpenAI-compatible HTTP server over one ``Engine``: ``bridge serve``.
 
-The engine's KV cache holds ``--parallel`` sequences; each is a slot with a thread of its
-own (``runtime.serve.worker``), and the slots' decode steps are evaluated together, one
-``llama_decode`` a round (``runtime.batching``), so concurrent clients are served at once
-and a request joins or leaves between steps. Requests beyond the slots wait in arrival
-order; the async handlers only wait on their job, so ``/health`` always answers.
-Nothing unbounded runs on those threads: ``runtime.serve.guard`` bounds the body and checks
-where it comes from, and ``runtime.serve.admission`` checks sizes and renders, tokenizes
-and fits the prompt on a helper thread (large prompts one at a time) before the request
-joins the queue. Chat requests go through one ``ChatSession`` (the GGUF's own template),
-which reuses the cached prefix: a follow-up turn evaluates only its new tokens. A client
+The engine's KV cache holds ``--parallel`` sequences, each a slot of the worker
+(``runtime.serve.worker``), whose one thread runs every llama.cpp call: the running
+requests' steps are evaluated together, one ``llama_decode`` a round
+(``runtime.batching``), so concurrent clients are served at once and a request joins or
+leaves between steps. Requests beyond the slots wait in arrival order; the async handlers
+only wait on their job, so ``/health`` always answers. Nothing unbounded runs on that
+thread: ``runtime.serve.guard`` bounds the body and checks where it comes from, and
+``runtime.serve.admission`` checks sizes and renders, tokenizes and fits the prompt on a
+helper thread (large prompts one at a time) before the request joins the queue. Each slot
+has its own ``ChatSession`` (the GGUF's own template), which reuses its cached prefix: a
+follow-up turn evaluates only its new tokens. A client
 that goes away cancels its job, and the worker closes the engine's generator within a step
 (its ``finally`` keeps the caches consistent).
 
