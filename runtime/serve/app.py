@@ -46,10 +46,8 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -480,8 +478,6 @@ def _run(engine: Engine, cfg: ServerConfig, gen: GenerationConfig | None,
 
     port = sock.getsockname()[1]
     app = create_app(engine, cfg, gen)
-    switch = float(os.environ.get("BRIDGE_SWITCH", "0.005"))
-    sys.setswitchinterval(switch)
     server = uvicorn.Server(uvicorn.Config(
         app, log_config=None, timeout_graceful_shutdown=cfg.shutdown_seconds,
         http=header_timeout_protocol(cfg.header_seconds), timeout_keep_alive=cfg.idle_seconds))
