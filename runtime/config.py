@@ -125,7 +125,7 @@ class RuntimeConfig:
                "--exact evaluates one sequence at a time (a shared batch changes how "
                "llama.cpp rounds each row); use --parallel 1 with it")
         _check(1 <= self.prefill_chunk <= self.n_batch,
-               f"--prefill-chunk must be in 1..{self.n_batch} (--batch), got "
+               f"--prefill-chunk must be in 1..{self.n_batch} (the batch size), got "
                f"{self.prefill_chunk}")
         _check(not self.kv_unified or self.n_ctx >= 64 * self.parallel,
                f"-c/--ctx {self.n_ctx} leaves under 64 tokens per sequence for "
