@@ -100,19 +100,29 @@ def _together(fns) -> list:
     return out
 
 
-def test_concurrent_streams_equal_each_alone(client):
-    """Separate KV streams per sequence (the default): on the machines measured a
-    sequence's logits in a shared round are bitwise those it gets alone
-    (tests/test_parallel.py checks the bound on this machine); the server's answers are
-    the same text."""
-    alone = [_ask(client, p).choices[0].message.content for p in PROMPTS]
+def test_concurrent_answers_equal_each_alone(client, smollm2_gguf):
+    """Concurrent answers (rounds shared by several sequences) against each request alone:
+    identical, or first different where the full model's top-2 margin is within twice
+    the bound measured on this machine for sequences in shared rounds (bitwise equal on
+    the machines measured so far, with the default stream per sequence)."""
+    from runtime.chat import ChatSession
+    from runtime.engine import Engine
+    from tests.exactness import same_or_near_tie, shared_bound
 
-    def streamed(p):
-        chunks = list(_ask(client, p, stream=True))
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    def ask(p):
+        r = _ask(client, p, extra_body={"return_tokens": True})
+        return r.choices[0].model_extra["tokens"]
 
-    got = _together([lambda p=p: streamed(p) for p in PROMPTS])
-    assert got == alone
+    alone = [ask(p) for p in PROMPTS]
+    together = _together([lambda p=p: ask(p) for p in PROMPTS])
+    if together == alone:
+        return
+    bound = shared_bound(smollm2_gguf)
+    with Engine(smollm2_gguf, draft=None) as engine:
+        session = ChatSession(engine)
+        for p, got, want in zip(PROMPTS, together, alone, strict=True):
+            ids = session.render([{"role": "user", "content": p}])
+            same_or_near_tie(engine.model, ids, got, want, bound)
 
 
 def test_requests_overlap_and_timings_say_so(client, server):
