@@ -127,6 +127,9 @@ class RuntimeConfig:
         _check(1 <= self.prefill_chunk <= self.n_batch,
                f"--prefill-chunk must be in 1..{self.n_batch} (the batch size), got "
                f"{self.prefill_chunk}")
+        _check(not (self.kv_unified and self.parallel == 1),
+               "--kv-unified shares one cache among --parallel sequences, and there is one "
+               "sequence here; drop it or raise --parallel")
         _check(not self.kv_unified or self.n_ctx >= 64 * self.parallel,
                f"-c/--ctx {self.n_ctx} leaves under 64 tokens per sequence for "
                f"--parallel {self.parallel} in a unified cache; raise -c or lower --parallel")

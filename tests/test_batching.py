@@ -162,6 +162,7 @@ def test_the_load_a_sequence_sees_is_the_others_rows():
     ({"prefill_chunk": 0}, "--prefill-chunk"),
     ({"parallel": 0}, "--parallel"),
     ({"parallel": 64, "n_ctx": 2048, "kv_unified": True}, "per sequence"),  # 32 tokens each
+    ({"kv_unified": True}, "--kv-unified"),  # one sequence: nothing to share
 ])
 def test_settings_are_validated(kw, match):
     with pytest.raises(ValueError, match=match):
