@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from greenlet import greenlet
@@ -74,10 +74,8 @@ class RoundStats:
 
     rounds: int = 0
     rows: int = 0
-    seconds: float = 0.0
     evictions: int = 0
     deferred: int = 0  # requests that waited a round for cells or rows
-    by_width: dict[int, int] = field(default_factory=dict)  # rows per round -> rounds
 
 
 class SharedContext:
@@ -274,8 +272,6 @@ class SharedContext:
         st = self.stats
         st.rounds += 1
         st.rows += len(tokens)
-        st.seconds += seconds
-        st.by_width[len(tokens)] = st.by_width.get(len(tokens), 0) + 1
         if self.on_round is not None:
             self.on_round(len(tokens), seconds)
 
@@ -322,7 +318,6 @@ class SequenceView:
         self.seq = seq
         self.n_past = 0
         self.eval_seconds = 0.0  # time inside rounds (the others' work in them included)
-        self.busy_since: float | None = None
         self.busy = False
         self.evicted = False
         self.last_used = 0.0
@@ -361,9 +356,9 @@ class SequenceView:
         chunk = len(tokens) if all_logits else self.shared.prefill_chunk
         rows = None
         start = time.perf_counter()
+        prefill = not all_logits and len(tokens) > 1  # a prompt: after the others' steps
         for at in range(0, len(tokens), chunk):
             part = tokens[at:at + chunk]
-            prefill = not all_logits and len(tokens) > 1
             last = at + chunk >= len(tokens)
             rows, width = self.shared.submit(self.seq, part, self.n_past, all_logits,
                                              prefill, want_last=last)

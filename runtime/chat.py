@@ -165,12 +165,8 @@ class ChatSession:
         """The conversation text the lane's cache holds (what a follow-up can reuse)."""
         return self._text
 
-    def forget(self) -> None:
-        """The lane's cache was emptied under this session (evicted): start over."""
-        self._text, self._ids = "", []
-
     def reset(self) -> None:
         self.history = [m for m in self.history if m["role"] == "system"]
-        self.forget()
+        self._text, self._ids = "", []
         self.lane.reset()
 

@@ -140,8 +140,8 @@ class RuntimeConfig:
         return self.n_ctx if self.kv_unified else self.n_ctx * self.parallel
 
 
-# `bridge serve`'s sequences unless told: llama-server's default is 4 slots too, and on the
-# 2-core machines measured (bench/results/2026-12-07-parallel-*.md) 4 served best
+# `bridge serve`'s sequences unless told: llama-server's default slots (other counts were not
+# compared; bench/results/2026-12-07-parallel-xeon-avx512.md has the default's figures)
 SERVE_PARALLEL = 4
 
 

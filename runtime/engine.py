@@ -4,9 +4,9 @@
 beside the model (``MODEL.draft.gguf``), refuses a draft made for another model, and builds
 one ``Lane`` (``runtime.lane``) per sequence of the target's context: the lane turns the
 token-level decode loop into streamed text with stop strings. With ``parallel`` > 1 the
-sequences share one KV cache and are evaluated together, a round at a time
-(``runtime.batching``); the lanes share the measured costs, the compiled constraints and
-the drafting memory, and nothing else.
+sequences live in one context (a cache stream each, or one unified cache) and are
+evaluated together, a round at a time (``runtime.batching``); the lanes share the
+measured costs, the compiled constraints and the drafting memory, and nothing else.
 """
 
 from __future__ import annotations

@@ -212,11 +212,8 @@ class Worker:
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
         survived (an idle cache may be evicted for another sequence's cells), else empty."""
-        if not slot.lane.target.acquire():
-            if slot.session is not None:
-                slot.session.forget()
-            slot.lane.reset()
-        if job.scope != slot.scope:
+        kept = slot.lane.target.acquire()
+        if not kept or job.scope != slot.scope:
             slot.clear()
             slot.scope = job.scope
 
