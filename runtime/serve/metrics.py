@@ -62,11 +62,13 @@ def render_metrics(engine, worker) -> str:
     gauge("bridge_tokens_per_target_step", "Generated tokens per target step after each "
           "answer's first token (1.0 for plain decoding).",
           (t.predicted_tokens - t.requests) / t.target_steps if t.target_steps else 1.0)
-    names = sorted(t.sources)
+    # a copy made in one step: the model's thread may add a source meanwhile
+    sources = dict(t.sources)
+    names = sorted(sources)
     _family(out, "bridge_drafted_tokens_total", "counter", "Draft tokens verified, by source.",
-            [({"source": n}, t.sources[n]["drafted"]) for n in names])
+            [({"source": n}, sources[n]["drafted"]) for n in names])
     _family(out, "bridge_accepted_tokens_total", "counter", "Draft tokens accepted, by source.",
-            [({"source": n}, t.sources[n]["accepted"]) for n in names])
+            [({"source": n}, sources[n]["accepted"]) for n in names])
     gauge("bridge_parallel_sequences", "Sequences the KV cache holds (--parallel).",
           len(engine.lanes))
     gauge("bridge_queue_length", "Requests waiting for a free sequence.", worker.n_queued)
