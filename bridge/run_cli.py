@@ -62,7 +62,26 @@ def engine_options(f: Callable) -> Callable:
                           "the argmax inside llama.cpp's graph (the same tokens; slower)."),
         click.option("--temp", type=float, help="Temperature; 0 is greedy."),
         click.option("--top-k", type=int), click.option("--top-p", type=float),
-        click.option("--min-p", type=float), click.option("--repeat-penalty", type=float),
+        click.option("--min-p", type=float),
+        click.option("--repeat-penalty", type=float,
+                     help="Divide a seen token's positive logit by this (1: off)."),
+        click.option("--repeat-last-n", type=int,
+                     help="Tokens the penalties look back over (default 64; -1: all)."),
+        click.option("--frequency-penalty", type=float,
+                     help="Subtract this times a token's count in the window (0: off)."),
+        click.option("--presence-penalty", type=float,
+                     help="Subtract this from every token in the window (0: off)."),
+        click.option("--dry-multiplier", type=float,
+                     help="DRY: penalize a token that would extend a repeat (0: off; 0.8 "
+                          "breaks small models' loops, see docs/sampling.md)."),
+        click.option("--dry-base", type=float, help="DRY: growth per repeated token (1.75)."),
+        click.option("--dry-allowed-length", type=int,
+                     help="DRY: repeats up to this long go free (2)."),
+        click.option("--dry-penalty-last-n", type=int,
+                     help="DRY: tokens scanned for repeats (default 64; -1: all)."),
+        click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
+                     help="DRY: a string that restarts the count (repeatable; replaces "
+                          "the default \\n : \" *)."),
         click.option("--seed", type=int, help="Random seed for sampling."),
         click.option("-n", "--max-tokens", type=int, help="Most tokens to generate."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
@@ -185,12 +204,18 @@ def build_engine(o: dict, memory=None, **serving):
                                       drafter=drafter),
                              adaptive=not o["fixed_gamma"], recalibrate=o["recalibrate"],
                              forced_drafts=not o["no_forced_drafts"])
-    sampling = SamplingConfig(**_given(temp=o["temp"], top_k=o["top_k"], top_p=o["top_p"],
-                                       min_p=o["min_p"], repeat_penalty=o["repeat_penalty"],
-                                       seed=o["seed"]))
+    sampling = SamplingConfig(**_given(
+        temp=o["temp"], top_k=o["top_k"], top_p=o["top_p"], min_p=o["min_p"], seed=o["seed"],
+        **{k: o[k] for k in _PENALTIES},
+        dry_sequence_breakers=tuple(o["dry_sequence_breakers"]) or None))
     draft = None if drafter in ("none", "lookup") else (o["draft"] or "auto")
     return Engine(o["model"], draft=draft, runtime=runtime, speculative=spec,
                   sampling=sampling, memory=memory)
+
+
+# options that are SamplingConfig fields of the same name
+_PENALTIES = ("repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty",
+              "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n")
 
 
 def generation(o: dict) -> GenerationConfig:

@@ -5,6 +5,7 @@ The click layer builds these from its options and passes them down unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from runtime.rpc import Endpoint
@@ -14,8 +15,10 @@ from runtime.rpc import Endpoint
 class SamplingConfig:
     """How the next token is chosen. ``temp == 0`` is greedy decoding.
 
-    The filters run in llama.cpp's order: repeat penalty, top-k, top-p, min-p, then
-    temperature. Defaults are llama.cpp's.
+    The filters run in llama.cpp's order: the repeat/frequency/presence penalties, DRY,
+    top-k, top-p, min-p, then temperature. Defaults are llama.cpp's (its server's for the
+    windows), and every penalty is off by default. A window of -1 is the whole context.
+    ``runtime.penalties`` has the formulas.
     """
 
     temp: float = 0.8
@@ -24,6 +27,13 @@ class SamplingConfig:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -33,12 +43,45 @@ class SamplingConfig:
         _check(0.0 <= self.min_p < 1.0, f"--min-p must be in [0, 1), got {self.min_p}")
         _check(0.0 < self.repeat_penalty <= 10.0,
                f"--repeat-penalty must be in (0, 10] (1 disables it), got {self.repeat_penalty}")
-        _check(self.repeat_last_n >= 0, f"--repeat-last-n must be >= 0, got {self.repeat_last_n}")
+        _check(self.repeat_last_n >= -1,
+               f"--repeat-last-n must be >= 0, or -1 for the whole context, got "
+               f"{self.repeat_last_n}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and -100.0 <= v <= 100.0,
+                   f"--{name.replace('_', '-')} must be in [-100, 100] (0 disables it; "
+                   f"OpenAI's range is [-2, 2]), got {v}")
+        _check(math.isfinite(self.dry_multiplier) and 0.0 <= self.dry_multiplier <= 100.0,
+               f"--dry-multiplier must be in [0, 100] (0 disables DRY), got "
+               f"{self.dry_multiplier}")
+        _check(math.isfinite(self.dry_base) and 1.0 <= self.dry_base <= 100.0,
+               f"--dry-base must be in [1, 100], got {self.dry_base}")
+        _check(self.dry_allowed_length >= 0,
+               f"--dry-allowed-length must be >= 0, got {self.dry_allowed_length}")
+        _check(self.dry_penalty_last_n >= -1,
+               f"--dry-penalty-last-n must be >= 0, or -1 for the whole context, got "
+               f"{self.dry_penalty_last_n}")
+        breakers = self.dry_sequence_breakers
+        _check(isinstance(breakers, tuple) and len(breakers) <= 32 and all(
+            isinstance(b, str) and 0 < len(b.encode("utf-8")) <= 40 for b in breakers),
+            "--dry-sequence-breaker: each breaker must be a string of 1 to 40 bytes, at "
+            "most 32 of them")
         _check(self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temp == 0.0
+
+    @property
+    def dry_on(self) -> bool:
+        return self.dry_multiplier != 0.0 and self.dry_penalty_last_n != 0
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty changes the logits (they then depend on the tokens so far)."""
+        repeat = self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 \
+            or self.presence_penalty != 0.0
+        return (repeat and self.repeat_last_n != 0) or self.dry_on
 
 
 DRAFTERS = ("auto", "lookup", "pruned", "none")

@@ -149,7 +149,12 @@ class LlamaModel:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False
                  ) -> list[int]:
         """Text -> token ids, exactly as llama.cpp tokenizes it."""
-        data = text.encode("utf-8")
+        return self.tokenize_bytes(text.encode("utf-8"), add_special, parse_special)
+
+    def tokenize_bytes(self, data: bytes, add_special: bool = False,
+                       parse_special: bool = False) -> list[int]:
+        """Bytes -> token ids (bytes that may end inside a UTF-8 character, as DRY's
+        sequence breakers cut at a token's edge)."""
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap,

@@ -1,7 +1,8 @@
 """Turning logits into tokens, and the rule that verifies drafted tokens.
 
-Both models' logits go through the same filters (``SamplingConfig``): repeat penalty,
-top-k, top-p, min-p, temperature. Sampling is *coupled* (Gumbel-max): the token at
+Both models' logits go through the same filters (``SamplingConfig``): the penalties
+(repeat, frequency, presence, DRY: ``runtime.penalties``), top-k, top-p, min-p,
+temperature. Sampling is *coupled* (Gumbel-max): the token at
 absolute position t is
 
     argmax_x (z_x / temp + G(seed, t, x)),   G ~ Gumbel(0, 1) i.i.d. per (t, x),
@@ -24,11 +25,12 @@ Everything is vectorized over the candidates; nothing loops over the vocabulary 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from runtime.config import SamplingConfig
+from runtime.penalties import Breakers, Penalties
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -65,44 +67,46 @@ class Sampler:
     Args:
         cfg: the sampling settings; ``cfg.seed`` None picks a random seed once, so one
             engine's answers are still reproducible from ``self.seed``.
+        breakers: DRY's sequence breakers as tokens, for a tuple of breaker strings (the
+            model's vocabulary decides them); needed only for settings with DRY on.
     """
 
-    def __init__(self, cfg: SamplingConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: SamplingConfig,
+                 breakers: Callable[[tuple[str, ...]], Breakers] | None = None):
+        self.breakers = breakers
         self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.reconfigure(cfg)
 
     def reconfigure(self, cfg: SamplingConfig) -> None:
         """New settings for the following draws (a server request's own temperature, ...).
         The seed follows ``cfg.seed`` when it names one."""
         self.cfg = cfg
+        self.penalties = Penalties.of(cfg, self.breakers)
         if cfg.seed is not None:
             self.seed = cfg.seed
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no repeat penalty: a token is the plain argmax of its logits row,
-        which llama.cpp can take itself (``LlamaContext.eval_argmax``)."""
-        return self.cfg.greedy and self.cfg.repeat_penalty == 1.0
+        """Greedy with no penalty: a token is the plain argmax of its logits row, which
+        llama.cpp can take itself (``LlamaContext.eval_argmax``)."""
+        return self.cfg.greedy and self.penalties is None
 
     @property
     def history_window(self) -> int:
-        """How many recent tokens the filters look at (only the repeat penalty does), so
-        callers pass that tail rather than copy the whole sequence every step."""
-        return self.cfg.repeat_last_n if self.cfg.repeat_penalty != 1.0 else 0
+        """How many recent tokens the filters look at (only the penalties do), so callers
+        pass that tail rather than copy the whole sequence every step."""
+        return self.penalties.window if self.penalties is not None else 0
 
     def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """A float64 copy of one logits row with the repeat penalty applied (llama.cpp's
-        rule: divide positive logits by the penalty, multiply negative ones)."""
+        """A float64 copy of one logits row with the penalties for the token after
+        ``history`` applied (``runtime.penalties``)."""
         row = logits.astype(np.float64)
-        pen, n = self.cfg.repeat_penalty, self.cfg.repeat_last_n
-        if pen != 1.0 and n > 0 and len(history):
-            seen = np.unique(np.asarray(history[-n:], dtype=np.int64))
-            vals = row[seen]
-            row[seen] = np.where(vals > 0, vals / pen, vals * pen)
+        if self.penalties is not None:
+            self.penalties.apply(row, history)
         return row
 
     def argmax(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        if self.cfg.repeat_penalty == 1.0:
+        if self.penalties is None:
             return int(np.argmax(logits))
         return int(np.argmax(self.penalized(logits, history)))
 
@@ -114,7 +118,7 @@ class Sampler:
         cfg = self.cfg
         # without a penalty the row is read in place (float32): only the kept candidates
         # are widened to float64, the same values the full copy would give
-        row = logits if cfg.repeat_penalty == 1.0 else self.penalized(logits, history)
+        row = logits if self.penalties is None else self.penalized(logits, history)
         if allowed is None:
             cand = top_k_ids(row, cfg.top_k)
         else:
@@ -157,7 +161,7 @@ class Sampler:
             return self.argmax(logits, history)
         if self.cfg.greedy:
             ids = np.flatnonzero(allowed)
-            row = logits if self.cfg.repeat_penalty == 1.0 else self.penalized(logits, history)
+            row = logits if self.penalties is None else self.penalized(logits, history)
             return int(ids[np.argmax(row[ids])])
         cand, z = self.candidates(logits, history, allowed)
         return int(cand[np.argmax(z + gumbel_noise(self.seed, position, cand))])
@@ -200,7 +204,8 @@ def verify(sampler: Sampler, target_rows: np.ndarray, drafts: Sequence[int],
         target_rows: [len(drafts) + 1, n_vocab]; row i is the target's prediction for the
             token after history + drafts[:i], i.e. for absolute position ``position + i``.
         drafts: the drafted tokens.
-        history: tokens emitted so far (for the repeat penalty).
+        history: the recent tokens before row 0 (``Sampler.history_window`` of them; the
+            penalties read them, and row i's are ``history + drafts[:i]``).
         position: absolute position of the token that row 0 predicts.
         constraint: a ``runtime.constraint.Constraint`` that has consumed everything
             before row 0 (drafts already cut to what it accepts). Row i is then masked by

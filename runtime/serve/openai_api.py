@@ -5,7 +5,10 @@ Everything here is pure: no model, no HTTP. ``runtime.serve.app`` owns the app a
 ``runtime.serve.worker`` the worker.
 
 bridge's extensions are top-level request fields, as llama-server's are: ``top_k``,
-``min_p``, ``repeat_penalty``, ``speculative.n_max``, ``shared_drafts`` (false: this
+``min_p``, ``repeat_penalty``/``repeat_last_n``, DRY (``dry_multiplier``, ``dry_base``,
+``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers``; OpenAI's
+``presence_penalty`` and ``frequency_penalty`` too, all with llama.cpp's semantics:
+``runtime.penalties``), ``speculative.n_max``, ``shared_drafts`` (false: this
 request neither drafts from nor adds to the server's drafting memory) and
 ``return_tokens`` (true: each choice also carries the generated token ids).
 
@@ -83,10 +86,16 @@ class CompletionBody(_Body):
     top_k: int | None = None  # llama-server's extensions, same meaning as in bridge
     min_p: float | None = None
     repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    dry_multiplier: float | None = None  # llama-server's DRY sampler, its names
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -143,12 +152,8 @@ def parse(model: type[BaseModel], payload: object) -> BaseModel:
 # does not honour: each is refused (400) unless absent, null or at its neutral value.
 # Other unknown fields (user, metadata, store, cache_prompt, ...) cannot change the answer
 # and are accepted and ignored.
-_PENALTY = ("only 0 is supported (llama.cpp's repeat penalty is a different thing: pass "
-            "repeat_penalty)")
 _REFUSED: dict[str, tuple[tuple, str]] = {
     # field: (neutral values, why it is refused otherwise)
-    "presence_penalty": ((0, 0.0), _PENALTY),
-    "frequency_penalty": ((0, 0.0), _PENALTY),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "suffix (fill-in-the-middle) is not supported"),
     "best_of": ((1,), "best_of must be 1"),
@@ -165,12 +170,15 @@ _REFUSED: dict[str, tuple[tuple, str]] = {
     "typical_p": ((1, 1.0), "typical sampling is not supported"),
     "tfs_z": ((1, 1.0), "tail-free sampling is not supported"),
     "mirostat": ((0,), "mirostat is not supported"),
-    "dry_multiplier": ((0, 0.0), "DRY sampling is not supported"),
     "xtc_probability": ((0, 0.0), "XTC sampling is not supported"),
     "ignore_eos": ((False,), "ignore_eos is not supported"),
     "samplers": ((), "a custom sampler chain is not supported"),
 }
 MAX_TOP_LOGPROBS = 20
+# request fields that are ``SamplingConfig`` fields of the same name
+_PENALTIES = ("repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty",
+              "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+              "dry_sequence_breakers")
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,11 @@ def settings(default_sampling: SamplingConfig, default_gen: GenerationConfig,
             raise APIError(f"{name}: {why}", param=name)
     given = {k: v for k, v in (("temp", body.temperature), ("top_p", body.top_p),
                                ("top_k", body.top_k), ("min_p", body.min_p),
-                               ("repeat_penalty", body.repeat_penalty), ("seed", body.seed))
-             if v is not None}
+                               ("seed", body.seed)) if v is not None}
+    # the penalties keep their names (OpenAI's and llama-server's)
+    given.update({k: getattr(body, k) for k in _PENALTIES if getattr(body, k) is not None})
+    if "dry_sequence_breakers" in given:
+        given["dry_sequence_breakers"] = tuple(given["dry_sequence_breakers"])
     try:
         sampling = dataclasses.replace(default_sampling, **given)
     except ValueError as e:
