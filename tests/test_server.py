@@ -95,11 +95,11 @@ def model_id(smollm2_gguf) -> str:
     return smollm2_gguf.name
 
 
-def _generate(model: Path, draft: Path, prompt: str) -> str:
+def _generate(model: Path, draft: Path, prompt: str, *extra: str) -> str:
     """`bridge generate --chat --temp 0`: the reference answer."""
     out = subprocess.run([str(BRIDGE), "generate", str(model), "--draft", str(draft),
                           "--chat", "--temp", "0", "-n", str(N), "--threads", "1",
-                          "-c", str(CTX), "--json", "-p", prompt],
+                          "-c", str(CTX), "--json", "-p", prompt, *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["text"]
 
@@ -135,6 +135,21 @@ def test_greedy_chat_matches_bridge_generate(client, model_id, smollm2_gguf,
     # target steps: the first token comes with the prompt, each later step is one batch
     assert t["n_steps"] >= 1 and t["tokens_per_step"] == pytest.approx(
         (t["predicted_n"] - 1) / t["n_steps"], abs=1e-3)
+
+
+def test_penalties_and_dry_through_the_api_match_bridge_generate(
+        client, model_id, smollm2_gguf, smollm2_draft_gguf):
+    """OpenAI's penalties and llama-server's DRY fields are honoured: the same answer as
+    `bridge generate` with the same flags, streamed or not, and not the unpenalized one."""
+    prompt = "Write the word 'yes' twenty times, separated by spaces."
+    want = _generate(smollm2_gguf, smollm2_draft_gguf, prompt, "--frequency-penalty",
+                     "0.4", "--presence-penalty", "0.2", "--dry-multiplier", "0.8")
+    kw = dict(frequency_penalty=0.4, presence_penalty=0.2,
+              extra_body={"dry_multiplier": 0.8})
+    r = _ask(client, model_id, prompt, **kw)
+    assert r.choices[0].message.content == want
+    assert _stream_text(_ask(client, model_id, prompt, stream=True, **kw))[0] == want
+    assert _ask(client, model_id, prompt).choices[0].message.content != want
 
 
 def test_completions_stream_and_whole_agree(client, model_id):
