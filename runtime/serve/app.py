@@ -83,7 +83,7 @@ from runtime.serve.worker import (
     wait_disconnect,
 )
 from runtime.speculative import Stats
-from runtime.tools import CallReading
+from runtime.tool_reading import CallReading
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +366,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
         def start(slot: Slot, stats: Stats) -> Iterator[Chunk]:
+            # an answer of calls ends before a call that repeats one it made: a rule of
+            # this generation's decode loop (a fresh one each), so the repeat's tokens
+            # are never emitted, streamed or not
+            rule = calls.stop_rule() if spec.active else None
             return slot.session.ask_messages(adm.messages, g, stats, rendered=adm.rendered,
-                                             **kw)
+                                             stop_rule=rule, **kw)
 
         return await respond(request, body, start, chat=True, scope=kw["scope"],
                              key=adm.rendered.text, dropped=adm.dropped,
