@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Chunk:
-    """A piece of streamed output: ``text`` (possibly empty while a multi-byte character
-    or a possible stop string is held back), the token ids it came from, and on the last
-    chunk why generation ended (``eog``, ``stop``, ``length`` or ``context``)."""
+    """A piece of streamed output: ``text`` (possibly empty while a multi-byte character,
+    a possible stop string or what a stop rule may take back is held back), the token ids
+    whose text it completes (a token is held back with its text, so every token given
+    out is kept), and on the last chunk why generation ended (``eog``, ``stop``,
+    ``length`` or ``context``)."""
 
     text: str
     tokens: list[int]
@@ -155,6 +157,7 @@ class Lane:
                                 lps[n_shown:n] or None)
                     shown, n_shown = safe, n
                     continue
+                n_keep = max(n_keep, n_shown)  # what was given out is never taken back
                 steps.close()
                 self.decoder.keep(len(ids) + n_keep)
                 stats.n_tokens, stats.finish_reason = n_keep, "stop"

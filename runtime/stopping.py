@@ -30,7 +30,8 @@ class Verdict:
             the tokens that reach into it (None: show everything).
         end: the answer ends here: it keeps its tokens up to the first token boundary at
             or after this offset, so a token that straddles ``end`` is kept whole and the
-            text before ``end`` is never cut (None: go on).
+            text before ``end`` is never cut (None: go on). A rule holds back what it
+            may end before, so ``end`` is never before text it let be shown.
     """
 
     hold: int | None = None

@@ -186,8 +186,14 @@ class CallParser:
         if fmt.at_start:
             return self._at_start(final, out)
         i = self._buf.find(fmt.start)
+        k = self._buf.find(fmt.end) if fmt.end else -1
+        if k >= 0 and (i < 0 or k < i):  # an end marker with no call open: markup too
+            if k:
+                out.append(("content", self._take(k)))
+            log.info("dropped a stray %r from the answer's text", self._take(len(fmt.end)))
+            return True
         if i < 0:
-            keep = _partial_suffix(self._buf, fmt.start)
+            keep = max(_partial_suffix(self._buf, m) for m in (fmt.start, fmt.end) if m)
             if len(self._buf) > keep:
                 out.append(("content", self._take(len(self._buf) - keep)))
             if final and keep:  # a marker's start at the answer's end is markup too

@@ -35,8 +35,10 @@ WHOLE = [
     (T.GENERIC, "<tool_call>{not json</tool_call>", None, []),
     (T.GENERIC, "No call here, just < and a tool_call", "No call here, just < and a tool_call",
      []),
-    # ... and so is a marker's start at the answer's end
+    # ... and so is a marker's start at the answer's end, or a stray end marker
     (T.GENERIC, "No call here, just < and <tool", "No call here, just < and ", []),
+    (T.GENERIC, "No call here, just < and </tool_c", "No call here, just < and ", []),
+    (T.HERMES, "Done.</tool_call> Bye.", "Done. Bye.", []),
     # cut by max_tokens: the text before the call stays, the call and its markup go
     (T.HERMES, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"ci',
      "Let me check.", []),

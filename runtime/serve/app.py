@@ -27,8 +27,9 @@ at shutdown.
 
 Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
 (``runtime.tools``), tools and tool messages go through the template when it takes them
-and into message text otherwise, and the answer is read back for calls as it streams
-(``runtime.serve.stream``).
+and into message text otherwise, the answer is decoded under the tools' grammar and ends
+before a call that repeats one it made (a stop rule of its decode loop), and it is read
+back for calls as it streams (``runtime.tool_reading``, ``runtime.serve.stream``).
 
 Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
 llama-server's ``timings`` object, plus bridge's ``mode``, target steps, per-source draft

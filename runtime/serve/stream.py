@@ -1,5 +1,6 @@
 """What ``bridge serve`` sends back for one generation: a whole answer, or OpenAI's
-stream of chunks; with tools, the answer is read for calls (``runtime.tools``) on the way."""
+stream of chunks; with tools, the answer is read for calls (``runtime.tool_reading``) on
+the way."""
 
 from __future__ import annotations
 
