@@ -1,10 +1,11 @@
-"""Tool calls: which format a model writes them in, how tools reach its prompt, and how its
-answer is read back as OpenAI ``tool_calls``.
+"""Tool calls: which format a model writes them in, what a request asks (its tools, checked)
+and how tools reach its prompt.
 
 The format is read from the chat template's text, never from a file name:
 - ``hermes`` (Hermes, Qwen 2.5/3): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n
   </tool_call>``, one block per call;
-- ``llama3`` (Llama 3.1-3.3): the whole answer is ``{"name": ..., "parameters": {...}}``;
+- ``llama3`` (Llama 3.1-3.3): the answer is ``{"name": ..., "parameters": {...}}``
+  (after ``<|python_tag|>`` when the model writes that as text);
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``;
 - ``generic``, for every template that does not take ``tools`` (SmolLM2's, Gemma's):
   bridge writes the tool definitions into the system message and asks for Hermes-style
