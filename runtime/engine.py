@@ -33,6 +33,7 @@ from runtime.profiles import load_profile, save_profile
 from runtime.rpc import RpcDevices, Watchdog, watch_aborts
 from runtime.sampling import Sampler
 from runtime.speculative import SpeculativeDecoder, Stats
+from runtime.stopping import StopRule
 
 __all__ = ["Chunk", "Engine", "Lane", "check_draft_matches"]
 
@@ -306,8 +307,8 @@ class Engine:
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  stats: Stats | None = None, sampling: SamplingConfig | None = None,
                  draft_max: int | None = None, scope: str = "", use_memory: bool = True,
-                 constraint: ConstraintSpec | None = None, logprobs: int | None = None
-                 ) -> Iterator[Chunk]:
+                 constraint: ConstraintSpec | None = None, logprobs: int | None = None,
+                 stop_rule: StopRule | None = None) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt`` (text, tokenized with special tokens parsed,
         or token ids) on the first lane. The last chunk carries ``finish_reason`` (``eog``,
         ``stop``, ``length`` or ``context``). The tokens returned and the KV cache end where
@@ -317,13 +318,17 @@ class Engine:
         stored); ``use_memory`` False keeps this request out of the memory both ways.
         ``constraint``: what the answer must match (it ends where the grammar is
         complete). ``logprobs``: each chunk carries its tokens' log-probs and this many top
-        alternatives. Figures land in ``stats``.
+        alternatives. ``stop_rule``: a fresh ``runtime.stopping.StopRule`` for this answer
+        (e.g. ``CallReading.stop_rule()``, which ends an answer of tool calls before a
+        repeated call); it ends the answer as a stop string does (``stop``). A chunk's
+        tokens are those whose text it completes, so the tokens given out are always the
+        ones the cache keeps. Figures land in ``stats``.
 
         Raises:
             ValueError: an invalid constraint (before anything is evaluated).
         """
         return self.lanes[0].generate(prompt, gen, stats, sampling, draft_max, scope,
-                                      use_memory, constraint, logprobs)
+                                      use_memory, constraint, logprobs, stop_rule)
 
     def complete(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  **overrides) -> tuple[str, list[int], Stats]:

@@ -4,9 +4,13 @@ A ``Lane`` owns what belongs to one sequence of the target: its decoder (the KV
 bookkeeping and the drafters that read its tokens), its sampler and its controller. An
 ``Engine`` has one lane per sequence its context holds (``--parallel``); lanes share only
 what is the same for all of them: the model, the measured costs, the compiled constraints
-and the drafting memory. So a request's sampling, seed, stop strings, grammar, logprobs
-and memory scope are set on the lane that serves it, for that request only, and two
-requests on two lanes never see each other's settings.
+and the drafting memory. So a request's sampling, seed, stop strings, stop rule, grammar,
+logprobs and memory scope are set on the lane that serves it, for that request only, and
+two requests on two lanes never see each other's settings.
+
+The lane ends an answer where a stop string starts or where its stop rule says
+(``runtime.stopping``), holding back the text (and its tokens) that either may still take
+back, and keeps the decoder's caches and grammar state to the tokens it gave out.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from dataclasses import dataclass
 from runtime.config import GenerationConfig, SamplingConfig
 from runtime.constraint import Constraint, ConstraintSpec
 from runtime.speculative import SpeculativeDecoder, Stats
+from runtime.stopping import GO_ON, StopRule, split_stop
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class Chunk:
-    """A piece of streamed output: ``text`` (possibly empty while a multi-byte character
-    or a possible stop string is held back), the token ids it came from, and on the last
-    chunk why generation ended (``eog``, ``stop``, ``length`` or ``context``)."""
+    """A piece of streamed output: ``text`` (possibly empty while a multi-byte character,
+    a possible stop string or what a stop rule may take back is held back), the token ids
+    whose text it completes (a token is held back with its text, so every token given
+    out is kept), and on the last chunk why generation ended (``eog``, ``stop``,
+    ``length`` or ``context``)."""
 
     text: str
     tokens: list[int]
@@ -69,8 +76,8 @@ class Lane:
     def generate(self, prompt: str | list[int], gen: GenerationConfig | None = None,
                  stats: Stats | None = None, sampling: SamplingConfig | None = None,
                  draft_max: int | None = None, scope: str = "", use_memory: bool = True,
-                 constraint: ConstraintSpec | None = None, logprobs: int | None = None
-                 ) -> Iterator[Chunk]:
+                 constraint: ConstraintSpec | None = None, logprobs: int | None = None,
+                 stop_rule: StopRule | None = None) -> Iterator[Chunk]:
         """Stream the continuation of ``prompt``: see ``Engine.generate``."""
         engine = self.engine
         gen = gen or GenerationConfig()
@@ -93,7 +100,7 @@ class Lane:
         rounds0 = getattr(view, "rounds", 0), getattr(view, "round_rows", 0)
         out: list[int] = []
         try:
-            for chunk in self._stream(ids, gen, stats, compiled, logprobs):
+            for chunk in self._stream(ids, gen, stats, compiled, logprobs, stop_rule):
                 out.extend(chunk.tokens)
                 yield chunk
         finally:
@@ -109,38 +116,60 @@ class Lane:
             engine.save_costs()
 
     def _stream(self, ids: list[int], gen: GenerationConfig, stats: Stats,
-                constraint: Constraint | None, n_logprobs: int | None) -> Iterator[Chunk]:
+                constraint: Constraint | None, n_logprobs: int | None,
+                rule: StopRule | None) -> Iterator[Chunk]:
         model = self.engine.model
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held = ""      # text held back because it may be the start of a stop string
-        shown = 0      # characters yielded so far
-        ends: list[int] = []  # text length after each generated token
+        text = ""             # the answer's text so far
+        ends: list[int] = []  # len(text) after each generated token
+        toks: list[int] = []  # the generated tokens, and their log-probs when asked for
+        lps: list = []
+        shown = n_shown = 0   # characters and tokens yielded so far
         steps = self.decoder.generate(ids, gen.max_tokens, model.is_eog, stats,
                                       constraint, n_logprobs)
         try:
             for step in steps:
+                piece = ""
                 for t in step.tokens:
                     if not model.is_eog(t):
-                        held += decoder.decode(model.token_bytes(t))
-                    ends.append(shown + len(held))
-                out, held, cut = split_stop(held, gen.stop)
-                if cut is None:
-                    shown += len(out)
-                    yield Chunk(out, step.tokens, stats.finish_reason, step.logprobs)
+                        piece += decoder.decode(model.token_bytes(t))
+                    ends.append(len(text) + len(piece))
+                text += piece
+                toks += step.tokens
+                lps += step.logprobs or []
+                verdict = rule.feed(piece, step.tokens) if rule is not None else GO_ON
+                out, _, cut = split_stop(text[shown:], gen.stop)
+                if cut is not None and (verdict.end is None or shown + cut <= verdict.end):
+                    # a stop string: keep the tokens whose text ends before it, and no more
+                    n_keep = bisect.bisect_right(ends, shown + cut)
+                elif verdict.end is not None:
+                    # the rule: keep the tokens that reach its end whole (a token may hold
+                    # the last character of a call and the first of the next)
+                    n_keep = min(bisect.bisect_left(ends, verdict.end) + 1, len(ends))
+                else:
+                    # show what no stop string or rule may take back, and the tokens whose
+                    # text is all shown (so a held-back token is never sent, then dropped)
+                    safe = shown + len(out)
+                    if verdict.hold is not None:
+                        safe = max(shown, min(safe, verdict.hold))
+                    n = max(n_shown, bisect.bisect_right(ends, safe))
+                    yield Chunk(text[shown:safe], toks[n_shown:n], stats.finish_reason,
+                                lps[n_shown:n] or None)
+                    shown, n_shown = safe, n
                     continue
-                # a stop string: keep the tokens whose text ends before it, and no more
-                n_keep = bisect.bisect_right(ends, shown + cut)
-                text_end = ends[n_keep - 1] if n_keep else 0
-                n_step = n_keep - (len(ends) - len(step.tokens))
+                n_keep = max(n_keep, n_shown)  # what was given out is never taken back
                 steps.close()
                 self.decoder.keep(len(ids) + n_keep)
                 stats.n_tokens, stats.finish_reason = n_keep, "stop"
-                yield Chunk(out[: max(0, text_end - shown)], step.tokens[:max(0, n_step)],
-                            "stop", step.logprobs[:max(0, n_step)] if step.logprobs else None)
+                text_end = max(shown, ends[n_keep - 1] if n_keep else 0)
+                yield Chunk(text[shown:text_end], toks[n_shown:n_keep], "stop",
+                            lps[n_shown:n_keep] or None)
                 return
-            held += decoder.decode(b"", final=True)
-            if held:
-                yield Chunk(held, [], stats.finish_reason)
+            # the answer ended: nothing is held back any more
+            text += decoder.decode(b"", final=True)
+            if len(text) > shown or len(toks) > n_shown:
+                yield Chunk(text[shown:], toks[n_shown:], stats.finish_reason,
+                            lps[n_shown:] or None)
         finally:
             steps.close()  # runs the decoder's finally: caches match the emitted tokens
 
@@ -148,20 +177,3 @@ class Lane:
         """Forget the conversation: every cache of this sequence starts empty."""
         self.decoder.reset()
 
-
-def split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, int | None]:
-    """(text safe to emit, text to hold back, where a stop string starts in ``text`` or
-    None). On a stop, the text to emit is everything before it."""
-    if not stops:
-        return text, "", None
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], "", cut
-    # hold back the longest tail that is a prefix of some stop string
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return text[: len(text) - hold], text[len(text) - hold:], None

@@ -1,5 +1,5 @@
-"""The grammar a tool call must match, for the constraint engine (issue 26): llguidance's
-Lark, with each call's JSON given as a JSON schema (``%json``)."""
+"""The grammar a tool call must match, for the constraint engine: llguidance's Lark, with
+each call's JSON given as a JSON schema (``%json``)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ def call_grammar(fmt: ToolFormat, spec: ToolSpec) -> str:
     text that does not open a call, then optionally the call(s): once the model writes the
     opening marker, the rest is constrained. ``parallel_tool_calls`` false allows one call.
 
-    This is the hook for issue 26's constraint engine: its ``ConstraintSpec("gbnf",
-    call_grammar(...))`` compiles it (llguidance's GBNF reader takes Lark too), and its
-    grammar drafter drafts the forced envelope, name and keys for free. Until that is
-    merged the server forces the call's opening (``ToolFormat.prefill``) and checks the
-    arguments against the schema after the fact.
+    The server decodes every answer that may call tools under this grammar
+    (``ConstraintSpec("gbnf", CallReading.grammar)``, through the constraint engine of
+    structured output, whose GBNF reader takes Lark too), so each call is constrained
+    from its opening marker to its end, not only opened: the envelope, a known name and
+    arguments that follow the tool's schema, and the grammar drafter drafts the fixed
+    text (envelope, name, keys) for free. What a grammar cannot say, that an answer's
+    calls are all different, is the stop rule's (``runtime.tool_reading
+    .RepeatedCallStop``).
     """
     names = [spec.forced_name] if spec.forced_name else \
         [t["function"]["name"] for t in spec.tools]

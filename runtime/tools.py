@@ -1,10 +1,11 @@
-"""Tool calls: which format a model writes them in, how tools reach its prompt, and how its
-answer is read back as OpenAI ``tool_calls``.
+"""Tool calls: which format a model writes them in, what a request asks (its tools, checked)
+and how tools reach its prompt.
 
 The format is read from the chat template's text, never from a file name:
 - ``hermes`` (Hermes, Qwen 2.5/3): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n
   </tool_call>``, one block per call;
-- ``llama3`` (Llama 3.1-3.3): the whole answer is ``{"name": ..., "parameters": {...}}``;
+- ``llama3`` (Llama 3.1-3.3): the answer is ``{"name": ..., "parameters": {...}}``
+  (after ``<|python_tag|>`` when the model writes that as text);
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``;
 - ``generic``, for every template that does not take ``tools`` (SmolLM2's, Gemma's):
   bridge writes the tool definitions into the system message and asks for Hermes-style
@@ -17,8 +18,8 @@ writes control tokens. A native template writes tool definitions and call argume
 own markup, so those must not hold control-token text (``ChatRenderer.render`` refuses
 them).
 
-One parser (``CallParser``) reads both a whole answer and a stream: a stream is fed piece
-by piece, a whole answer in one piece.
+Reading an answer back as calls (the parser, the grammar's hook and the stop rule that
+ends an answer of calls) is ``runtime.tool_reading``'s.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass, field
-
-from runtime.tool_grammar import call_grammar
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ class ToolFormat:
         at_start: a call can only open the answer (``llama3``).
         keep_start: ``start`` is part of the call's JSON (``llama3``'s ``{``).
         is_list: the calls come as one JSON list (``mistral``).
+        lead: markup that may come before a call's ``start`` (``llama3``'s
+            ``<|python_tag|>``, when a model writes it as text).
     """
 
     name: str
@@ -68,6 +69,13 @@ class ToolFormat:
     at_start: bool = False
     keep_start: bool = False
     is_list: bool = False
+    lead: str = ""
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The format's markup: text an answer's content never shows."""
+        return tuple(m for m in (self.lead, "" if self.keep_start else self.start,
+                                 self.end) if m)
 
     def call_text(self, name: str, arguments: dict) -> str:
         """One call written as the model writes it (Qwen's template's layout)."""
@@ -87,7 +95,7 @@ class ToolFormat:
 
 HERMES = ToolFormat("hermes", True, "<tool_call>", "</tool_call>")
 LLAMA3 = ToolFormat("llama3", True, "{", args_key="parameters", at_start=True,
-                    keep_start=True)
+                    keep_start=True, lead="<|python_tag|>")
 MISTRAL = ToolFormat("mistral", True, "[TOOL_CALLS]", is_list=True)
 GENERIC = ToolFormat("generic", False, "<tool_call>", "</tool_call>")
 
@@ -240,7 +248,7 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
             m = dict(m)
             if m.get("tool_calls"):
                 m["tool_calls"] = [{**c, "function": {**c["function"], "arguments":
-                                    _as_object(c["function"]["arguments"])}}
+                                    as_object(c["function"]["arguments"])}}
                                    for c in m["tool_calls"]]
             if m["role"] == "tool":
                 m.setdefault("name", names.get(m.get("tool_call_id"), ""))
@@ -252,7 +260,7 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             calls = "\n".join(fmt.call_text(c["function"]["name"],
-                                            _as_object(c["function"]["arguments"]))
+                                            as_object(c["function"]["arguments"]))
                               for c in m["tool_calls"])
             text = (m.get("content") or "") + ("\n" if m.get("content") else "") + calls
             out.append({"role": "assistant", "content": text})
@@ -277,7 +285,8 @@ def prepare(fmt: ToolFormat, messages: list[dict], spec: ToolSpec
     return out, None
 
 
-def _as_object(arguments: object) -> object:
+def as_object(arguments: object) -> object:
+    """A call's ``arguments`` as an object when given as a JSON object's text."""
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)
@@ -286,7 +295,7 @@ def _as_object(arguments: object) -> object:
     return arguments
 
 
-# -- reading calls back -----------------------------------------------------------------
+# -- a call read back ------------------------------------------------------------------
 
 @dataclass
 class ToolCall:
@@ -298,168 +307,8 @@ class ToolCall:
         return {"id": self.id, "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
 
-
-def read_calls(fmt: ToolFormat, raw: str, spec: ToolSpec) -> list[ToolCall] | None:
-    """The calls in one call's raw text (between its markers), or None if it is not a
-    call to one of ``spec``'s tools whose arguments validate against its schema."""
-    try:
-        obj = json.loads(raw.strip())
-    except ValueError:
-        return None
-    objs = obj if isinstance(obj, list) else [obj]
-    names = {t["function"]["name"] for t in spec.tools}
-    calls = []
-    for o in objs:
-        if not isinstance(o, dict) or o.get("name") not in names:
-            return None
-        args = o.get(fmt.args_key, o.get("arguments", o.get("parameters", {})))
-        args = _as_object(args)
-        if not isinstance(args, dict) or not _valid(args, spec.schema(o["name"])):
-            return None
-        calls.append(ToolCall(o["name"], json.dumps(args, ensure_ascii=False)))
-    return calls or None
-
-
-class CallParser:
-    """Splits an answer, fed in pieces, into content text and tool calls.
-
-    ``feed`` and ``finish`` return events: ``("content", text)`` or ``("call",
-    ToolCall)``. Text that might be the start of a call is held back until it is known;
-    a call that does not parse is given back as content, with a warning.
-
-    Args:
-        fmt: the format.
-        spec: the request's tools (calls naming others are not calls).
-        prefill: the answer's forced opening, which the model did not write.
-        marker_id: the token id of ``fmt.start`` when it is a control token (Mistral's
-            ``[TOOL_CALLS]``), whose text a decoded answer does not show.
-    """
-
-    def __init__(self, fmt: ToolFormat, spec: ToolSpec, prefill: str = "",
-                 marker_id: int | None = None):
-        self.fmt, self.spec, self.marker_id = fmt, spec, marker_id
-        self._buf = prefill
-        self._in_call = False
-        self._seen_text = False  # llama3: a call only opens the answer
-        self.calls: list[ToolCall] = []
-
-    def feed(self, text: str, tokens: list[int] = ()) -> list[tuple[str, object]]:
-        if self.marker_id is not None and self.marker_id in tokens:
-            text = self.fmt.start + text  # the marker opens the answer's call
-        self._buf += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[tuple[str, object]]:
-        return self._scan(final=True)
-
-    def _scan(self, final: bool) -> list[tuple[str, object]]:
-        fmt, out = self.fmt, []
-        while self._buf:
-            if not self._in_call:
-                if fmt.at_start:
-                    head = self._buf.lstrip()
-                    if self._seen_text or (head and not head.startswith(fmt.start)):
-                        self._seen_text = True
-                        out.append(("content", self._buf))
-                        self._buf = ""
-                    elif head:
-                        self._in_call, self._buf = True, head
-                        continue
-                    break
-                i = self._buf.find(fmt.start)
-                if i < 0:
-                    keep = 0 if final else _partial_suffix(self._buf, fmt.start)
-                    if len(self._buf) > keep:
-                        out.append(("content", self._buf[:len(self._buf) - keep]))
-                        self._buf = self._buf[len(self._buf) - keep:]
-                    break
-                if i:
-                    out.append(("content", self._buf[:i]))
-                self._buf = self._buf[i + (0 if fmt.keep_start else len(fmt.start)):]
-                self._in_call = True
-                continue
-            j = self._buf.find(fmt.end) if fmt.end else -1
-            if j < 0 and not final:
-                break
-            raw, rest = (self._buf, "") if j < 0 else \
-                (self._buf[:j], self._buf[j + len(fmt.end):])
-            self._buf, self._in_call = rest, False
-            out += self._call(raw, closed=j >= 0)
-        return out
-
-    def _call(self, raw: str, closed: bool) -> list[tuple[str, object]]:
-        calls = read_calls(self.fmt, raw, self.spec)
-        if calls is None:
-            log.warning("the model wrote a tool call that does not parse as a call to one "
-                        "of the request's tools; returning it as text: %.200r", raw)
-            text = ("" if self.fmt.keep_start else self.fmt.start) + raw + \
-                (self.fmt.end if closed else "")
-            return [("content", text)]
-        if not self.spec.parallel and self.calls:
-            log.info("parallel_tool_calls is false: dropping %d more call(s)", len(calls))
-            return []
-        if not self.spec.parallel:
-            calls = calls[:1]
-        self.calls += calls
-        return [("call", c) for c in calls]
-
-
-def _valid(args: dict, schema: dict) -> bool:
-    from jsonschema import validators
-
-    return validators.validator_for(schema)(schema).is_valid(args)
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that begins ``marker``."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
-def parse(fmt: ToolFormat, text: str, spec: ToolSpec, prefill: str = ""
-          ) -> tuple[str | None, list[ToolCall]]:
-    """A whole answer as (content or None, calls)."""
-    p = CallParser(fmt, spec, prefill)
-    events = p.feed(text) + p.finish()
-    content = "".join(e for kind, e in events if kind == "content")
-    return (content.strip() or None) if p.calls else content, p.calls
-
-
-@dataclass(frozen=True)
-class CallReading:
-    """How one request's answer is read for calls: the session's format, the request's
-    tools, the forced opening (under ``required`` or a named function) and the marker's
-    control-token id (Mistral's)."""
-
-    fmt: ToolFormat
-    spec: ToolSpec
-    prefill: str = ""
-    marker_id: int | None = None
-
-    @classmethod
-    def of(cls, session, spec: ToolSpec) -> CallReading:
-        """For a ``ChatSession``: its template's format, its renderer's control tokens."""
-        fmt = session.tool_format
-        prefill = fmt.prefill(spec.forced_name) if spec.required else ""
-        return cls(fmt, spec, prefill, session.renderer.control.get(fmt.start))
-
-    def parser(self) -> CallParser:
-        return CallParser(self.fmt, self.spec, self.prefill, self.marker_id)
-
     @property
-    def grammar(self) -> str | None:
-        """What the answer must match (``runtime.tool_grammar``): the server decodes under
-        ``ConstraintSpec("gbnf", reading.grammar)`` with no ``prefill`` (the grammar forces
-        the opening, and forced text drafts for free). None when the request has no tools
-        to call."""
-        return call_grammar(self.fmt, self.spec) if self.spec.active else None
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        """Stop strings that end the answer after its one call (a single call is wanted:
-        a named function, or ``parallel_tool_calls`` false), so a model that goes on
-        talking after it spends no tokens; the parser reads the call unclosed."""
-        one = self.spec.forced_name is not None or not self.spec.parallel
-        return (self.fmt.end,) if self.spec.active and one and self.fmt.end else ()
+    def key(self) -> tuple[str, str]:
+        """What makes two calls the same call: the name and the arguments as JSON (key
+        order and layout aside), not their text."""
+        return self.name, json.dumps(json.loads(self.arguments), sort_keys=True)

@@ -181,28 +181,16 @@ def test_bad_tool_input_is_a_400_naming_the_field(server, change, param):
     assert r.json()["error"]["param"] == param, r.json()
 
 
-def test_a_call_that_does_not_parse_comes_back_as_text(client, server_log):
-    """Without earlier calls to copy, SmolLM2 names a city as the function: that text is
-    the answer's content, the log has a warning, and nothing fails."""
-    model = client.models.list().data[0].id
-    r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=TOOLS, tool_choice="required", temperature=0, max_tokens=24)
-    msg = r.choices[0].message
-    assert msg.tool_calls is None and msg.content.startswith("<tool_call>")
-    assert r.choices[0].finish_reason in ("stop", "length")
-    assert "does not parse as a call" in server_log.read_text()
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_required_and_named_calls_validate(client, temperature):
-    """Every call the server returns validates against its tool's schema; the test
-    counts how many answers held one (until issue 26's constraint engine is merged the
-    server forces the call's opening but not its arguments)."""
+    """Every answer under ``required`` or a named function is decoded under the tools'
+    grammar, so each one holds a call that validates against its tool's schema (the
+    named one when named), unless max_tokens cut it inside its first call; no call comes
+    twice and no answer has markup as content."""
     model = client.models.list().data[0].id
     prompts = ["What is the weather in Paris?", "Add 7 and 35.", "Is it raining in Rome?",
                "What is 10 plus 20?"]
-    n, got = 0, 0
+    n, cut = 0, 0
     for i, prompt in enumerate(prompts):
         for choice in ("required", _named("get_weather"), _named("add")):
             n += 1
@@ -210,13 +198,121 @@ def test_required_and_named_calls_validate(client, temperature):
                 model=model, messages=SHOT + [{"role": "user", "content": prompt}],
                 tools=TOOLS,
                 tool_choice=choice, temperature=temperature, seed=i, max_tokens=N)
-            for c in r.choices[0].message.tool_calls or ():
+            ch = r.choices[0]
+            calls = ch.message.tool_calls or []
+            _no_markup(ch.message.content)
+            if not calls:  # only a cut answer may lack its call
+                assert ch.finish_reason == "length", (prompt, choice, ch)
+                cut += 1
+                continue
+            assert ch.finish_reason in ("tool_calls", "length"), ch
+            for c in calls:
                 _valid(c)
                 if isinstance(choice, dict):
                     assert c.function.name == choice["function"]["name"]
-                got += 1
-    print(f"temperature {temperature}: {got}/{n} answers held a valid call")
-    assert got >= 1
+            keys = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+            assert len(set(_keys(keys))) == len(keys), keys
+    print(f"temperature {temperature}: {n - cut}/{n} answers held a valid call, "
+          f"{cut} cut by max_tokens")
+    assert cut <= n // 4  # max_tokens is ample for one call: cuts are rare
+
+
+MARKUP = ("<tool_call", "</tool_call", "[TOOL_CALLS", "<|python_tag|>")
+
+
+def _no_markup(text: str | None) -> None:
+    """No format's markup in ``text``, nor a marker's start at its end."""
+    text = text or ""
+    assert not any(m in text for m in MARKUP), text
+    assert not any(text.endswith(m[:n]) for m in MARKUP for n in range(2, len(m))), text
+
+
+def _streamed(client, **kw):
+    """A streamed answer: (content deltas joined, calls as (name, args), finish_reason,
+    completion tokens)."""
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kw))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls: dict[int, list] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or ()) if c.choices else ():
+            entry = calls.setdefault(d.index, [None, ""])
+            entry[0] = d.function.name or entry[0]
+            entry[1] += d.function.arguments or ""
+    reason = next(c.choices[0].finish_reason for c in reversed(chunks)
+                  if c.choices and c.choices[0].finish_reason)
+    return (content, [(n, json.loads(a)) for n, a in (calls[i] for i in sorted(calls))],
+            reason, chunks[-1].usage.completion_tokens)
+
+
+def _whole(client, **kw):
+    r = client.chat.completions.create(**kw)
+    ch = r.choices[0]
+    return (ch.message.content, [(c.function.name, json.loads(c.function.arguments))
+                                 for c in ch.message.tool_calls or ()],
+            ch.finish_reason, r.usage.completion_tokens)
+
+
+def _keys(calls: list) -> list:
+    return [(n, json.dumps(a, sort_keys=True)) for n, a in calls]
+
+
+LOOPING = ["What is the weather in Paris?", "Weather in Oslo and Rome?",
+           "Is it raining in Rome?", "Send an email to bob about lunch."]
+
+
+def test_an_answer_of_calls_ends_when_its_calls_are_done(client, server_log):
+    """Under ``required`` with parallel calls (OpenAI's default), SmolLM2 writes one call
+    again and again until max_tokens. The decode loop's stop rule ends the answer when
+    a call would repeat one it made: every answer ends with ``tool_calls``, well before
+    the limit, with no call twice, whole and streamed alike."""
+    model = client.models.list().data[0].id
+    before = server_log.read_text().count("repeats its call")
+    for prompt in LOOPING:
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], tools=TOOLS,
+                  tool_choice="required", temperature=0, max_tokens=200)
+        whole = _whole(client, **kw)
+        content, calls, reason, n = whole
+        assert reason == "tool_calls" and calls and content is None, whole
+        assert n < 200 and len(set(_keys(calls))) == len(calls), whole
+        assert _streamed(client, **kw) == ("", calls, reason, n)
+    # the rule is what ended them: the model did repeat itself
+    assert server_log.read_text().count("repeats its call") - before >= len(LOOPING)
+    # with parallel_tool_calls false the answer is its first call
+    _, calls, reason, _ = _whole(client, **kw, parallel_tool_calls=False)
+    assert reason == "tool_calls" and len(calls) == 1
+
+
+def test_a_cut_call_returns_the_calls_before_it_and_no_markup(client, smollm2, server_log):
+    """``max_tokens`` inside a call: the calls completed before it come back, with
+    ``finish_reason: "length"`` and no template markup as content, whole and streamed."""
+    model = client.models.list().data[0].id
+    kw = dict(model=model, messages=[{"role": "user", "content": LOOPING[0]}], tools=TOOLS,
+              tool_choice="required", temperature=0)
+    full = client.chat.completions.create(**kw, max_tokens=200,
+                                          extra_body={"return_tokens": True})
+    calls = [(c.function.name, json.loads(c.function.arguments))
+             for c in full.choices[0].message.tool_calls]
+    # where the first call closes, in tokens: the limit that cuts the second one
+    ids = full.choices[0].model_extra["tokens"]
+    close = next(i for i in range(1, len(ids) + 1)
+                 if "</tool_call>" in smollm2.detokenize(ids[:i]))
+    assert len(ids) > close + 3  # the model went on after its first call (see above)
+    for limit, kept in ((close - 8, []), (close + 3, calls[:1])):
+        whole = _whole(client, **kw, max_tokens=limit)
+        assert whole == (None, kept, "length", limit), (limit, whole)
+        assert _streamed(client, **kw, max_tokens=limit) == ("", kept, "length", limit)
+    assert "cut before it closed" in server_log.read_text()
+    # under auto or required, at any cut, content never holds markup
+    for choice in ("auto", "required"):
+        for limit in (3, 9, 17, 30):
+            messages = SHOT + [{"role": "user", "content": "What is the weather in Rome?"}]
+            args = dict(kw, messages=messages, tool_choice=choice, max_tokens=limit)
+            whole, streamed = _whole(client, **args), _streamed(client, **args)
+            _no_markup(whole[0])
+            _no_markup(streamed[0])
+            assert streamed[1:] == whole[1:]
+            assert streamed[0].strip() == (whole[0] or "").strip()
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +350,14 @@ def test_native_template_renders_tools_and_parses_calls(qwen_server):
     e = httpx.post(f"{qwen_server}/v1/chat/completions",
                    json={"messages": ASK, "tools": bad, "max_tokens": 4}, timeout=60)
     assert e.status_code == 400 and "control token" in e.json()["error"]["message"]
+    # the hermes format ends an answer of calls when they are done, as the generic one
+    for prompt in LOOPING[:2]:
+        kw = dict(model=model, messages=[{"role": "user", "content": prompt}], tools=TOOLS,
+                  tool_choice="required", temperature=0, max_tokens=200)
+        whole = _whole(client, **kw)
+        assert whole[2] == "tool_calls" and whole[1] and whole[0] is None, whole
+        assert len(set(_keys(whole[1]))) == len(whole[1]) and whole[3] < 200, whole
+        assert _streamed(client, **kw) == ("", *whole[1:])
 
 
 def test_langchain_bind_tools_two_step_loop(server):

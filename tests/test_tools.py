@@ -1,9 +1,9 @@
-"""Tool-call formats on hand-made strings: detection from template text, parsing whole and
-streamed (every split point), rendering for native and generic templates, validation."""
+"""Tool-call formats on hand-made strings: detection from template text, rendering for
+native and generic templates, validation, and the call grammar on SmolLM2's vocabulary.
+Reading answers back as calls is ``tests/test_tool_reading.py``'s."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -39,75 +39,6 @@ SMOL_TEMPLATE = "{% for message in messages %}<|im_start|>{{ message['role'] }}{
 ])
 def test_detect(template, name):
     assert T.detect(template).name == name
-
-
-WHOLE = [
-    # (format, text, content, [(name, args)])
-    (T.HERMES, 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-               "</tool_call>", "Sure.", [("get_weather", {"city": "Paris"})]),
-    # two calls, the last one unclosed (the model ended at EOG)
-    (T.HERMES, '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>'
-               '{"name": "get_weather", "arguments": {"city": "Oslo"}}', None,
-     [("get_time", {}), ("get_weather", {"city": "Oslo"})]),
-    # a call to an unknown function is text, not a call
-    (T.HERMES, '<tool_call>{"name": "rm", "arguments": {}}</tool_call>',
-     '<tool_call>{"name": "rm", "arguments": {}}</tool_call>', []),
-    # broken JSON is text
-    (T.GENERIC, "<tool_call>{not json</tool_call>", "<tool_call>{not json</tool_call>", []),
-    (T.GENERIC, "No call here, just < and <tool", "No call here, just < and <tool", []),
-    (T.LLAMA3, ' {"name": "get_weather", "parameters": {"city": "Rome"}}', None,
-     [("get_weather", {"city": "Rome"})]),
-    # llama3: JSON later in the answer is only text
-    (T.LLAMA3, 'Use {"name": "get_time", "parameters": {}}',
-     'Use {"name": "get_time", "parameters": {}}', []),
-    (T.MISTRAL, '[TOOL_CALLS][{"name": "get_time", "arguments": {}}, {"name": "get_weather",'
-                ' "arguments": {"city": "Bern"}}]', None,
-     [("get_time", {}), ("get_weather", {"city": "Bern"})]),
-    # arguments given as a JSON string are accepted
-    (T.HERMES, '<tool_call>{"name": "get_time", "arguments": "{}"}</tool_call>', None,
-     [("get_time", {})]),
-]
-
-
-@pytest.mark.parametrize("fmt, text, content, calls", WHOLE)
-def test_parse_whole_and_every_split(fmt, text, content, calls):
-    got_content, got = T.parse(fmt, text, SPEC)
-    assert got_content == content
-    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
-    # streamed in two pieces, split everywhere: the same calls, the same text
-    for cut in range(len(text) + 1):
-        p = T.CallParser(fmt, SPEC)
-        events = p.feed(text[:cut]) + p.feed(text[cut:]) + p.finish()
-        assert [(c.name, json.loads(c.arguments)) for c in p.calls] == calls
-        streamed = "".join(e for k, e in events if k == "content")
-        assert streamed.strip() == (content or "").strip()
-
-
-def test_stream_holds_back_only_a_possible_marker():
-    p = T.CallParser(T.HERMES, SPEC)
-    assert p.feed("Hello <tool") == [("content", "Hello ")]
-    assert p.feed("box>") == [("content", "<toolbox>")]
-
-
-def test_prefill_then_parse():
-    for fmt in (T.HERMES, T.LLAMA3, T.MISTRAL, T.GENERIC):
-        pre = fmt.prefill("get_weather")
-        rest = '{"city": "Lima"}}' + ("]" if fmt.is_list else "\n" + fmt.end)
-        _, calls = T.parse(fmt, rest, SPEC, prefill=pre)
-        assert [(c.name, json.loads(c.arguments)) for c in calls] == \
-            [("get_weather", {"city": "Lima"})], fmt.name
-        pre = fmt.prefill(None)
-        close = "]" if fmt.is_list else ""
-        _, calls = T.parse(fmt, f'get_time", "{fmt.args_key}": {{}}}}{close}', SPEC,
-                           prefill=pre)
-        assert [c.name for c in calls] == ["get_time"], fmt.name
-
-
-def test_parallel_false_keeps_the_first_call():
-    spec = T.ToolSpec(SPEC.tools, parallel=False)
-    _, calls = T.parse(T.MISTRAL, '[TOOL_CALLS][{"name": "get_time", "arguments": {}}, '
-                                  '{"name": "get_time", "arguments": {}}]', spec)
-    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("tools, param", [
@@ -179,33 +110,6 @@ def test_call_grammar_compiles_in_llguidance():
         is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(
             llguidance.grammar_from("lark", grammar))
         assert not is_error, (fmt.name, msgs)
-
-
-class _Session:  # what CallReading.of reads from a ChatSession
-    def __init__(self, fmt, control):
-        self.tool_format = fmt
-        self.renderer = type("R", (), {"control": control})()
-
-
-@pytest.mark.parametrize("fmt, choice, parallel, prefill, stops", [
-    (T.HERMES, "get_weather", True, '<tool_call>\n{"name": "get_weather", "arguments": ',
-     ("</tool_call>",)),
-    (T.HERMES, "required", True, '<tool_call>\n{"name": "', ()),  # several calls may come
-    (T.HERMES, "required", False, '<tool_call>\n{"name": "', ("</tool_call>",)),
-    (T.HERMES, "auto", True, "", ()),
-    (T.LLAMA3, "get_time", True, '{"name": "get_time", "parameters": ', ()),  # no end marker
-])
-def test_call_reading(fmt, choice, parallel, prefill, stops):
-    r = T.CallReading.of(_Session(fmt, {}), T.ToolSpec(SPEC.tools, choice, parallel))
-    assert (r.prefill, r.stops, r.marker_id) == (prefill, stops, None)
-
-
-def test_mistral_marker_is_a_control_token():
-    # [TOOL_CALLS] is a control token: the decoded text lacks it, the token ids show it
-    r = T.CallReading.of(_Session(T.MISTRAL, {"[TOOL_CALLS]": 5}), SPEC)
-    p = r.parser()
-    events = p.feed('[{"name": "get_time", "arguments": {}}]', [5, 9, 9]) + p.finish()
-    assert [e for k, e in events if k == "content"] == [] and p.calls[0].name == "get_time"
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -281,3 +185,4 @@ def test_native_render_keeps_tool_contents_as_text(smollm2):
     bad = [{"type": "function", "function": {"name": "f", "description": "<|im_end|>"}}]
     with pytest.raises(ValueError, match="control token"):
         r.render(msgs, tools=bad)
+

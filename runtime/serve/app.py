@@ -27,8 +27,9 @@ at shutdown.
 
 Tool calls (``tools``, ``tool_choice``): the format is read from the chat template
 (``runtime.tools``), tools and tool messages go through the template when it takes them
-and into message text otherwise, and the answer is read back for calls as it streams
-(``runtime.serve.stream``).
+and into message text otherwise, the answer is decoded under the tools' grammar and ends
+before a call that repeats one it made (a stop rule of its decode loop), and it is read
+back for calls as it streams (``runtime.tool_reading``, ``runtime.serve.stream``).
 
 Request and response shapes live in ``runtime.serve.openai_api``. Responses carry
 llama-server's ``timings`` object, plus bridge's ``mode``, target steps, per-source draft
@@ -83,7 +84,7 @@ from runtime.serve.worker import (
     wait_disconnect,
 )
 from runtime.speculative import Stats
-from runtime.tools import CallReading
+from runtime.tool_reading import CallReading
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +367,12 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
         adm, g = await admit(body, g, n_bytes, fn, session.renderer, messages)
 
         def start(slot: Slot, stats: Stats) -> Iterator[Chunk]:
+            # an answer of calls ends before a call that repeats one it made: a rule of
+            # this generation's decode loop (a fresh one each), so the repeat's tokens
+            # are never emitted, streamed or not
+            rule = calls.stop_rule() if spec.active else None
             return slot.session.ask_messages(adm.messages, g, stats, rendered=adm.rendered,
-                                             **kw)
+                                             stop_rule=rule, **kw)
 
         return await respond(request, body, start, chat=True, scope=kw["scope"],
                              key=adm.rendered.text, dropped=adm.dropped,

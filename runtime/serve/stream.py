@@ -1,5 +1,6 @@
 """What ``bridge serve`` sends back for one generation: a whole answer, or OpenAI's
-stream of chunks; with tools, the answer is read for calls (``runtime.tools``) on the way."""
+stream of chunks; with tools, the answer is read for calls (``runtime.tool_reading``) on
+the way."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 
-from runtime import tools
+from runtime import tool_reading
 from runtime.serve import openai_api as api
 from runtime.serve.openai_api import APIError
 from runtime.serve.worker import DONE, Interrupted, Job, next_item
-from runtime.tools import CallReading
+from runtime.tool_reading import CallReading
 
 
 async def whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bool,
@@ -36,9 +37,9 @@ async def whole(job: Job, item: object, top: dict, chat: bool, return_tokens: bo
         item = await next_item(job, watcher)
     content: str | None = "".join(text)
     if parser is not None:
-        content = "".join([content] + [e for kind, e in parser.finish() if kind == "content"])
+        content = parser.content("".join(
+            [content] + [e for kind, e in parser.finish() if kind == "content"]))
         found = parser.calls
-        content = (content.strip() or None) if found else content
     return api.whole_response(top, chat, content, len(tokens), job.stats,
                               tokens if return_tokens else None,
                               api.logprobs_object(chat, lps) if lp is not None else None,
@@ -101,7 +102,7 @@ async def events(job: Job, item: object, top: dict, chat: bool, include_usage: b
         job.cancelled.set()
 
 
-def _tool_chunks(top: dict, events: list, parser: tools.CallParser, first: bool
+def _tool_chunks(top: dict, events: list, parser: tool_reading.CallParser, first: bool
                  ) -> Iterator[dict]:
     """Stream chunks for a parser's events: content deltas, and per call the
     ``delta.tool_calls`` entries OpenAI sends (index = the call's place in the answer)."""
