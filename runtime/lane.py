@@ -127,6 +127,7 @@ class Lane:
         shown = n_shown = 0   # characters and tokens yielded so far
         steps = self.decoder.generate(ids, gen.max_tokens, model.is_eog, stats,
                                       constraint, n_logprobs)
+        n_keep: int | None = None  # where a stop string or the rule ends the answer
         try:
             for step in steps:
                 piece = ""
@@ -142,34 +143,37 @@ class Lane:
                 if cut is not None and (verdict.end is None or shown + cut <= verdict.end):
                     # a stop string: keep the tokens whose text ends before it, and no more
                     n_keep = bisect.bisect_right(ends, shown + cut)
-                elif verdict.end is not None:
-                    # the rule: keep the tokens that reach its end whole (a token may hold
-                    # the last character of a call and the first of the next)
-                    n_keep = min(bisect.bisect_left(ends, verdict.end) + 1, len(ends))
-                else:
-                    # show what no stop string or rule may take back, and the tokens whose
-                    # text is all shown (so a held-back token is never sent, then dropped)
-                    safe = shown + len(out)
-                    if verdict.hold is not None:
-                        safe = max(shown, min(safe, verdict.hold))
-                    n = max(n_shown, bisect.bisect_right(ends, safe))
-                    yield Chunk(text[shown:safe], toks[n_shown:n], stats.finish_reason,
-                                lps[n_shown:n] or None)
-                    shown, n_shown = safe, n
-                    continue
-                n_keep = max(n_keep, n_shown)  # what was given out is never taken back
-                steps.close()
-                self.decoder.keep(len(ids) + n_keep)
-                stats.n_tokens, stats.finish_reason = n_keep, "stop"
-                text_end = max(shown, ends[n_keep - 1] if n_keep else 0)
-                yield Chunk(text[shown:text_end], toks[n_shown:n_keep], "stop",
-                            lps[n_shown:n_keep] or None)
-                return
-            # the answer ended: nothing is held back any more
-            text += decoder.decode(b"", final=True)
-            if len(text) > shown or len(toks) > n_shown:
-                yield Chunk(text[shown:], toks[n_shown:], stats.finish_reason,
-                            lps[n_shown:] or None)
+                    break
+                if verdict.end is not None:
+                    n_keep = _through(ends, verdict.end)
+                    break
+                # show what no stop string or rule may take back, and the tokens whose
+                # text is all shown (so a held-back token is never sent, then dropped)
+                safe = shown + len(out)
+                if verdict.hold is not None:
+                    safe = max(shown, min(safe, verdict.hold))
+                n = max(n_shown, bisect.bisect_right(ends, safe))
+                yield Chunk(text[shown:safe], toks[n_shown:n], stats.finish_reason,
+                            lps[n_shown:n] or None)
+                shown, n_shown = safe, n
+            else:
+                # the answer ended by itself: nothing is held back any more, unless the
+                # rule's last verdict ends it earlier (a repeated call only the end closed)
+                text += decoder.decode(b"", final=True)
+                end = rule.finish().end if rule is not None else None
+                if end is None:
+                    if len(text) > shown or len(toks) > n_shown:
+                        yield Chunk(text[shown:], toks[n_shown:], stats.finish_reason,
+                                    lps[n_shown:] or None)
+                    return
+                n_keep = _through(ends, end)
+            n_keep = max(n_keep, n_shown)  # what was given out is never taken back
+            steps.close()
+            self.decoder.keep(len(ids) + n_keep)
+            stats.n_tokens, stats.finish_reason = n_keep, "stop"
+            text_end = max(shown, ends[n_keep - 1] if n_keep else 0)
+            yield Chunk(text[shown:text_end], toks[n_shown:n_keep], "stop",
+                        lps[n_shown:n_keep] or None)
         finally:
             steps.close()  # runs the decoder's finally: caches match the emitted tokens
 
@@ -177,3 +181,8 @@ class Lane:
         """Forget the conversation: every cache of this sequence starts empty."""
         self.decoder.reset()
 
+
+def _through(ends: list[int], offset: int) -> int:
+    """How many tokens to keep so the text reaches ``offset``: the tokens that reach it
+    whole (a token may hold the last character of a call and the first of the next)."""
+    return min(bisect.bisect_left(ends, offset) + 1, len(ends))

@@ -49,6 +49,11 @@ class StopRule(Protocol):
         no text); return what to hold back and whether the answer ends."""
         ...
 
+    def finish(self) -> Verdict:
+        """The answer ended by itself (its end-of-generation token, a complete grammar,
+        ``max_tokens``): whether it still ends earlier than its text does."""
+        ...
+
 
 def split_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, int | None]:
     """(text safe to emit, text to hold back, where a stop string starts in ``text`` or

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from runtime.stopping import Verdict
+from runtime.stopping import GO_ON, Verdict
 from runtime.tool_grammar import call_grammar
 from runtime.tools import ToolCall, ToolFormat, ToolSpec, as_object
 
@@ -379,6 +379,21 @@ class RepeatedCallStop:
             self._seen.add(call.key)
             self._kept_end = end
         return Verdict(hold=self._kept_end)
+
+    def finish(self) -> Verdict:
+        """The answer ended: a call that only its end closed (a last call with no end
+        marker) may repeat one too, and then the answer still ends after the last new
+        call."""
+        p = self._parser
+        n = len(p.calls)
+        p.finish()
+        for call in p.calls[n:]:
+            if call.key in self._seen:
+                log.info("the answer's last call repeats its call to %s: it ends after its "
+                         "%d call(s)", call.name, len(self._seen))
+                return Verdict(hold=self._kept_end, end=self._kept_end)
+            self._seen.add(call.key)
+        return GO_ON
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,30 @@ def test_the_rule_ends_before_a_repeated_call(fmt, calls, n_kept):
     assert content is None and len(got) == n_kept
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_a_repeat_that_only_the_end_closes_still_ends_the_answer(fmt):
+    """The last call of an answer may have no closing text (the model stopped right after
+    its JSON, or a list was left open): it is read at the end, and a repeat is still cut
+    there by ``finish``."""
+    text, ends = answer(fmt, [PARIS, PARIS])
+    cut = text[:ends[1]]
+    cut = cut[: len(cut) - len(fmt.end)].rstrip() if fmt.end and cut.endswith(fmt.end) \
+        else cut
+    rule = R.CallReading(fmt, T.ToolSpec(SPEC.tools, "required")).stop_rule()
+    fed = next((v.end for v in map(rule.feed, cut) if v.end is not None), None)
+    if fmt.end:  # the end marker closes a call: without it, only the end does
+        assert fed is None
+        assert rule.finish().end == ends[0]
+    else:  # a list's object or a bare object closes itself
+        assert fed == ends[0]
+    # and a last call that is new is kept
+    rule = R.CallReading(fmt, T.ToolSpec(SPEC.tools, "required")).stop_rule()
+    text, ends = answer(fmt, [PARIS, OSLO])
+    for ch in text[: len(text) - len(fmt.end)] if fmt.end else text:
+        rule.feed(ch)
+    assert rule.finish().end is None
+
+
 def test_a_repeat_is_equal_json_not_equal_text():
     spec = T.ToolSpec(SPEC.tools, "required")
     a = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -273,3 +297,24 @@ def test_a_looping_decode_ends_after_its_new_calls(engine, fmt, calls, n_kept):
     d = engine.decoder
     assert d.kv + ([d.pending] if d.pending is not None else []) == ids + tokens
     assert d.constraint.start + d.constraint.n_consumed == len(ids) + len(tokens)
+
+
+def test_a_looping_decode_whose_last_repeat_has_no_end_marker(engine):
+    """The forced answer stops right after the repeated call's JSON (no closing marker):
+    the decode loop's end asks the rule, and the repeat is still not given out."""
+    fmt = T.HERMES
+    text, ends = answer(fmt, [PARIS, PARIS])
+    text = text[: len(text) - len(fmt.end)].rstrip()
+    spec = T.ToolSpec(SPEC.tools, "required")
+    ids = engine.model.tokenize(PROMPT, add_special=True, parse_special=True)
+    chunks = list(engine.generate(ids, GenerationConfig(max_tokens=300),
+                                  constraint=ConstraintSpec("gbnf", f"start: {json.dumps(text)}"),
+                                  stop_rule=R.CallReading(fmt, spec).stop_rule()))
+    got = "".join(c.text for c in chunks)
+    tokens = [t for c in chunks for t in c.tokens]
+    assert engine.last_stats.finish_reason == "stop"
+    assert got.startswith(text[:ends[0]]) and len(got) < ends[1]
+    content, read = R.parse(fmt, got, spec)
+    assert content is None and _calls(read) == [(PARIS["name"], PARIS["arguments"])]
+    d = engine.decoder
+    assert d.kv + ([d.pending] if d.pending is not None else []) == ids + tokens
