@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="answers per setting (median)")
     a = ap.parse_args(argv)
 
-    from runtime.config import (GenerationConfig, RuntimeConfig, SamplingConfig,
-                                SpeculativeConfig)
+    from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
     from runtime.engine import Engine
     from runtime.sampling import Sampler
 
