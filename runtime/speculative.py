@@ -436,9 +436,10 @@ class SpeculativeDecoder:
         self.kv.extend(emitted[:-1])
         self.target.truncate(len(self.kv))
         self.pending = emitted[-1]
-        if draft.tokens:
-            # only a drafted token can have been read past what is kept: without one, each
-            # drafter saw at most kv + [pending], which the cache now holds
+        if source is not None:
+            # only a drafter asked for a draft can have read past what is kept (the pruned
+            # draft reads its own proposal, even one the grammar then cut to nothing);
+            # otherwise each drafter saw at most kv + [pending], which the cache now holds
             for d in self.drafters.values():
                 d.rollback(len(self.kv))
         if constraint is not None:

@@ -242,3 +242,41 @@ def test_penalties_under_drafts_equal_plain_decoding(smollm2_gguf, smollm2_draft
                     drafted += st.n_drafted
                     assert got == want[i, j], f"{spec_cfg.drafter}, settings {i}, prompt {j}"
             assert drafted > 0
+
+
+def test_a_pruned_draft_the_grammar_cuts_to_nothing_is_rolled_back(smollm2_gguf,
+                                                                  smollm2_draft_gguf,
+                                                                  monkeypatch):
+    """Regression: a pruned draft that the grammar cut to nothing skipped the drafters'
+    rollback, so the draft's cache kept its own proposal; once another source drafted
+    several tokens, a later step failed ("draft cache diverged", a 500 from the server,
+    seen with a penalty and a pydantic schema). Every step that asked a drafter leaves
+    each drafter's cache a prefix of the emitted tokens."""
+    from runtime.config import GenerationConfig, RuntimeConfig
+    from runtime.constraint import ConstraintSpec
+    from runtime.engine import Engine
+    from tests.test_speculative import FORCED, chat_prompt
+
+    with Engine(smollm2_gguf, draft=smollm2_draft_gguf,
+                runtime=RuntimeConfig(n_ctx=1024, n_threads=1), speculative=FORCED,
+                sampling=SamplingConfig(temp=0, repeat_penalty=1.1)) as e:
+        d = e.decoder
+        pruned = d.drafters["pruned"]
+        problems: list[str] = []
+        real_step = d._step
+
+        def step(budget, is_eog):
+            # the grammar rejects every draft this step: the proposal is cut to nothing
+            monkeypatch.setattr(d.constraint, "validate", lambda tokens: 0)
+            out = real_step(budget, is_eog)
+            seq = d.kv + [d.pending]
+            if pruned._seen != seq[:len(pruned._seen)]:
+                problems.append(f"the draft's cache holds {len(pruned._seen)} tokens, "
+                                f"not a prefix of the {len(seq)} emitted")
+            return out
+
+        monkeypatch.setattr(d, "_step", step)
+        _, toks, st = e.complete(chat_prompt("Give a JSON object about a cat."),
+                                 GenerationConfig(max_tokens=24),
+                                 constraint=ConstraintSpec("json"))
+        assert st.n_steps > 3 and problems == []

@@ -97,11 +97,14 @@ def test_parse_with_pydantic_function_tools_ends_with_its_calls(client, model, t
 
 def test_streaming_helper_with_tools_gets_a_final_completion(client, model):
     """`client.chat.completions.stream(..., tools=...)` then `get_final_completion()`:
-    no `LengthFinishReasonError`, the same calls as the whole answer."""
+    no `LengthFinishReasonError`, the same calls as the whole answer. (Without a penalty
+    this email's body loops inside its string until max_tokens: the recommended setting
+    is what ends it.)"""
     tools = [openai.pydantic_function_tool(SendEmail)]
     kw = dict(model=model, messages=_user("Email the team at team@example.com a summary: "
                                           "release is on Friday."),
-              tools=tools, tool_choice="required", temperature=0, max_tokens=200)
+              tools=tools, tool_choice="required", temperature=0, max_tokens=200,
+              extra_body=RECOMMENDED)
     whole = client.chat.completions.create(**kw).choices[0]
     with client.chat.completions.stream(**kw) as stream:
         final = stream.get_final_completion().choices[0]
