@@ -34,6 +34,11 @@ def _setup_logging(verbose: int) -> None:
     except ImportError:  # rich is a dependency, but logging must never be the failure
         handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    if level > logging.DEBUG:
+        # huggingface_hub's HTTP client logs every request at INFO; bridge says what it
+        # fetches in its own lines (runtime.hub), and -vv shows the requests
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -104,11 +104,13 @@ def model_options() -> list:
 
 def resolve_models(o: dict) -> dict:
     """The options with MODEL and --draft as GGUF paths (a hub id is downloaded here,
-    before llama.cpp loads anything) and --revision used up."""
+    before llama.cpp loads anything) and --revision used up. The draft comes first: a
+    bad --draft fails before a large model is downloaded for nothing."""
     from runtime.models import resolve_gguf
 
+    draft = None if o["draft"] is None else resolve_gguf(o["draft"], what="draft")
     return {**o, "model": resolve_gguf(o["model"], o["revision"]), "revision": None,
-            "draft": None if o["draft"] is None else resolve_gguf(o["draft"], what="draft")}
+            "draft": draft}
 
 
 def rpc_options() -> list:

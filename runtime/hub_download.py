@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _LFS_ETAG = re.compile(r"^[0-9a-f]{64}$")
 # a line on a non-terminal at most this often while one file downloads
 _LINE_EVERY_S = 10.0
+# files smaller than this download without lines of their own (DEBUG only)
+_QUIET_BELOW = 10_000_000
 
 
 class HubError(OSError):
@@ -122,10 +124,13 @@ def _download(env: HubEnv, url: str, meta, blob: Path, filename: str) -> None:
     headers = build_hf_headers(token=env.token)
     if urlparse(meta.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # a CDN that the Hub redirects to gets no token
+    # a config or tokenizer file is a blink: only the big files get lines of their own
+    level = logging.INFO if size is None or size >= _QUIET_BELOW else logging.DEBUG
     if have:
-        log.info("resuming %s at %s of %s", filename, human_size(have), human_size(size))
+        log.log(level, "resuming %s at %s of %s", filename, human_size(have),
+                human_size(size))
     else:
-        log.info("downloading %s (%s)", filename, human_size(size))
+        log.log(level, "downloading %s (%s)", filename, human_size(size))
     start = time.monotonic()
     try:
         with open(partial, "ab") as f:
@@ -159,8 +164,8 @@ def _download(env: HubEnv, url: str, meta, blob: Path, filename: str) -> None:
         remember_sha256(blob, sha)  # the runtime's draft check needs it: no second read
     seconds = max(time.monotonic() - start, 1e-3)
     got = blob.stat().st_size - have
-    log.info("downloaded %s: %s in %.1f s (%s/s)", filename, human_size(got), seconds,
-             human_size(got / seconds))
+    log.log(level, "downloaded %s: %s in %.1f s (%s/s)", filename, human_size(got), seconds,
+            human_size(got / seconds))
 
 
 def _check_space(folder: Path, need: int, filename: str) -> None:

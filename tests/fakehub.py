@@ -12,6 +12,8 @@ log:
   git ``ETag``; a large one (an LFS file) is a 302 to the "CDN" with ``X-Linked-Etag`` (its
   sha256) and ``X-Linked-Size``, as the Hub does. Every answer carries ``X-Repo-Commit``.
   A gated repo answers 401 ``GatedRepo`` without its token.
+- ``GET /api/agent-harnesses``: huggingface_hub's own telemetry (which AI agent runs it),
+  fetched once a day into ``HF_HOME`` unless ``HF_HUB_DISABLE_TELEMETRY`` is set.
 - ``GET /cdn/{sha256}`` on a second loopback address (127.0.0.2, another host, so the
   client treats it as a CDN and sends no token): the bytes, honouring ``Range``.
 
@@ -158,6 +160,9 @@ def _make_handler(hub: FakeHub):
                 return self._resolve(m[1], m[2], m[3], head)
             if m := _CDN.match(path):
                 return self._cdn(m[1], head)
+            if path == "/api/agent-harnesses":  # huggingface_hub's telemetry, daily
+                body = json.dumps({"standardEnvVars": [], "harnesses": {}}).encode()
+                return self._send(200, {"Content-Type": "application/json"}, body)
             self._error(404, "", "not a route of the fake hub")
 
         def _repo(self, repo_id: str, rev: str | None) -> FakeRepo | None:
