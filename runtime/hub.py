@@ -326,8 +326,10 @@ def _explain(e: Exception, spec: HubSpec, env: HubEnv) -> HubError:
     if isinstance(e, RepositoryNotFoundError):
         private = "your token cannot see it if it is private" if env.token \
             else f"if it is private, {login}"
-        return HubError(f"no model {spec.repo} on the Hugging Face Hub ({env.endpoint}): "
-                        f"check the id; {private}")
+        # the id may be a mistyped local path just as well: say both
+        return HubError(f"model not found: no file or folder {spec.repo} here, and no model "
+                        f"{spec.repo} on the Hugging Face Hub ({env.endpoint}); check the "
+                        f"id, and {private}")
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{spec.repo} has no revision {spec.rev!r}: give a branch, tag or "
                         "commit that exists (--revision)")

@@ -188,12 +188,15 @@ def progress_class():
             if kwargs.get("disable") is None:  # None: tqdm would hide it off a terminal
                 kwargs["disable"] = False
             kwargs["file"] = io.StringIO()  # nothing is drawn: display() logs instead
-            self._last_line = time.monotonic()  # the caller logs the first and last lines
+            # the caller logs the first and the last line: those are skipped here
+            self._last_line = time.monotonic()
+            self._first_n = kwargs.get("initial", 0)
             super().__init__(*args, **kwargs)
 
         def display(self, msg=None, pos=None) -> bool:
             now = time.monotonic()
-            if now - self._last_line >= _LINE_EVERY_S and self.n != self.total:
+            if now - self._last_line >= _LINE_EVERY_S and \
+                    self.n not in (self._first_n, self.total):
                 self._last_line = now
                 pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
                 log.info("%s: %s of %s%s", self.desc, human_size(self.n),

@@ -87,6 +87,8 @@ def test_download_then_cache_hit_then_offline(hf_env, smollm2_gguf, tmp_path, mo
     again = hub.resolve(HubSpec.parse(f"{GGUF_REPO}:Q4_1"))
     assert again.path == model.path and not again.downloaded
     assert hf_env.log == [("GET", f"/api/models/{GGUF_REPO}")]  # the revision check only
+    pinned = hub.resolve(HubSpec.parse(GGUF_REPO, revision=model.commit))
+    assert pinned.path == model.path and len(hf_env.log) == 1  # a cached commit: no request
     hf_env.reset()
     _offline(monkeypatch)
     cached = hub.resolve(HubSpec.parse(GGUF_REPO))  # no tag: the same rule on the cache
@@ -151,8 +153,10 @@ def test_gated_repo_needs_a_token(hf_env, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("spec, revision, message", [
     # each bad input: one line naming the problem and the fix
-    ("bridge-test/no-such-repo", None, "no model bridge-test/no-such-repo on the Hugging "
-                                       "Face Hub .*: check the id; if it is private, log in"),
+    ("bridge-test/no-such-repo", None, "model not found: no file or folder bridge-test/no-such"
+                                       "-repo here, and no model bridge-test/no-such-repo on "
+                                       "the Hugging Face Hub .*; check the id, and if it is "
+                                       "private, log in"),
     (f"{GGUF_REPO}:Q5_K_M", None, f"{GGUF_REPO} has no GGUF for 'Q5_K_M'; it has Q4_1 "
                                   f"\\(e.g. {GGUF_REPO}:Q4_1\\)"),
     (GGUF_REPO, "v9", f"{GGUF_REPO} has no revision 'v9'"),
@@ -239,3 +243,21 @@ def test_transformers_repo_fetches_only_what_export_reads(hf_env):
     assert model.kind == "hf"
     assert sorted(os.listdir(model.path)) == ["config.json", "model.safetensors",
                                               "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_progress_lines_off_a_terminal(monkeypatch, caplog):
+    """Off a terminal (pytest captures stderr) the bar is log lines, at most one per
+    interval, none for the start and the end (the caller logs those)."""
+    import logging
+
+    from runtime import hub_download
+
+    bar_class = hub_download.progress_class()
+    assert bar_class is not None
+    monkeypatch.setattr(hub_download, "_LINE_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="runtime.hub_download"):
+        bar = bar_class(total=200_000_000, desc="model.gguf", unit="B", mininterval=0)
+        bar.update(50_000_000)
+        bar.update(150_000_000)
+        bar.close()
+    assert [r.getMessage() for r in caplog.records] == ["model.gguf: 50.0 MB of 200.0 MB (25%)"]
