@@ -73,7 +73,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
         model = hub.resolve(parsed, "export")
         if model.kind == "hf":
             return ModelSource("hf", model.path, parsed.repo.split("/")[-1], cached=True)
-        open_gguf(model.path)  # fail early on a corrupt file
+        # no open_gguf here: the download checked its sha256, and parsing a large
+        # vocabulary's metadata takes seconds (the export opens it once, next)
         return ModelSource("gguf", model.path, gguf_base_name(model.path), cached=True)
     raise FileNotFoundError(
         f"model not found: {spec!r} is not a file, a folder, a bundled name "

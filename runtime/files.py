@@ -67,30 +67,35 @@ def draft_path_for(full: Path) -> Path:
 
 
 def remember_draft(draft: Path, target_sha256: str) -> None:
-    """Index ``draft`` under the sha256 of the full GGUF it was cut from (newest first)."""
+    """Index ``draft`` under the sha256 of the full GGUF it was cut from (newest first).
+    Entries whose file is gone or rewritten are dropped on the way, so the index holds no
+    more than the drafts that exist."""
     draft = draft.resolve()
-    index = _read_json("drafts.json")
     st = draft.stat()
     entry = {"path": str(draft), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    others = [e for e in index.get(target_sha256, []) if e.get("path") != str(draft)]
-    index[target_sha256] = [entry, *others]
-    _write_json("drafts.json", index)
+    index = {sha: [e for e in entries if _current(e) and e["path"] != entry["path"]]
+             for sha, entries in _read_json("drafts.json").items() if isinstance(entries, list)}
+    index[target_sha256] = [entry, *index.get(target_sha256, [])]
+    _write_json("drafts.json", {sha: entries for sha, entries in index.items() if entries})
 
 
 def drafts_for(target_sha256: str) -> list[Path]:
     """The indexed drafts of the full GGUF with this sha256, newest first. An entry whose
     file is gone or was rewritten since (another size or mtime) is skipped: it may no
     longer be this model's draft."""
-    found = []
-    for e in _read_json("drafts.json").get(target_sha256, []):
-        path = Path(e.get("path", ""))
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (e.get("size"), e.get("mtime_ns")):
-            found.append(path)
-    return found
+    entries = _read_json("drafts.json").get(target_sha256, [])
+    return [Path(e["path"]) for e in entries if isinstance(entries, list) and _current(e)]
+
+
+def _current(entry: object) -> bool:
+    """The indexed file still exists, with the size and mtime it was indexed with."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return False
+    try:
+        st = Path(entry["path"]).stat()
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns"))
 
 
 def _read_json(name: str) -> dict:
