@@ -27,6 +27,7 @@ from runtime.drafters.lookup import LookupDrafter
 from runtime.drafters.memory import DraftMemory, MemoryDrafter
 from runtime.drafters.pruned import PrunedDrafter
 from runtime.files import draft_path_for, drafts_for, sha256_file_cached
+from runtime.hub_download import in_hf_cache
 from runtime.lane import Chunk, Lane
 from runtime.numerics import exact_width
 from runtime.penalties import Breakers
@@ -53,9 +54,9 @@ class Engine:
         model: path of the full GGUF (``runtime.models.resolve_gguf`` turns a hub id or a
             bundled name into one).
         draft: path of the draft GGUF; ``"auto"`` looks for ``MODEL.draft.gguf`` beside the
-            model, then for a draft ``bridge export`` wrote elsewhere for this very file
-            (``runtime.files.drafts_for``), and runs without one if there is none;
-            ``None`` disables it.
+            model, then, for a model in the Hugging Face cache, for the draft ``bridge
+            export`` wrote elsewhere for this very file (``runtime.files.drafts_for``), and
+            runs without one if there is none; ``None`` disables it.
         runtime: llama.cpp resources; speculative / sampling: see their dataclasses.
             ``speculative.drafter`` picks the sources: ``auto`` (lookup, plus the pruned
             draft when one was found), ``lookup``, ``pruned`` or ``none``.
@@ -236,14 +237,16 @@ class Engine:
                 log.info("using the draft beside the model: %s", found)
                 return found
             # a model in the HF cache has its draft elsewhere: `bridge export` indexed it
-            # under the sha256 of the file it was cut from, which the draft also records
-            exported = drafts_for(sha256_file_cached(model))
+            # under the sha256 of the file it was cut from, which the draft also records.
+            # Only there: a file elsewhere has its draft beside it, and an index lookup
+            # would pick up drafts of experiments (a benchmark's, a test's) unasked.
+            exported = drafts_for(sha256_file_cached(model)) if in_hf_cache(model) else []
             if exported:
                 log.info("using the draft exported for this model (same sha256): %s",
                          exported[0])
                 return exported[0]
-            log.info("no draft at %s, and none exported for this model; drafting by lookup "
-                     "only", found)
+            log.info("no draft at %s%s; drafting by lookup only", found,
+                     ", and none exported for this model" if in_hf_cache(model) else "")
             return None
         path = Path(draft)
         _check_gguf(path, "draft")

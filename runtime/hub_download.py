@@ -68,6 +68,16 @@ class HubEnv:
         return self.cache / repo_folder_name(repo_id=repo, repo_type="model")
 
 
+def in_hf_cache(path: Path) -> bool:
+    """``path`` lies in the Hugging Face cache (where bridge writes nothing beside it)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no huggingface_hub: nothing came from its cache
+        return False
+    # both resolved: a snapshot's file is a link to a blob, also in the cache
+    return Path(constants.HF_HUB_CACHE).resolve() in Path(path).resolve().parents
+
+
 def fetch_file(env: HubEnv, repo: str, revision: str, commit: str, filename: str) -> Path:
     """The cached path of ``filename`` at ``commit``, downloaded first if it is missing.
 
