@@ -6,8 +6,8 @@ The routes are those huggingface_hub 2.x calls, read from its source (``hf_api.m
 log:
 
 - ``GET /api/models/{org}/{name}[/revision/{rev}]``: the model info (``sha``, ``siblings``,
-  ``gated``); an unknown repo is 401 ``RepoNotFound`` (what the Hub tells an anonymous
-  client), an unknown revision 404 ``RevisionNotFound``.
+  ``gated``); an unknown repo is ``RepoNotFound``, 401 to an anonymous client and 404 to
+  one with a token (as the Hub answers), an unknown revision 404 ``RevisionNotFound``.
 - ``HEAD|GET /{org}/{name}/resolve/{rev}/{path}``: a small file is served here with its
   git ``ETag``; a large one (an LFS file) is a 302 to the "CDN" with ``X-Linked-Etag`` (its
   sha256) and ``X-Linked-Size``, as the Hub does. Every answer carries ``X-Repo-Commit``.
@@ -167,8 +167,9 @@ def _make_handler(hub: FakeHub):
 
         def _repo(self, repo_id: str, rev: str | None) -> FakeRepo | None:
             repo = hub.repos.get(repo_id)
-            if repo is None:
-                self._error(401, "RepoNotFound", "Repository not found")
+            if repo is None:  # the Hub: 401 to an anonymous client, 404 to a signed-in one
+                code = 404 if self.headers.get("Authorization") else 401
+                self._error(code, "RepoNotFound", "Repository not found")
                 return None
             if rev not in (None, "main", repo.commit):
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", repo)

@@ -170,6 +170,22 @@ def test_bad_hub_ids(hf_env, spec, revision, message, tmp_path):
     assert not _blobs(tmp_path / "hf" / "hub")
 
 
+def test_no_such_repo_with_a_token(hf_env, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # signed in, the Hub answers 404, not 401
+    with pytest.raises(HubError, match="no model bridge-test/nope on the Hugging Face Hub .*; "
+                                       "check the id, and your token cannot see it if it is "
+                                       "private"):
+        hub.resolve(HubSpec.parse("bridge-test/nope"))
+    assert hf_env.log[-1] == ("GET", "/api/models/bridge-test/nope")
+
+
+def test_in_hf_cache(hf_env, tmp_path, smollm2_gguf):
+    from runtime.hub_download import in_hf_cache
+
+    model = hub.resolve(HubSpec.parse(GGUF_REPO))
+    assert in_hf_cache(model.path) and not in_hf_cache(smollm2_gguf)
+
+
 def test_offline_with_nothing_cached(hf_env, monkeypatch):
     _offline(monkeypatch)
     with pytest.raises(HubError, match=rf"offline \(HF_HUB_OFFLINE is set\), and "

@@ -53,6 +53,10 @@ def test_export_from_a_gguf_repo_writes_the_draft_and_generate_finds_it(
     with bridge.load(f"{GGUF_REPO}:Q4_1", runtime=RuntimeConfig(n_ctx=256, n_threads=2),
                      speculative=SpeculativeConfig(drafter="pruned")) as engine:
         assert engine.draft_path == out / DRAFT and "pruned" in engine.sources
+    # the same bytes outside the HF cache: its draft would sit beside it, the index is not
+    # asked (nor would an experiment's draft be picked up)
+    with bridge.load(str(smollm2_gguf), runtime=RuntimeConfig(n_ctx=256, n_threads=2)) as engine:
+        assert engine.draft_path is None
     assert hf_env.requests("/cdn/") == [("GET", f"/cdn/{sha256_of(smollm2_gguf)}")]
 
 
