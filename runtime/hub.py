@@ -235,7 +235,7 @@ def resolve(spec: HubSpec, want: Want = "gguf") -> HubModel:
         except HubError:
             pass
     try:
-        return _download(env, spec, want)
+        return _from_hub(env, spec, want)
     except HubError:
         raise
     except Exception as e:  # huggingface_hub's and httpx2's errors, explained in one line
@@ -247,7 +247,7 @@ def resolve(spec: HubSpec, want: Want = "gguf") -> HubModel:
         raise _explain(e, spec, env) from None
 
 
-def _download(env: HubEnv, spec: HubSpec, want: Want) -> HubModel:
+def _from_hub(env: HubEnv, spec: HubSpec, want: Want) -> HubModel:
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=env.endpoint, token=env.token).model_info(spec.repo,
