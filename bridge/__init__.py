@@ -26,13 +26,18 @@ def load(model, draft="auto", **configs) -> Engine:
     """Load ``model`` (and its draft) for generation; see ``runtime.engine.Engine``.
 
     Args:
-        model: path of the full GGUF.
-        draft: a draft GGUF path, ``"auto"`` (``MODEL.draft.gguf`` if present) or None.
+        model: the full GGUF: a path, a bundled name or a Hugging Face id
+            (``"org/name-GGUF:Q4_K_M"``, downloaded once into the HF cache).
+        draft: a draft GGUF (a path or a hub id), ``"auto"`` (``MODEL.draft.gguf``, or the
+            draft ``bridge export`` wrote for this model) or None.
         **configs: ``runtime=``, ``speculative=``, ``sampling=`` settings objects.
     """
     from runtime.engine import Engine  # llama.cpp loads only when a model does
+    from runtime.models import resolve_gguf
 
-    return Engine(model, draft=draft, **configs)
+    if draft not in (None, "auto"):
+        draft = resolve_gguf(draft, what="draft")
+    return Engine(resolve_gguf(model), draft=draft, **configs)
 
 
 def __getattr__(name: str):

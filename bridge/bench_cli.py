@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from bridge.run_cli import rpc_settings, user_errors, with_rpc_options
+from bridge.run_cli import (
+    resolve_models,
+    rpc_settings,
+    user_errors,
+    with_model_options,
+    with_rpc_options,
+)
 from runtime.bench_prompts import PROMPT_SETS
 from runtime.config import DRAFTERS
 
@@ -23,9 +29,8 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 
 
 @click.command("bench")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--draft", type=click.Path(path_type=Path),
-              help="Draft GGUF (default: MODEL.draft.gguf beside the model).")
+@click.argument("model")
+@with_model_options
 @click.option("--drafter", type=click.Choice(DRAFTERS),
               help="Sources to compare: auto (lookup, plus the pruned draft when there is "
                    "one), lookup or pruned [default: auto].")
@@ -54,10 +59,14 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path),
               help="Write a PNG chart of speed and the verify-cost curve.")
 @user_errors
-def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
+def bench_cmd(model, revision, draft, drafter, prompts_file, prompt_sets, max_tokens, gammas,
               lookup_gamma, temp, n_ctx, n_gpu_layers, n_threads, exact, backend_argmax,
               json_out, plot_out, **rpc_opts) -> None:
-    """Compare plain decoding and each draft source side by side on this machine."""
+    """Compare plain decoding and each draft source side by side on this machine.
+
+    MODEL: a .gguf file, a folder, a bundled name, or a Hugging Face id such as
+    org/name-GGUF:Q4_K_M (downloaded once into the HF cache; see `bridge --help`).
+    """
     from runtime.bench import BenchConfig, run_bench
     from runtime.config import RuntimeConfig, SamplingConfig, SpeculativeConfig
     from runtime.engine import Engine
@@ -78,6 +87,8 @@ def bench_cmd(model, draft, drafter, prompts_file, prompt_sets, max_tokens, gamm
         exact=exact, backend_argmax=backend_argmax).items() if v is not None},
         **rpc_settings(rpc_opts))
     spec = SpeculativeConfig(**({"drafter": drafter} if drafter else {}))
+    files = resolve_models({"model": model, "revision": revision, "draft": draft})
+    model, draft = files["model"], files["draft"]
     use_draft = None if drafter == "lookup" else (draft or "auto")
     with Engine(model, draft=use_draft, runtime=runtime, speculative=spec,
                 sampling=SamplingConfig(temp=temp)) as engine:

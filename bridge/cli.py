@@ -34,6 +34,11 @@ def _setup_logging(verbose: int) -> None:
     except ImportError:  # rich is a dependency, but logging must never be the failure
         handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    if level > logging.DEBUG:
+        # huggingface_hub's HTTP client logs every request at INFO; bridge says what it
+        # fetches in its own lines (runtime.hub), and -vv shows the requests
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,9 +49,19 @@ def cli(verbose: int) -> None:
 
     \b
     Typical use:
-      bridge export MODEL --prune 0.4     # full GGUF + draft GGUF + layer report
-      bridge chat   MODEL-Q4_K_M.gguf     # draft found beside the model
-      bridge serve  MODEL-Q4_K_M.gguf     # OpenAI-compatible server on 127.0.0.1:8080
+      bridge chat   org/name-GGUF:Q4_K_M            # download once, chat
+      bridge export org/name-GGUF:Q4_K_M --prune 0.4  # its draft (the GGUF stays cached)
+      bridge export org/name --prune 0.4             # safetensors -> full GGUF + draft
+      bridge serve  MODEL-Q4_K_M.gguf               # OpenAI API on 127.0.0.1:8080
+
+    \b
+    MODEL, for every command, is a .gguf file, a folder, a bundled name (smollm2,
+    gemma3) or a Hugging Face id: org/name (safetensors, for export), org/name-GGUF, or
+    org/name-GGUF:QUANT for one quant, chosen as llama.cpp's -hf chooses (default
+    Q4_K_M, then Q8_0, then the first; split files fetched whole). --revision pins a
+    branch or commit. Downloads go to the Hugging Face cache (HF_HOME, HF_ENDPOINT,
+    HF_TOKEN and HF_HUB_OFFLINE apply) and resume where a broken one stopped; a
+    cached model starts with one revision check, and none offline.
     """
     _setup_logging(verbose)
 

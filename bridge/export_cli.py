@@ -60,18 +60,28 @@ from exporters.config import (
 @click.option("-o", "--outdir", type=click.Path(path_type=Path),
               help="Output folder [default: the current folder].")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--revision", metavar="REV",
+              help="Branch, tag or commit of a Hugging Face MODEL [default: main].")
+@click.option("--copy-full", is_flag=True,
+              help="Also copy a GGUF from the Hugging Face cache into the output folder "
+                   "(by default it stays in the cache and only the draft is written).")
 def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | None,
                keep_layers: str | None, device_profile: str | None, score_dtype: str | None,
                drop_layers: str | None,
                quant: str | None, threads: int | None, time_budget: str | None,
-               outdir: Path | None, force: bool) -> None:
+               outdir: Path | None, force: bool, revision: str | None,
+               copy_full: bool) -> None:
     """Export MODEL to a full GGUF and a layer-pruned draft GGUF beside it.
 
     \b
-    MODEL is a Hugging Face folder, a hub id already in the local HF cache,
-    a .gguf file, or a bundled model name (smollm2, gemma3).
+    MODEL is a Hugging Face folder, a .gguf file, a bundled model name (smollm2,
+    gemma3), or a Hugging Face id, downloaded once into the HF cache:
+      org/name              its safetensors checkpoint, converted and quantized
+      org/name-GGUF:Q4_K_M  that GGUF as it is (default quant: as llama.cpp's -hf)
     Writes <name>-<QUANT>.gguf and <name>-<QUANT>.draft.gguf. The draft keeps the
-    full model's quantized bytes for every layer it keeps.
+    full model's quantized bytes for every layer it keeps. A GGUF from the HF cache
+    stays there (--copy-full copies it): `bridge chat org/name-GGUF:Q4_K_M` then
+    finds the draft by the full file's sha256, which the draft records.
     """
     from exporters.export import run_export  # the exporter loads only when used
     from exporters.report import rich_stages
@@ -85,7 +95,8 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
     try:
         given = {"prune": prune, "quant": quant, "out_dir": outdir, "force": force or None,
                  "method": method, "calib": calib, "device_profile": device_profile,
-                 "score_dtype": score_dtype, "threads": threads}
+                 "score_dtype": score_dtype, "threads": threads, "revision": revision,
+                 "copy_full": copy_full or None}
         # None is a value here ("none": no budget), so it does not go through ``given``
         budget = {} if time_budget is None else {"time_budget": parse_minutes(time_budget)}
         if drop_layers is not None:
@@ -107,9 +118,14 @@ def export_cmd(model: str, prune: str | None, method: str | None, calib: Path | 
         for path in result.report_paths:
             click.echo(f"report {path}")
     dropped = ",".join(map(str, result.dropped_layers))
-    click.echo(f"full   {result.full_path}")
+    where = "  (in the Hugging Face cache, not copied: --copy-full copies it)" \
+        if result.full_in_cache else ""
+    click.echo(f"full   {result.full_path}{where}")
     click.echo(f"draft  {result.draft_path}  ({len(result.kept_layers)}/{result.n_layers} "
                f"layers; dropped {dropped} by '{result.method}')")
+    if result.full_in_cache:
+        run = f"{model} --revision {revision}" if revision else model
+        click.echo(f"run    bridge chat {run}  (finds this draft by the full file's sha256)")
 
 
 def _one_line(e: BaseException) -> str:

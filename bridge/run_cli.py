@@ -29,9 +29,8 @@ log = logging.getLogger("bridge")
 def engine_options(f: Callable) -> Callable:
     """Options shared by every command that loads a model."""
     opts = [
-        click.argument("model", type=click.Path(path_type=Path)),
-        click.option("--draft", "draft", type=click.Path(path_type=Path),
-                     help="Draft GGUF (default: MODEL.draft.gguf beside the model, if any)."),
+        click.argument("model"),
+        *model_options(),
         click.option("--drafter", type=click.Choice(DRAFTERS),
                      help="Draft source: auto (context lookup, plus the pruned draft when "
                           "there is one), lookup, pruned or none [default: auto]."),
@@ -91,6 +90,29 @@ def engine_options(f: Callable) -> Callable:
     return f
 
 
+def model_options() -> list:
+    """--revision and --draft, shared by generate, chat, serve and bench."""
+    return [
+        click.option("--revision", metavar="REV",
+                     help="Branch, tag or commit of a Hugging Face MODEL [default: main]."),
+        click.option("--draft", "draft", metavar="DRAFT",
+                     help="Draft GGUF: a file or a Hugging Face id, as MODEL [default: "
+                          "MODEL.draft.gguf beside the model, else the draft `bridge "
+                          "export` wrote for it]."),
+    ]
+
+
+def resolve_models(o: dict) -> dict:
+    """The options with MODEL and --draft as GGUF paths (a hub id is downloaded here,
+    before llama.cpp loads anything) and --revision used up. The draft comes first: a
+    bad --draft fails before a large model is downloaded for nothing."""
+    from runtime.models import resolve_gguf
+
+    draft = None if o["draft"] is None else resolve_gguf(o["draft"], what="draft")
+    return {**o, "model": resolve_gguf(o["model"], o["revision"]), "revision": None,
+            "draft": draft}
+
+
 def rpc_options() -> list:
     """--rpc and friends, shared by generate, chat, serve and bench."""
     return [
@@ -106,6 +128,12 @@ def rpc_options() -> list:
                      help="Most seconds one decode may wait on the RPC workers before the "
                           "run ends with an error (default: two minutes)."),
     ]
+
+
+def with_model_options(f: Callable) -> Callable:
+    for opt in reversed(model_options()):
+        f = opt(f)
+    return f
 
 
 def with_rpc_options(f: Callable) -> Callable:
@@ -189,8 +217,9 @@ def _given(**kwargs):
 
 def build_engine(o: dict, memory=None, **serving):
     """Settings objects from the parsed options, then the engine (imports stay lazy so
-    `bridge --help` does not load llama.cpp). ``memory``: a server's ``DraftMemory``;
-    ``serving``: a server's ``parallel`` and ``prefill_chunk``."""
+    `bridge --help` does not load llama.cpp). ``o`` comes from ``resolve_models``.
+    ``memory``: a server's ``DraftMemory``; ``serving``: a server's ``parallel`` and
+    ``prefill_chunk``."""
     from runtime.engine import Engine
 
     runtime = RuntimeConfig(**_given(n_ctx=o["n_ctx"], n_gpu_layers=o["n_gpu_layers"],
@@ -261,7 +290,11 @@ def stats_line(stats) -> str:
 @constraint_options
 @user_errors
 def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, **o) -> None:
-    """Generate text with lossless speculative decoding."""
+    """Generate text with lossless speculative decoding.
+
+    MODEL: a .gguf file, a folder, a bundled name, or a Hugging Face id such as
+    org/name-GGUF:Q4_K_M (downloaded once into the HF cache; see `bridge --help`).
+    """
     from runtime.chat import ChatSession
     from runtime.speculative import Stats
 
@@ -269,7 +302,7 @@ def generate_cmd(prompt: str, as_chat: bool, system: str | None, as_json: bool, 
         prompt = sys.stdin.read()
     gen = generation(o)
     spec = constraint_spec(o)
-    with build_engine(o) as engine:
+    with build_engine(resolve_models(o)) as engine:
         if spec is not None:
             engine.compile(spec)  # a bad schema or grammar fails before any decoding
         stats = Stats()
@@ -302,13 +335,17 @@ CHAT_HELP = "/reset clears the conversation, /stats shows the last answer's figu
 @constraint_options
 @user_errors
 def chat_cmd(system: str | None, **o) -> None:
-    """Interactive multi-turn chat with speculative decoding (Ctrl-C stops an answer)."""
+    """Interactive multi-turn chat with speculative decoding (Ctrl-C stops an answer).
+
+    MODEL: a .gguf file, a folder, a bundled name, or a Hugging Face id such as
+    org/name-GGUF:Q4_K_M (downloaded once into the HF cache; see `bridge --help`).
+    """
     from runtime.chat import ChatSession
     from runtime.speculative import Stats
 
     gen = generation(o)
     spec = constraint_spec(o)
-    with build_engine(o) as engine:
+    with build_engine(resolve_models(o)) as engine:
         if spec is not None:
             engine.compile(spec)  # a bad schema or grammar fails before the first prompt
         session = ChatSession(engine, system)

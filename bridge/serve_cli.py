@@ -13,6 +13,7 @@ from bridge.run_cli import (
     build_engine,
     engine_options,
     generation,
+    resolve_models,
     rpc_settings,
     user_errors,
 )
@@ -89,6 +90,9 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     requests may override. Requests also draft from earlier requests made with the same API key (a
     request sends "shared_drafts": false to stay out). Ctrl-C or SIGTERM stops the server
     cleanly.
+
+    MODEL: a .gguf file, a folder, a bundled name, or a Hugging Face id such as
+    org/name-GGUF:Q4_K_M (downloaded once into the HF cache; see `bridge --help`).
     """
     try:
         from runtime.serve.app import MemoryConfig, ServerConfig, open_memory, serve
@@ -122,5 +126,6 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     pruned = o["draft"] is not None or o["drafter"] == "pruned"
     serving = _given(parallel=parallel if parallel is not None else serve_parallel(
         bool(o["exact"]), pruned), prefill_chunk=prefill_chunk, kv_unified=kv_unified)
+    o = resolve_models(o)  # a hub id is fetched before the server binds its port
     with build_engine(o, memory=open_memory(memory_cfg, o["model"]), **serving) as engine:
         serve(engine, cfg, gen, sock)

@@ -63,7 +63,9 @@ class ExportConfig:
     """What to export and how.
 
     Args:
-        model: HF folder, hub id in the local HF cache, ``.gguf`` file, or a bundled name.
+        model: HF folder, ``.gguf`` file, bundled name, or a Hugging Face id (``org/name``,
+            ``org/name-GGUF:Q4_K_M``; ``runtime.hub``).
+        revision: branch, tag or commit of a hub id (None: ``main``).
         out_dir: where the full and draft GGUFs are written.
         prune: fraction of layers to drop, 0 < prune < 1, or ``"auto"`` (default
             ``DEFAULT_PRUNE`` when ``drop_layers`` is not given).
@@ -81,6 +83,10 @@ class ExportConfig:
         time_budget: seconds the whole export may take; scoring uses as many
             calibration prompts as are predicted to fit (``exporters.budget``). None: no
             budget, every prompt.
+        copy_full: a GGUF from the Hugging Face cache that is kept as it is (not
+            requantized) stays there by default: only the draft is written to
+            ``out_dir``, and the runtime finds it by the full file's sha256. True copies
+            the full file into ``out_dir`` too, beside its draft.
     """
 
     model: str
@@ -96,11 +102,17 @@ class ExportConfig:
     force: bool = False
     threads: int | None = None
     time_budget: float | None = DEFAULT_TIME_BUDGET_S
+    revision: str | None = None
+    copy_full: bool = False
 
     def __post_init__(self) -> None:
         if not str(self.model).strip():
             raise ValueError("MODEL is empty: give a HF folder, a hub id, a .gguf file, "
                              "or a bundled name (smollm2, gemma3)")
+        if self.revision is not None and (not self.revision.strip()
+                                          or any(c.isspace() for c in self.revision)):
+            raise ValueError(f"--revision must name a branch, tag or commit; got "
+                             f"{self.revision!r}")
         object.__setattr__(self, "out_dir", Path(self.out_dir).expanduser())
         self._check_layers()
         if self.quant is not None:

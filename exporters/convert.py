@@ -93,7 +93,7 @@ def convert_hf(folder: Path, out: Path, out_type: str, name: str) -> int:
     for p in plan:
         writer.write_tensor_data(_encode(p.load(), p.qtype))
     writer.close()
-    log.info("converted %s (%s, %d layers, %d tensors) to %s", folder.name, arch.name,
+    log.info("converted %s (%s, %d layers, %d tensors) to %s", name, arch.name,
              shape.n_layers, len(plan), out_type)
     return shape.n_layers
 

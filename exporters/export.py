@@ -5,8 +5,13 @@ The full model comes from one of three routes:
 - a Hugging Face checkpoint: converted to F16 (BF16 for bfloat16 weights) by our own
   gguf-py converter, then quantized by llama.cpp's quantizer;
 - a GGUF whose type is what was asked for (the default for a GGUF, ``--quant keep``):
-  copied unchanged;
+  copied unchanged, or, when it sits in the Hugging Face cache, left there and referred
+  to (``ExportConfig.copy_full`` copies it); a split GGUF is joined into one file;
 - a GGUF of another type: requantized by llama.cpp (which loses a little more precision).
+
+Every draft is indexed under its full file's sha256 (``runtime.files.remember_draft``),
+which is how ``bridge chat org/name-GGUF:Q4_K_M`` finds a draft that is not beside the
+cached GGUF.
 
 The draft is then cut from the full file (``exporters.prune``). Everything is written
 under temporary names beside the outputs and renamed into place only when both files are
@@ -34,6 +39,7 @@ from exporters.loading import (
     gguf_arch,
     gguf_block_count,
     gguf_quant_name,
+    gguf_split_count,
     open_gguf,
     read_hf_config,
     resolve_model,
@@ -41,7 +47,7 @@ from exporters.loading import (
 from exporters.prune import PRUNABLE, DraftInfo, write_draft
 from exporters.report import LayerReport, Stages, log_stages
 from runtime import keys
-from runtime.files import draft_path_for, sha256_file
+from runtime.files import draft_path_for, remember_draft, sha256_file, sha256_file_cached
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ class ExportResult:
     seconds: float
     report: LayerReport | None = None
     report_paths: tuple[Path, ...] = ()
+    full_in_cache: bool = False  # full_path is the Hugging Face cache's file, not a copy
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class _Source:
     quant: str  # the full output's type
     requantize: bool  # a GGUF input that must change type
     reader: gguf.GGUFReader | None = None  # the GGUF input's, reused for its draft
+    split: bool = False  # a split GGUF: the full output joins its files
 
 
 def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
@@ -88,24 +96,28 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
             disk full...).
     """
     start = time.perf_counter()
-    source = _inspect(resolve_model(cfg.model), cfg)
+    source = _inspect(resolve_model(cfg.model, cfg.revision), cfg)
     plan = plan_layers(cfg, source.n_layers)  # checks the options before any work
     streamed = None  # the method that scores layer by layer, if any
-    if plan.scored and source.reader is not None:
+    if plan.scored and source.reader is not None and not source.split:
         from exporters.layers_streamed import preflight
 
         streamed = preflight(plan, source.model, source.reader)  # and it fits in RAM
     out_dir = _prepare_out_dir(cfg.out_dir)
-    full = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
-    draft = draft_path_for(full)
-    reports = report_paths(full) if plan.scored else ()
-    in_place = _same_bytes(source) and full.resolve() == source.model.path
+    named = out_dir / f"{source.model.name}-{source.quant}{keys.FULL_SUFFIX}"
+    # a cached GGUF kept as it is stays in the cache: the draft goes to out_dir alone
+    refer = source.model.cached and _same_bytes(source) and not cfg.copy_full
+    full = source.model.path if refer else named
+    draft = draft_path_for(named)
+    reports = report_paths(named) if plan.scored else ()
+    in_place = _same_bytes(source) and full.resolve() == source.model.path.resolve()
     _refuse_overwrite([draft, *reports] if in_place else [full, draft, *reports], cfg.force)
 
     with _Staging(out_dir) as stage:
         t = time.perf_counter()
         if in_place:
-            full_bytes, sha = full, sha256_file(full)
+            # sha256_file_cached: a download already hashed (and verified) the cached file
+            full_bytes, sha = full, (sha256_file_cached(full) if refer else sha256_file(full))
         else:
             full_bytes = stage.temp(full)
             sha = _build_full(source, cfg, full_bytes, stage)
@@ -115,17 +127,24 @@ def run_export(cfg: ExportConfig, stages: Stages = log_stages) -> ExportResult:
         reader = source.reader if _same_bytes(source) else None
         if plan.scored and reader is None:
             reader = open_gguf(full_bytes)
+        scored = source.model
+        if source.split and plan.scored:
+            # the first file of a split holds only some tensors: score the joined file
+            from exporters.layers_streamed import preflight
+
+            scored = ModelSource("gguf", full_bytes, source.model.name)
+            streamed = preflight(plan, scored, reader)
         # scoring runs after the full GGUF exists: its tensor sizes give the draft's cost
-        choice, report = choose_layers(plan, source.model, reader, stages, streamed,
-                                       deadline)
+        choice, report = choose_layers(plan, scored, reader, stages, streamed, deadline)
         if report is not None:
             _stage_report(report, reports, stage)
         draft_tmp = stage.temp(draft)
         write_draft(full_bytes, draft_tmp, choice.kept,
                     DraftInfo(method=choice.method, target_sha256=sha), reader=reader)
         stage.commit(draft_tmp, draft)
+    remember_draft(draft, sha)  # so the runtime finds it from the full file, wherever that is
     result = _result(full, draft, choice, source.quant, sha, time.perf_counter() - start,
-                     report, reports)
+                     report, reports, refer)
     log.info("wrote %s and %s (%d of %d layers kept) in %.1f s", full.name, draft.name,
              len(result.kept_layers), result.n_layers, result.seconds)
     return result
@@ -139,6 +158,9 @@ def _inspect(model: ModelSource, cfg: ExportConfig) -> _Source:
                              f"exports {', '.join(PRUNABLE)}")
         own = gguf_quant_name(reader)
         quant = own if cfg.quant in (None, KEEP) else cfg.quant
+        if gguf_split_count(reader) > 1:
+            return _Source(model, gguf_block_count(reader), quant, quant != own, None,
+                           split=True)
         return _Source(model, gguf_block_count(reader), quant, quant != own, reader)
     if cfg.quant == KEEP:
         raise ValueError("--quant keep applies to a GGUF input only; choose a type such as "
@@ -167,13 +189,17 @@ _WRITE_RATE = 200e6
 
 def _same_bytes(source: _Source) -> bool:
     """The full output is a byte copy of the GGUF input."""
-    return source.model.kind == "gguf" and not source.requantize
+    return source.model.kind == "gguf" and not source.requantize and not source.split
 
 
 def _build_full(source: _Source, cfg: ExportConfig, out: Path, stage: _Staging) -> str:
     """Write the full model at ``out``; returns its sha256."""
     if source.model.kind == "hf":
         _full_from_hf(source, cfg, out, stage)
+    elif source.split and not source.requantize:
+        from exporters.quantize import quantize
+
+        quantize(source.model.path, out, source.quant, cfg.threads, copy_only=True)
     elif source.requantize:
         from exporters.quantize import quantize
 
@@ -223,10 +249,10 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
 
 
 def _result(full: Path, draft: Path, choice: LayerChoice, quant: str, sha: str,
-            seconds: float, report: LayerReport | None, reports: tuple[Path, ...]
-            ) -> ExportResult:
+            seconds: float, report: LayerReport | None, reports: tuple[Path, ...],
+            in_cache: bool) -> ExportResult:
     return ExportResult(full, draft, choice.n_layers, choice.kept, choice.dropped, quant,
-                        choice.method, sha, seconds, report, reports)
+                        choice.method, sha, seconds, report, reports, in_cache)
 
 
 def _stage_report(report: LayerReport, paths: tuple[Path, ...], stage: _Staging) -> None:

@@ -1,7 +1,9 @@
 """Resolve ``MODEL`` to something the exporter can read, and open GGUF files safely.
 
-MODEL may be a Hugging Face folder, a hub id already in the local HF cache (never fetched:
-resolution is offline), a ``.gguf`` file, or a bundled short name (``smollm2``, ``gemma3``).
+MODEL may be a Hugging Face folder, a ``.gguf`` file, a bundled short name (``smollm2``,
+``gemma3``), or a Hugging Face id (``runtime.hub``): ``org/name`` (its safetensors
+checkpoint, or its GGUF when it has no checkpoint) or ``org/name-GGUF[:QUANT]``, fetched into
+the Hugging Face cache (or read from it offline).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Literal
 
 import gguf
 
-from exporters import testmodels
 from exporters.config import QUANT_TYPES
+from runtime import bundled, hub
 
 log = logging.getLogger(__name__)
 
@@ -27,42 +29,63 @@ _QUANT_TAG = re.compile(
     r"[-._](" + "|".join(sorted(map(re.escape, QUANT_TYPES), key=len, reverse=True)) + r")$",
     re.IGNORECASE,
 )
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The part suffix of a split GGUF ("...-00001-of-00003"), llama.cpp's naming.
+_SPLIT_PART = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
 # A per-layer GGUF tensor, "blk.<layer>.<rest>" (llama.cpp's naming for every arch).
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved MODEL: ``kind`` says how to read ``path``; ``name`` names the outputs."""
+    """A resolved MODEL: ``kind`` says how to read ``path``; ``name`` names the outputs.
+    ``cached``: the file lives in the Hugging Face cache, which bridge does not own, so an
+    export refers to it rather than copying it (unless asked)."""
 
     kind: Literal["hf", "gguf"]
     path: Path
     name: str
+    cached: bool = False
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Map MODEL (path, hub id or bundled name) to a ``ModelSource``.
+def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
+    """Map MODEL (path, bundled name or hub id) to a ``ModelSource``.
+
+    Args:
+        spec: the MODEL argument.
+        revision: a branch, tag or commit of a hub id.
 
     Raises:
-        FileNotFoundError: nothing by that name exists locally.
+        FileNotFoundError: nothing by that name exists.
         ValueError: it exists but is not a model bridge can read.
+        runtime.hub.HubError: a hub id that cannot be fetched (the message says why).
     """
     path = Path(spec).expanduser()
     if path.exists():
+        _no_revision(revision, spec)
         return _from_path(path)
-    if spec.lower() in testmodels.BUNDLED:
-        gguf_path = testmodels.resolve_bundled(spec)
+    if spec.lower() in bundled.BUNDLED:
+        _no_revision(revision, spec)
+        gguf_path = bundled.resolve_bundled(spec)
         assert gguf_path is not None
         return _from_path(gguf_path)
-    if _HUB_ID.match(spec):
-        folder = _hub_snapshot(spec)
-        if folder is not None:
-            return ModelSource("hf", folder, spec.split("/")[-1])
+    parsed = hub.HubSpec.parse(spec, revision)
+    if parsed is not None:
+        model = hub.resolve(parsed, "export")
+        if model.kind == "hf":
+            return ModelSource("hf", model.path, parsed.repo.split("/")[-1], cached=True)
+        # no open_gguf here: the download checked its sha256, and parsing a large
+        # vocabulary's metadata takes seconds (the export opens it once, next)
+        return ModelSource("gguf", model.path, gguf_base_name(model.path), cached=True)
     raise FileNotFoundError(
         f"model not found: {spec!r} is not a file, a folder, a bundled name "
-        f"({', '.join(testmodels.BUNDLED)}), or a hub id in the local Hugging Face cache"
+        f"({', '.join(bundled.BUNDLED)}), or a Hugging Face id (org/name, "
+        "org/name-GGUF:Q4_K_M)"
     )
+
+
+def _no_revision(revision: str | None, spec: str) -> None:
+    if revision:
+        raise ValueError(f"--revision applies to a Hugging Face id, not to {spec}; drop it")
 
 
 def _from_path(path: Path) -> ModelSource:
@@ -77,24 +100,18 @@ def _from_path(path: Path) -> ModelSource:
     raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of ``repo_id``, without touching the network."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return None
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as e:  # any miss (not cached, bad id) means "not available offline"
-        log.debug("%s is not in the local HF cache: %s", repo_id, e)
-        return None
-    return folder if (folder / "config.json").is_file() else None
-
-
 def gguf_base_name(path: Path) -> str:
-    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``."""
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct`` (and
+    ``x-Q8_0-00001-of-00002.gguf`` -> ``x``)."""
     stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem
+    stem = _SPLIT_PART.sub("", stem) or stem
     return _QUANT_TAG.sub("", stem) or stem
+
+
+def gguf_split_count(reader: gguf.GGUFReader) -> int:
+    """How many files the model is split in (1: not split); llama.cpp loads the first
+    and finds the others beside it."""
+    return int(field_value(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1))
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:

@@ -32,15 +32,18 @@ def llama_ftype(quant: str) -> int:
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
-             allow_requantize: bool = False) -> None:
+             allow_requantize: bool = False, copy_only: bool = False) -> None:
     """Write ``src`` quantized to ``quant`` at ``dst``.
 
     Args:
-        src: an F32/F16/BF16 GGUF (or a quantized one with ``allow_requantize``).
-        dst: the output path (the caller owns cleanup on failure).
+        src: an F32/F16/BF16 GGUF (or a quantized one with ``allow_requantize``); the
+            first file of a split GGUF reads the whole model.
+        dst: the output path, always one file (the caller owns cleanup on failure).
         quant: llama.cpp type name, e.g. ``Q4_K_M``.
         threads: quantizer threads (None: all cores).
         allow_requantize: permit an already quantized input (loses more precision).
+        copy_only: copy every tensor as it is (``quant`` is then the input's own type):
+            how a split GGUF becomes one file without any loss.
 
     Raises:
         OSError: llama.cpp reported a failure (a full disk, an unsupported type...).
@@ -49,7 +52,13 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
     params.ftype = llama_ftype(quant)
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = allow_requantize
-    log.info("quantizing %s to %s with llama.cpp (%d threads)", src.name, quant, params.nthread)
+    params.only_copy = copy_only
+    if copy_only:
+        log.info("joining %s's split files into one GGUF (tensors copied as they are)",
+                 src.name)
+    else:
+        log.info("quantizing %s to %s with llama.cpp (%d threads)", src.name, quant,
+                 params.nthread)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
                                         ctypes.byref(params))
     if rc != 0:

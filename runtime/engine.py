@@ -1,7 +1,8 @@
 """The public runtime object: a target GGUF, its draft, and text in and out.
 
 ``Engine`` owns both llama.cpp models and contexts (``close()`` frees them), finds the draft
-beside the model (``MODEL.draft.gguf``), refuses a draft made for another model, and builds
+beside the model (``MODEL.draft.gguf``) or, for a model in the HF cache, the one exported for
+it (by the model's sha256), refuses a draft made for another model, and builds
 one ``Lane`` (``runtime.lane``) per sequence of the target's context: the lane turns the
 token-level decode loop into streamed text with stop strings. With ``parallel`` > 1 the
 sequences live in one context (a cache stream each, or one unified cache) and are
@@ -25,7 +26,8 @@ from runtime.controller import CostModel, GammaController
 from runtime.drafters.lookup import LookupDrafter
 from runtime.drafters.memory import DraftMemory, MemoryDrafter
 from runtime.drafters.pruned import PrunedDrafter
-from runtime.files import draft_path_for, sha256_file_cached
+from runtime.files import draft_path_for, drafts_for, sha256_file_cached
+from runtime.hub_download import in_hf_cache
 from runtime.lane import Chunk, Lane
 from runtime.numerics import exact_width
 from runtime.penalties import Breakers
@@ -49,9 +51,12 @@ class Engine:
     """A target model plus its draft sources, ready to generate.
 
     Args:
-        model: path of the full GGUF.
+        model: path of the full GGUF (``runtime.models.resolve_gguf`` turns a hub id or a
+            bundled name into one).
         draft: path of the draft GGUF; ``"auto"`` looks for ``MODEL.draft.gguf`` beside the
-            model (and runs without it if there is none); ``None`` disables it.
+            model, then, for a model in the Hugging Face cache, for the draft ``bridge
+            export`` wrote elsewhere for this very file (``runtime.files.drafts_for``), and
+            runs without one if there is none; ``None`` disables it.
         runtime: llama.cpp resources; speculative / sampling: see their dataclasses.
             ``speculative.drafter`` picks the sources: ``auto`` (lookup, plus the pruned
             draft when one was found), ``lookup``, ``pruned`` or ``none``.
@@ -231,7 +236,17 @@ class Engine:
             if found.is_file():
                 log.info("using the draft beside the model: %s", found)
                 return found
-            log.info("no draft at %s; drafting by lookup only", found)
+            # a model in the HF cache has its draft elsewhere: `bridge export` indexed it
+            # under the sha256 of the file it was cut from, which the draft also records.
+            # Only there: a file elsewhere has its draft beside it, and an index lookup
+            # would pick up drafts of experiments (a benchmark's, a test's) unasked.
+            exported = drafts_for(sha256_file_cached(model)) if in_hf_cache(model) else []
+            if exported:
+                log.info("using the draft exported for this model (same sha256): %s",
+                         exported[0])
+                return exported[0]
+            log.info("no draft at %s%s; drafting by lookup only", found,
+                     ", and none exported for this model" if in_hf_cache(model) else "")
             return None
         path = Path(draft)
         _check_gguf(path, "draft")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from exporters import testmodels
+from tests.fakehub import FakeHub
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +81,95 @@ def make_pruned_draft(src: Path, dst: Path, drop: list[int]) -> Path:
 def smollm2_draft_gguf(smollm2_gguf: Path, tmp_path_factory) -> Path:
     """SmolLM2 with 2 middle layers dropped."""
     return make_pruned_draft(smollm2_gguf, tmp_path_factory.mktemp("draft") / "d.gguf", [14, 20])
+
+
+# -- a fake Hugging Face Hub on loopback (tests/fakehub.py) ---------------------------------
+
+GGUF_REPO = "bridge-test/SmolLM2-135M-Instruct-GGUF"
+SPLIT_REPO = "bridge-test/SmolLM2-135M-Instruct-split-GGUF"
+GATED_REPO = "bridge-test/gated-GGUF"
+TINY_HF_REPO = "bridge-test/tiny-hf"
+HF_REPO = "bridge-test/SmolLM2-135M-Instruct"
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_TOKEN = "hf_fake_token_for_tests"
+
+
+@pytest.fixture(scope="session")
+def split_parts(smollm2_gguf, tmp_path_factory) -> list[Path]:
+    """SmolLM2 split in 3 files by gguf-py's writer (llama.cpp's split format and names)."""
+    import gguf
+
+    out = tmp_path_factory.mktemp("split") / "SmolLM2-135M-Instruct-Q4_1.gguf"
+    reader = gguf.GGUFReader(smollm2_gguf)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents(),
+                             split_max_tensors=100)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(out.parent.glob("*-of-*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A transformers repo's files in miniature (the weights are not real: only which
+    files are fetched matters here)."""
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * (2 << 20))
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 1000)
+    (folder / "README.md").write_text("# tiny\n")
+    (folder / "onnx.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_hub(smollm2_gguf, split_parts, tiny_hf, tmp_path_factory):
+    readme = tmp_path_factory.mktemp("readme") / "README.md"
+    readme.write_text("# SmolLM2 GGUF\n")
+    server = FakeHub().start()
+    server.add(GGUF_REPO, {SMOL_FILE: smollm2_gguf, "README.md": readme})
+    server.add(SPLIT_REPO, {p.name: p for p in split_parts})
+    server.add(GATED_REPO, {SMOL_FILE: smollm2_gguf}, gated_token=HUB_TOKEN)
+    tiny = {p.name: p for p in tiny_hf.iterdir()}
+    tiny["onnx/model.onnx"] = tiny.pop("onnx.json")  # a sub-folder: not what export reads
+    server.add(TINY_HF_REPO, tiny)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hf_env(fake_hub, tmp_path, monkeypatch):
+    """huggingface_hub pointed at the fake Hub with an empty cache, no token, online; and
+    bridge's own cache (sha256s, the draft index) fresh too. huggingface_hub reads
+    HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE once, at import: in-process tests set the
+    values it read (tests/test_hub_cli.py's subprocess test sets the variables themselves)."""
+    from huggingface_hub import constants
+
+    fake_hub.reset()
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return fake_hub
+
+
+@pytest.fixture
+def hf_repo(fake_hub, smollm2_hf) -> str:
+    """The HF fixture (SmolLM2 as safetensors) as a transformers repo on the fake Hub."""
+    fake_hub.add(HF_REPO, {p.name: p for p in smollm2_hf.iterdir() if p.is_file()})
+    return HF_REPO

@@ -277,8 +277,9 @@ def test_export_hf_folder_to_q8_0(smollm2_hf, tmp_path):
             assert model.tokenize(SAMPLE_TEXT, True, True) == tok(SAMPLE_TEXT)["input_ids"]
 
 
-def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
-    """A hub id is looked up in the local HF cache, never downloaded."""
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
+    """Offline, a hub id is looked up in the local HF cache only (tests/test_hub.py and
+    tests/test_hub_cli.py download from a fake Hub)."""
     from huggingface_hub import constants
 
     from exporters.loading import resolve_model
@@ -287,15 +288,18 @@ def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
     snapshot = repo / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"\0" * 16)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: no network either way
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network either way
 
     source = resolve_model("SomeOrg/tiny-llama")
-    assert (source.kind, source.name, source.path) == ("hf", "tiny-llama", snapshot.resolve())
+    assert (source.kind, source.name, source.path) == ("hf", "tiny-llama", snapshot)
     out = tmp_path / "out"
-    _assert_clean_failure(_export("SomeOrg/not-cached", "-o", str(out)), out, "model not found")
+    _assert_clean_failure(_export("SomeOrg/not-cached", "-o", str(out)), out,
+                          "offline (HF_HUB_OFFLINE is set), and SomeOrg/not-cached is not "
+                          "in the Hugging Face cache")
 
 
 @pytest.mark.slow
