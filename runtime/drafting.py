@@ -8,27 +8,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
 
 @dataclass
 class Draft:
-    """Tokens proposed for the positions after the sequence.
+    """Tokens proposed for the positions after the sequence, by ``source`` (empty for a
+    plain step's empty draft, which no source made).
 
-    ``probs[i]`` is q for ``tokens[i]`` (empty when the proposal is deterministic: greedy,
-    or a lookup, where q is one-hot). ``seconds`` is the time spent drafting proper and
-    ``catchup_seconds`` / ``n_catchup`` the time and tokens spent first reading what the
-    drafter had not seen, kept apart so catch-up never poses as draft cost. ``match_len``
-    is the length of the context match a lookup drafter found (acceptance grows with it).
+    No draft carries its probabilities: verification compares tokens with the target's
+    own coupled choices (``runtime.sampling``), which is exact whatever q was.
+    ``seconds`` is the time spent drafting proper and ``catchup_seconds`` / ``n_catchup``
+    the time and tokens spent first reading what the drafter had not seen, kept apart so
+    catch-up never poses as draft cost. ``match_len`` is the length of the context match
+    a lookup drafter found (acceptance grows with it).
     """
 
     tokens: list[int] = field(default_factory=list)
-    probs: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     n_evals: int = 0
     catchup_seconds: float = 0.0
     n_catchup: int = 0
-    source: str = "pruned"
+    source: str = ""
     match_len: int = 0
 
 
