@@ -45,7 +45,7 @@ def _verify(profile: str) -> costmodel.VerifyCost:
 
 def default_profile() -> str:
     """``gpu`` when llama.cpp can offload to a GPU, else ``cpu``."""
-    from runtime.context import gpu_offload_supported
+    from runtime.native import gpu_offload_supported
 
     return "gpu" if gpu_offload_supported() else "cpu"
 

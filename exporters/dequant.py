@@ -4,7 +4,7 @@ gguf-py's numpy dequantizer builds every block through a chain of whole-array
 temporaries: one Q4_0 FFN matrix of an 8B model (14336 x 4096) takes 0.7 s on a Zen 4
 core, and a streamed export dequantizes every layer twice (scoring, then held-out
 acceptance): about 2 minutes of an 8B export. ggml's ``to_float`` for the same type, in
-the libggml-base that llama-cpp-python loaded (``runtime.context.ggml_library``), writes
+the libggml-base that llama-cpp-python loaded (``runtime.native.ggml_library``), writes
 the same float32 values in 0.05 s, and it runs without the GIL, so the rows are split
 over the scoring threads.
 
@@ -45,7 +45,7 @@ class _Traits(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     try:
-        from runtime.context import ggml_library
+        from runtime.native import ggml_library
 
         lib = ggml_library("ggml-base")
         lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)

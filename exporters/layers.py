@@ -25,17 +25,15 @@ from exporters.config import (
     AUTO_METHOD,
     AUTO_METHOD_BUDGET_S,
     MANUAL_METHOD,
-    STREAMED_METHODS,
     ExportConfig,
 )
+from exporters.layer_common import AUTO_MAX_FRACTION, layer_report
 from exporters.loading import ModelSource
 from exporters.report import LayerReport, Stages, log_stages
 
 log = logging.getLogger(__name__)
 
-# --prune auto considers dropping up to this fraction of the layers...
-AUTO_MAX_FRACTION = 0.5
-# ...and greedy stops once calibration agreement falls below this: at alpha = 0.5 a step
+# greedy stops once calibration agreement falls below this: at alpha = 0.5 a step
 # yields at most 2 tokens, which cannot pay for a draft plus a verify pass.
 AUTO_STOP_ALPHA = 0.5
 
@@ -171,25 +169,6 @@ def choose_layers(plan: LayerPlan, source: ModelSource | None = None,
     return LayerChoice(plan.n_layers, tuple(report.dropped), report.method), report
 
 
-def streamed_method(cfg: ExportConfig, source: ModelSource) -> str | None:
-    """The method to score ``source`` with one layer in memory at a time, or None for
-    the in-memory path: a GGUF with ``bi`` or ``angular`` always streams; with ``auto``
-    it streams ``bi`` when its float32 weights would not fit in RAM (shortlist would have
-    to load them; on such a model shortlist's replays also take hours on a CPU)."""
-    if source.kind != "gguf":
-        return None
-    if cfg.method in STREAMED_METHODS:
-        return cfg.method
-    if cfg.method == AUTO_METHOD:
-        from exporters.torch_model import fits_in_float32
-
-        if not fits_in_float32(source):
-            log.info("method: bi, streamed layer by layer (the float32 model does not fit in "
-                     "RAM, so shortlist, which loads it whole, is out; --method overrides)")
-            return "bi"
-    return None
-
-
 def _with_threads(threads: int | None, fn, *args):
     """``fn(*args)`` with torch limited to ``threads`` CPU threads (None: torch's default),
     restored afterwards: on a shared machine fewer threads than cores can be much faster."""
@@ -280,30 +259,6 @@ def score_layers(plan: LayerPlan, source: ModelSource, full: gguf.GGUFReader,
                         sizing)
 
 
-def layer_report(name: str, plan: LayerPlan, method: str, scores, all_scores, alphas: dict,
-                 costs, profile: str, auto: bool, counts: tuple[int, int, int],
-                 timings: dict, sizing) -> LayerReport:
-    """The report of a layer choice, in memory or streamed: with ``--prune auto`` the
-    ratio the cost model prefers from the held-out acceptance ``alphas``, else the plan's;
-    ``counts`` are (calibration prompts, held-out prompts, scored tokens); ``sizing``
-    the ``budget.Sizing`` that chose how many of the offered prompts were used."""
-    from exporters import autoprune
-
-    decision = autoprune.decide(alphas, scores.drops, costs, profile) if auto else None
-    n_drop = decision.chosen.n_drop if decision else plan.n_drop
-    dropped = scores.drops[n_drop]
-    c_draft = costs.draft_fraction(dropped)
-    gamma, speed = autoprune.best_gamma(alphas[n_drop], c_draft, profile)
-    return LayerReport(
-        model=name, n_layers=plan.n_layers, method=method,
-        protected=sorted(plan.protected), dropped=list(dropped), scores=all_scores,
-        heldout_alpha=alphas[n_drop], calib_prompts=counts[0],
-        heldout_prompts=counts[1], calib_tokens=counts[2], device_profile=profile,
-        draft_bytes_fraction=c_draft, gamma=gamma, predicted_speedup=speed,
-        seconds=timings, auto=_auto_dict(decision), prompts_offered=sizing.offered,
-        time_budget_s=plan.cfg.time_budget)
-
-
 def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
               prompts: list[str], deadline: float | None):
     """Probe this machine, size the calibration set to ``deadline`` and log the
@@ -341,14 +296,6 @@ def _announce(runner, tokenizer, method: str, plan: LayerPlan, max_drop: int,
                       if method == "greedy" else
                       "; --method bi scores in one pass, or --drop-layers skips scoring")
     return method, sizing
-
-
-def _auto_dict(decision) -> dict | None:
-    if decision is None:
-        return None
-    return {"chosen_n_drop": decision.chosen.n_drop, "pays": decision.pays,
-            "reason": decision.reason,
-            "candidates": [vars(c) for c in decision.candidates]}
 
 
 def report_paths(full: Path) -> tuple[Path, Path]:

@@ -71,7 +71,7 @@ def preflight(plan, source: ModelSource, reader: gguf.GGUFReader) -> str | None:
     """Before any output is written: the method a GGUF export will stream (None: it
     does not stream), after checking that its streamed scoring fits in RAM."""
     from exporters import calibration
-    from exporters.layers import AUTO_MAX_FRACTION, streamed_method
+    from exporters.layer_common import AUTO_MAX_FRACTION, streamed_method
     from exporters.stream import check_streamable
 
     method = streamed_method(plan.cfg, source)
@@ -100,7 +100,7 @@ def score_layers_streamed(plan, source: ModelSource, full: gguf.GGUFReader, meth
     import torch
 
     from exporters import autoprune, budget, calibration, estimate
-    from exporters.layers import AUTO_MAX_FRACTION, layer_report
+    from exporters.layer_common import AUTO_MAX_FRACTION, layer_report
     from exporters.stream import GGUFLayers, score_streamed, streamed_agreement
 
     cfg, timings = plan.cfg, {}

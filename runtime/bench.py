@@ -29,9 +29,10 @@ import numpy as np
 from runtime import costmodel
 from runtime.bench_prompts import PROMPT_SETS
 from runtime.chat import ChatSession
-from runtime.context import LlamaContext, gpu_offload_supported
+from runtime.context import LlamaContext
 from runtime.controller import PRUNED, GammaController
 from runtime.engine import Engine
+from runtime.native import gpu_offload_supported
 from runtime.numerics import DEFAULT_WIDTHS, measure_bound
 from runtime.speculative import SpeculativeDecoder, Stats
 

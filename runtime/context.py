@@ -65,37 +65,6 @@ def llama_cpp_version() -> str:
     return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
-@functools.cache
-def ggml_library(name: str) -> ctypes.CDLL:
-    """One of the ggml libraries llama-cpp-python loaded (``"ggml"``, ``"ggml-base"``),
-    the very copy libllama uses, for calls llama-cpp-python does not bind.
-
-    A wheel holds libggml-base.so, .so.0 and .so.0.25.3 as three copies, not links, and
-    libllama resolves the soname (.so.0): a callback set in another copy never fires.
-    """
-    from llama_cpp._ctypes_extensions import load_shared_library
-
-    lib_dir = llama_cpp.llama_cpp._base_path
-    for soname in (f"lib{name}.so.0", f"lib{name}.0.dylib"):
-        if (lib_dir / soname).is_file():
-            return ctypes.CDLL(str(lib_dir / soname))
-    return load_shared_library(name, lib_dir)
-
-
-def gpu_offload_supported() -> bool:
-    """True when llama.cpp has a GPU of this machine to offload to (CUDA, Metal, ...).
-
-    ``llama_supports_gpu_offload()`` alone is not that: it is also true for every build
-    with the RPC backend (setup.sh's default), whose devices are other machines' workers,
-    so a CPU-only machine would take the GPU profiles. The devices themselves say.
-    """
-    if not llama_cpp.llama_supports_gpu_offload():
-        return False
-    from runtime.rpc import local_accelerators
-
-    return bool(local_accelerators())
-
-
 class LlamaModel:
     """A loaded GGUF: weights and vocabulary.
 

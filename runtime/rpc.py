@@ -23,7 +23,6 @@ The RPC protocol has no authentication: workers must sit on a trusted network.
 from __future__ import annotations
 
 import ctypes
-import functools
 import ipaddress
 import logging
 import os
@@ -33,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from runtime.native import ABORT_CALLBACK, ggml_libs, local_accelerators
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ RPC_CMD_HELLO = 14
 RPC_CONN_CAPS_SIZE = 24  # transport.h; all zeros: plain TCP, no RDMA upgrade
 _HELLO_RSP = struct.Struct("<BBBB24s")  # major, minor, patch, padding, conn_caps
 
-_GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type
 
 
 class RpcError(RuntimeError):
@@ -175,48 +175,15 @@ def refusing(endpoints: Sequence[Endpoint], timeout: float = 1.0) -> list[Endpoi
 
 # -- the ggml side ----------------------------------------------------------------------
 
-@functools.cache
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml (the registry) and libggml-base (devices, the abort callback), the very
-    libraries llama-cpp-python loaded, with the signatures used here (from ggml-backend.h)."""
-    from runtime.context import ggml_library
-
-    ggml, base = ggml_library("ggml"), ggml_library("ggml-base")
-    vp, sz, s = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
-    for lib, name, args, res in (
-            (ggml, "ggml_backend_reg_by_name", [s], vp),
-            (ggml, "ggml_backend_dev_count", [], sz),
-            (ggml, "ggml_backend_dev_get", [sz], vp),
-            (base, "ggml_backend_reg_get_proc_address", [vp, s], vp),
-            (base, "ggml_backend_reg_dev_count", [vp], sz),
-            (base, "ggml_backend_reg_dev_get", [vp, sz], vp),
-            (base, "ggml_backend_dev_type", [vp], ctypes.c_int),
-            (base, "ggml_backend_dev_name", [vp], s),
-            (base, "ggml_set_abort_callback", [_ABORT_CB], vp)):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return ggml, base
-
-
 _ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
-_ABORT_CB = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
 
 def rpc_supported() -> bool:
     """True when this llama.cpp build has the RPC backend (``-DGGML_RPC=ON``)."""
     import llama_cpp
 
-    registry = _libs()[0].ggml_backend_reg_by_name(b"RPC")
+    registry = ggml_libs()[0].ggml_backend_reg_by_name(b"RPC")
     return bool(llama_cpp.llama_supports_rpc()) and bool(registry)
-
-
-def local_accelerators() -> list[int]:
-    """This machine's GPUs (ggml devices of type GPU or IGPU), which llama.cpp's
-    ``--rpc`` keeps beside the workers."""
-    ggml, base = _libs()
-    devs = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
-    return [d for d in devs if _GGML_DEVICE_TYPES.get(base.ggml_backend_dev_type(d))
-            in ("GPU", "IGPU")]
 
 
 _added: set[Endpoint] = set()  # endpoints ggml-rpc has connected to in this process
@@ -248,7 +215,7 @@ class RpcDevices:
             # to it, a probe would wait behind that connection
             if ep not in _added:
                 probe(ep, timeout)
-        ggml, base = _libs()
+        ggml, base = ggml_libs()
         reg = ggml.ggml_backend_reg_by_name(b"RPC")
         proc = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
         if not proc:
@@ -323,8 +290,8 @@ def watch_aborts(endpoints: Sequence[Endpoint]) -> None:
     known = tuple(_fatal["endpoints"])  # type: ignore[call-overload]
     _fatal["endpoints"] = known + tuple(e for e in endpoints if e not in known)
     if "callback" not in _fatal:
-        _fatal["callback"] = _ABORT_CB(on_abort)  # kept alive for the life of the process
-        _libs()[1].ggml_set_abort_callback(_fatal["callback"])
+        _fatal["callback"] = ABORT_CALLBACK(on_abort)  # kept alive for the life of the process
+        ggml_libs()[1].ggml_set_abort_callback(_fatal["callback"])
 
 
 class Watchdog:

@@ -79,3 +79,75 @@ def test_only_the_server_imports_the_server():
         if hits := imports_package(ast.parse(f.read_text(), str(f)), "runtime.serve"):
             bad[str(f.relative_to(ROOT))] = hits
     assert not bad, f"runtime modules outside runtime/serve/ import it: {bad}"
+
+
+# -- no import circles -------------------------------------------------------------------
+
+PACKAGES = ("bridge", "exporters", "runtime", "bench")
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at the top or inside a function: a lazy
+    import that closes a circle only hides it). ``from a import b`` names ``a.b`` when
+    that is a module, else ``a``."""
+    files = {}
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                targets |= (subs & files.keys()) or {node.module}
+        graph[mod] = {t for t in targets if t in files and t != mod}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_circle_detector():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert circles(graph) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    """Each pair of modules imports one way at most, through any chain: a circle means
+    two modules are one design split in two (issue 36 found three)."""
+    assert circles(import_graph(ROOT)) == []

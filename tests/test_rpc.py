@@ -410,9 +410,9 @@ def test_an_rpc_build_without_a_gpu_is_not_a_gpu_machine():
     import llama_cpp
 
     from exporters import autoprune
-    from runtime.context import gpu_offload_supported
+    from runtime.native import gpu_offload_supported, local_accelerators
 
-    if rpc.local_accelerators():
+    if local_accelerators():
         assert gpu_offload_supported() and autoprune.default_profile() == "gpu"
         return
     if rpc.rpc_supported():  # the case this guards: the flag alone says yes

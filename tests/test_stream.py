@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from exporters import estimate  # noqa: E402
 from exporters.calibration import format_prompt, reference  # noqa: E402
 from exporters.config import ExportConfig  # noqa: E402
-from exporters.layers import streamed_method  # noqa: E402
+from exporters.layer_common import streamed_method  # noqa: E402
 from exporters.layers_streamed import check_memory, stream_need  # noqa: E402
 from exporters.loading import ModelSource, open_gguf, resolve_model  # noqa: E402
 from exporters.scoring import (  # noqa: E402

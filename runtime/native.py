@@ -1,0 +1,75 @@
+"""The ggml libraries llama-cpp-python loaded, for the calls it does not bind, and what
+they say about this machine's devices. A leaf: ``runtime.context``, ``runtime.rpc`` and
+the exporters import it; it imports no module of the project.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import llama_cpp
+
+_GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type
+ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_t
+
+
+@functools.cache
+def ggml_library(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries llama-cpp-python loaded (``"ggml"``, ``"ggml-base"``),
+    the very copy libllama uses, for calls llama-cpp-python does not bind.
+
+    A wheel holds libggml-base.so, .so.0 and .so.0.25.3 as three copies, not links, and
+    libllama resolves the soname (.so.0): a callback set in another copy never fires.
+    """
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    lib_dir = llama_cpp.llama_cpp._base_path
+    for soname in (f"lib{name}.so.0", f"lib{name}.0.dylib"):
+        if (lib_dir / soname).is_file():
+            return ctypes.CDLL(str(lib_dir / soname))
+    return load_shared_library(name, lib_dir)
+
+
+def gpu_offload_supported() -> bool:
+    """True when llama.cpp has a GPU of this machine to offload to (CUDA, Metal, ...).
+
+    ``llama_supports_gpu_offload()`` alone is not that: it is also true for every build
+    with the RPC backend (setup.sh's default), whose devices are other machines' workers,
+    so a CPU-only machine would take the GPU profiles. The devices themselves say.
+    """
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    return bool(local_accelerators())
+
+
+@functools.cache
+def ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml (the registry) and libggml-base (devices, the abort callback), the very
+    libraries llama-cpp-python loaded, with the signatures used here (from ggml-backend.h)."""
+    ggml, base = ggml_library("ggml"), ggml_library("ggml-base")
+    vp, sz, s = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+    for lib, name, args, res in (
+            (ggml, "ggml_backend_reg_by_name", [s], vp),
+            (ggml, "ggml_backend_dev_count", [], sz),
+            (ggml, "ggml_backend_dev_get", [sz], vp),
+            (base, "ggml_backend_reg_get_proc_address", [vp, s], vp),
+            (base, "ggml_backend_reg_dev_count", [vp], sz),
+            (base, "ggml_backend_reg_dev_get", [vp, sz], vp),
+            (base, "ggml_backend_dev_type", [vp], ctypes.c_int),
+            (base, "ggml_backend_dev_name", [vp], s),
+            (base, "ggml_set_abort_callback", [ABORT_CALLBACK], vp)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return ggml, base
+
+
+
+
+def local_accelerators() -> list[int]:
+    """This machine's GPUs (ggml devices of type GPU or IGPU), which llama.cpp's
+    ``--rpc`` keeps beside the workers."""
+    ggml, base = ggml_libs()
+    devs = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
+    return [d for d in devs if _GGML_DEVICE_TYPES.get(base.ggml_backend_dev_type(d))
+            in ("GPU", "IGPU")]
