@@ -64,8 +64,8 @@ class SamplingConfig:
         breakers = self.dry_sequence_breakers
         _check(isinstance(breakers, tuple) and len(breakers) <= 32 and all(
             isinstance(b, str) and 0 < len(b.encode("utf-8")) <= 40 for b in breakers),
-            "--dry-sequence-breaker: each breaker must be a string of 1 to 40 bytes, at "
-            "most 32 of them")
+            "--dry-sequence-breaker: give at most 32 breakers (a tuple of strings in "
+            "Python), each 1 to 40 bytes long")
         _check(self.seed is None or self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
 
     @property
