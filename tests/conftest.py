@@ -173,3 +173,16 @@ def hf_repo(fake_hub, smollm2_hf) -> str:
     """The HF fixture (SmolLM2 as safetensors) as a transformers repo on the fake Hub."""
     fake_hub.add(HF_REPO, {p.name: p for p in smollm2_hf.iterdir() if p.is_file()})
     return HF_REPO
+
+
+# the fixtures that load or build a real model: a test using any of them (directly or
+# through another fixture) is marked `model`, so `pytest -m "not model"` is a quick lane
+# of pure tests (parsers, formulas, validation, the fake hub's logic)
+_MODEL_FIXTURES = frozenset({"smollm2_gguf", "gemma3_gguf", "smollm2_hf", "hf_model",
+                             "smollm2", "smollm2_draft_gguf"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
