@@ -77,11 +77,15 @@ class SamplingConfig:
         return self.dry_multiplier != 0.0 and self.dry_penalty_last_n != 0
 
     @property
+    def repeat_on(self) -> bool:
+        """The repeat, frequency or presence penalty acts (llama.cpp's ``penalties``)."""
+        return (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0) and self.repeat_last_n != 0
+
+    @property
     def penalized(self) -> bool:
         """Some penalty changes the logits (they then depend on the tokens so far)."""
-        repeat = self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0
-        return (repeat and self.repeat_last_n != 0) or self.dry_on
+        return self.repeat_on or self.dry_on
 
 
 DRAFTERS = ("auto", "lookup", "pruned", "none")

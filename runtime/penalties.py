@@ -121,9 +121,7 @@ class Penalties:
 
     def __init__(self, cfg: SamplingConfig, breakers: Breakers | None):
         self.cfg = cfg
-        self.repeat = cfg.repeat_penalty != 1.0 or cfg.frequency_penalty != 0.0 \
-            or cfg.presence_penalty != 0.0
-        self.repeat_n = _window(cfg.repeat_last_n) if self.repeat else 0
+        self.repeat_n = _window(cfg.repeat_last_n) if cfg.repeat_on else 0
         self.dry_n = _window(cfg.dry_penalty_last_n) if cfg.dry_on else 0
         self.breakers = breakers
         base = cfg.dry_base
@@ -139,8 +137,7 @@ class Penalties:
             return None
         if cfg.dry_on and breakers is None:
             raise ValueError("DRY needs the model's vocabulary for its sequence breakers")
-        p = cls(cfg, breakers(cfg.dry_sequence_breakers) if cfg.dry_on else None)
-        return p if p.window else None  # every window 0: nothing to do
+        return cls(cfg, breakers(cfg.dry_sequence_breakers) if cfg.dry_on else None)
 
     @property
     def window(self) -> int:
