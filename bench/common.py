@@ -226,16 +226,17 @@ def json_valid(text: str | None, schema: dict | None) -> bool:
         return False
 
 
-def llama_server(binary: Path | None = None, skip_build: bool = False) -> Path:
+def llama_server(binary: Path | None = None, skip_build: bool = False) -> tuple[Path, dict]:
     """llama.cpp's llama-server: ``binary`` when given, else the build from the sources
     bridge's llama-cpp-python pins (``exporters.llamacpp_tools``), built once and cached
-    in ~/.cache/bridge (``skip_build``: only a cached one)."""
+    in ~/.cache/bridge (``skip_build``: only a cached one); and how it was built ({} for a
+    given binary)."""
     if binary:
-        return binary
+        return binary, {}
     from exporters.llamacpp_tools import LLAMA_SERVER, build_tool
 
     try:
-        return build_tool(LLAMA_SERVER, skip_build=skip_build)[0]
+        return build_tool(LLAMA_SERVER, skip_build=skip_build)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}; or pass --llama-server PATH") from None
 

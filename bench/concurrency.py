@@ -301,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def llama_server_binary(args: argparse.Namespace) -> Path | None:
     if not any(PRESETS[s][0] == "llama-server" for s in args.servers):
         return None
-    return llama_server(args.llama_server)
+    return llama_server(args.llama_server)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

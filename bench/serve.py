@@ -186,7 +186,7 @@ def run_sessions(args) -> None:
                     "-c", str(args.ctx), *threads, *extra]
             servers.append((name, port, start_server(argv, port, f"bridge serve ({name})")))
         try:
-            binary = llama_server(args.llama_server, skip_build=True)
+            binary = llama_server(args.llama_server, skip_build=True)[0]
         except SystemExit as e:  # none given, none built (python -m bench.llamacpp builds one)
             print(f"{e}: llama-server's n-gram modes are left out", file=sys.stderr)
         else:
