@@ -18,7 +18,7 @@ count). llama-server is ``--llama-server`` or the build from the pinned llama.cp
 
 Each client sends ``--requests`` streamed greedy chat completions one after another, with
 prompts taken in turn from the open set or the copy-heavy sessions of
-``scripts/serve_workloads.py``; every server first answers one warm-up request. Reported per
+``bench.workloads``; every server first answers one warm-up request. Reported per
 server, client count and set: aggregate output tok/s (completion tokens over the wall time
 from the first request's start to the last one's end), time to first token and inter-token
 latency (gaps between content chunks, all streams pooled) at p50 and p95, errors, tokens per
@@ -51,15 +51,17 @@ import httpx
 from bench.common import (
     LOOPBACK,
     ServerError,
+    arg_parser,
     cpu_facts,
     free_port,
-    load_script,
+    llama_server,
     rss_mib,
     start_server,
     stop_server,
 )
 from bench.loadgen import RequestResult, run_clients, summarize
 from bench.report import format_table
+from bench.workloads import OPEN_REQUESTS, SESSIONS
 
 log = logging.getLogger("bench.concurrency")
 
@@ -113,11 +115,10 @@ def preset_argv(name: str, s: ServerSettings, port: int, clients: int) -> list[s
 def workload(set_name: str) -> list[str]:
     """The prompts of a set: ``open`` (different requests) or ``copy`` (the sessions of
     similar requests, flattened in order)."""
-    w = load_script("serve_workloads")
     if set_name == "open":
-        return list(w.OPEN_REQUESTS)
+        return list(OPEN_REQUESTS)
     if set_name == "copy":
-        return [p for ps in w.SESSIONS.values() for p in ps]
+        return [p for ps in SESSIONS.values() for p in ps]
     raise ValueError(f"unknown --set {set_name!r}; choose open, copy or open,copy")
 
 
@@ -224,7 +225,7 @@ def header(args: argparse.Namespace, servers: list[Server], failed: dict[str, st
            settings: ServerSettings | None, load: tuple[float, float]) -> list[str]:
     cpu, simd = cpu_facts()
     out = [f"# Concurrency sweep, {datetime.date.today().isoformat()}", "",
-           f"- CPU: {cpu}; {os.cpu_count()} cores; {' '.join(simd) or 'no AVX-512/AMX'}"]
+           f"- CPU: {cpu}; {os.cpu_count()} cores; {' '.join(simd) or 'no AVX2/AVX-512/AMX'}"]
     if settings:
         out.append(f"- model: {settings.model.name}; --threads {settings.threads}, "
                    f"context {settings.ctx}")
@@ -258,8 +259,7 @@ def header(args: argparse.Namespace, servers: list[Server], failed: dict[str, st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.concurrency",
-                                 description=__doc__.split("\n\n")[0])
+    ap = arg_parser(__spec__.name, __doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="an OpenAI-compatible server already running (…/v1)")
     src.add_argument("--model", type=Path, help="GGUF for the servers started here")
@@ -301,13 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def llama_server_binary(args: argparse.Namespace) -> Path | None:
     if not any(PRESETS[s][0] == "llama-server" for s in args.servers):
         return None
-    if args.llama_server:
-        return args.llama_server
-    from exporters.llamacpp_tools import LLAMA_SERVER, build_tool
-    try:
-        return build_tool(LLAMA_SERVER)[0]
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}; or pass --llama-server PATH") from None
+    return llama_server(args.llama_server)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,13 +20,22 @@ Each setting is the same requests with the penalty fields added; one server serv
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, cpu_facts, free_port, start_server, stop_server
+from bench.common import (
+    BRIDGE,
+    ROOT,
+    arg_parser,
+    cpu_facts,
+    free_port,
+    openai_client,
+    schema_valid,
+    start_server,
+    stop_server,
+)
 
 STR, INT, NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
 
@@ -106,15 +115,6 @@ SETTINGS = {
 }
 
 
-def _valid(value: object, schema: dict) -> bool:
-    import jsonschema
-    try:
-        jsonschema.validate(value, schema)
-        return True
-    except jsonschema.ValidationError:
-        return False
-
-
 def structured(client, model: str, extra: dict, temps: list[tuple[float, int | None]]
                ) -> dict:
     ended = ok = total = 0
@@ -130,8 +130,8 @@ def structured(client, model: str, extra: dict, temps: list[tuple[float, int | N
             total += 1
             ended += c.finish_reason == "stop"
             try:
-                ok += c.finish_reason == "stop" and _valid(json.loads(c.message.content),
-                                                           schema)
+                ok += c.finish_reason == "stop" and schema_valid(json.loads(c.message.content),
+                                                                 schema)
             except ValueError:
                 pass
     return {"answers": total, "ended": ended, "ended+valid": ok}
@@ -154,13 +154,13 @@ def tools(client, model: str, extra: dict, temps: list[tuple[float, int | None]]
             repeats += len(keys) != len(set(keys))
             markup += any(m in (c.message.content or "") for m in MARKUP)
             ended_ok += c.finish_reason == "tool_calls" and bool(calls) and all(
-                n in schemas and _valid(a, schemas[n]) for n, a in seen)
+                schema_valid(a, schemas.get(n)) for n, a in seen)
     return {"answers": total, "ended+valid": ended_ok, "markup": markup,
             "repeated a call": repeats}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--settings", default="none,dry,freq,dry+freq",
                     help=f"comma list of {', '.join(SETTINGS)}")
@@ -168,23 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bridge-args", default="", help="appended to bridge serve's command")
     a = ap.parse_args(argv)
-    import openai
-
     names = a.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         sys.exit(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
     port = free_port()
-    bridge = str(Path(sys.executable).parent / "bridge")
-    argv = [bridge, "serve", str(a.model), "--host", "127.0.0.1", "--port", str(port),
+    argv = [*BRIDGE, "serve", str(a.model), "--host", "127.0.0.1", "--port", str(port),
             "--threads", str(a.threads), *a.bridge_args.split()]
     proc = start_server(argv, port, "bridge serve")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-",
-                               max_retries=0, timeout=600)
+        client = openai_client(port)
         model = client.models.list().data[0].id
         cpu, flags = cpu_facts()
-        print(f"# {cpu}; {', '.join(flags) or 'no avx512/amx'}; {a.threads} threads; "
+        print(f"# {cpu}; {', '.join(flags) or 'no avx2/avx512/amx'}; {a.threads} threads; "
               f"{a.model.name}; {ROOT.name} at {time.strftime('%Y-%m-%d %H:%M')}")
         print("| setting | temperature | structured ended+valid | tools ended+valid | "
               "tools with markup | tools repeating a call |")

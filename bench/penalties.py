@@ -11,11 +11,10 @@ the frequency/presence penalties, with DRY and with both, over a history with re
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
-from bench.common import cpu_facts
+from bench.common import arg_parser, cpu_facts
 
 SETTINGS = {
     "none (greedy argmax of the row)": {},
@@ -38,7 +37,7 @@ def _median_ms(fn, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--history", type=int, default=2048,
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         row = ctx.eval(history[256:257])[-1].copy()
         ctx.truncate(pos)
         cpu, flags = cpu_facts()
-        print(f"# {cpu}; {', '.join(flags) or 'no avx512/amx'}; {a.threads} threads")
+        print(f"# {cpu}; {', '.join(flags) or 'no avx2/avx512/amx'}; {a.threads} threads")
         print(f"# {model.path.name}: plain step {step_ms:.3f} ms (one token after 256); "
               f"history {len(history)} tokens")
         print("| penalties | choose ms | share of a plain step |")

@@ -32,7 +32,7 @@ from runtime.chat import ChatSession
 from runtime.context import LlamaContext
 from runtime.controller import PRUNED, GammaController
 from runtime.engine import Engine
-from runtime.native import gpu_offload_supported
+from runtime.native import cpu_facts, gpu_offload_supported
 from runtime.numerics import DEFAULT_WIDTHS, measure_bound
 from runtime.speculative import SpeculativeDecoder, Stats
 
@@ -347,18 +347,9 @@ def _python_us(stats: list[Stats]) -> float:
 def machine_info() -> dict:
     """The CPU (model name and its SIMD flags that change llama.cpp's kernels), core count,
     and the llama.cpp build, for naming beside every figure."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines
-                    if ln.startswith("model name")), cpu)
-        have = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-        flags = sorted(f for f in have if f == "avx2" or f.startswith(("avx512", "amx")))
-    except OSError:
-        pass
+    cpu, flags = cpu_facts()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+    return {"cpu": cpu, "cpu_flags": list(flags), "cores": os.cpu_count(),
             "gpu_offload": gpu_offload_supported(), "llama_cpp_python": llama_cpp.__version__,
             "llama_cpp_system": system, "python": platform.python_version()}
 

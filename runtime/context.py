@@ -23,6 +23,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from runtime.native import cpu_facts
+
 log = logging.getLogger(__name__)
 _native_log = logging.getLogger("bridge.llama_cpp")
 
@@ -46,18 +48,10 @@ class ContextFullError(RuntimeError):
     """The KV cache has no room for the tokens being evaluated."""
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_int8" in line for line in f)
-    except OSError:
-        return False
-
-
 # llama.cpp's AMX extra buffer type (bundled with llama-cpp-python 0.3.36) segfaults in
 # ggml_backend_amx_mul_mat on multi-token batches, so on AMX CPUs the extra buffer types
 # (AMX and weight repacking) stay off; elsewhere they stay on for their speed.
-_USE_EXTRA_BUFTS = not _cpu_has_amx()
+_USE_EXTRA_BUFTS = "amx_int8" not in cpu_facts()[1]
 
 
 def llama_cpp_version() -> str:

@@ -1,16 +1,23 @@
 """The ggml libraries llama-cpp-python loaded, for the calls it does not bind, and what
-they say about this machine's devices. A leaf: ``runtime.context``, ``runtime.rpc`` and
-the exporters import it; it imports no module of the project.
+they and the CPU say about this machine's devices. A leaf: ``runtime.context``,
+``runtime.rpc``, the exporters and the benchmarks import it; it imports no module of the
+project.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import platform
+import re
+import subprocess
 
 import llama_cpp
 
 _GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type
+# the CPU flags that choose llama.cpp's kernels (and, for AMX, whether its extra buffer
+# types are safe): what a results file must name for its figures to be compared
+_SIMD_FLAGS = re.compile(r"avx2$|avx512|amx")
 ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_t
 
 
@@ -65,7 +72,6 @@ def ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 
 
-
 def local_accelerators() -> list[int]:
     """This machine's GPUs (ggml devices of type GPU or IGPU), which llama.cpp's
     ``--rpc`` keeps beside the workers."""
@@ -73,3 +79,29 @@ def local_accelerators() -> list[int]:
     devs = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
     return [d for d in devs if _GGML_DEVICE_TYPES.get(base.ggml_backend_dev_type(d))
             in ("GPU", "IGPU")]
+
+
+@functools.cache
+def cpu_facts() -> tuple[str, tuple[str, ...]]:
+    """This machine's CPU: its model name and its SIMD flags (AVX2, AVX-512, AMX), sorted.
+
+    Read from /proc/cpuinfo; ``lscpu`` where that names no model (ARM's cpuinfo has no
+    "model name" line); ``platform`` elsewhere (macOS), with no flags.
+    """
+    text = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        pass
+    if not re.search(r"^model name", text, re.M):
+        try:
+            text += subprocess.run(["lscpu"], capture_output=True, text=True,
+                                   timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            pass
+    name = re.search(r"^(?:model name|Model name)\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Flags)\s*:\s*(.+)$", text, re.M)
+    simd = sorted({f for f in (flags.group(1).split() if flags else ()) if _SIMD_FLAGS.match(f)})
+    model = name.group(1).strip() if name else platform.processor() or platform.machine()
+    return model or "unknown CPU", tuple(simd)

@@ -1,16 +1,33 @@
 """The pure parts of the bench package: percentiles, inter-token gaps, what a sweep cell adds
-up to, the SSE reader, the table and the server presets. No model, no server: the stream
-is served by httpx's mock transport."""
+up to, the SSE reader, the table and the server presets; and bench.common's helpers, with a
+tiny stand-in server (Python's http.server) where one is started. No model: the stream is
+served by httpx's mock transport."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.common import cpu_facts, free_port, percentile
+from bench.common import (
+    ROOT,
+    ServerError,
+    arg_parser,
+    checkout_env,
+    cpu_facts,
+    cpu_slug,
+    free_port,
+    json_valid,
+    percentile,
+    rss_mib,
+    start_server,
+    stop_server,
+)
 from bench.concurrency import (
     ServerSettings,
     client_bodies,
@@ -186,5 +203,68 @@ def test_workloads_and_arguments():
 
 def test_machine_facts():
     name, flags = cpu_facts()
-    assert name and all(f.startswith(("avx512", "amx")) for f in flags)
+    # the flags that choose llama.cpp's kernels, and only those
+    assert name and all(f == "avx2" or f.startswith(("avx512", "amx")) for f in flags)
+    assert list(flags) == sorted(flags)
     assert 0 < free_port() < 65536
+    assert rss_mib(os.getpid()) > 1 and 0 < rss_mib(os.getpid(), "RssAnon") <= rss_mib(
+        os.getpid())
+    assert rss_mib(2**22 + 12345) is None  # no such process (pid_max is at most 2**22)
+
+
+@pytest.mark.parametrize("cpu, slug", [
+    ("AMD EPYC 7B13", "amd-epyc-7b13"),
+    ("Intel(R) Xeon(R) Processor @ 2.60GHz", "intel-xeon-processor"),
+    ("Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz", "intel-core-i7-8650u"),
+])
+def test_cpu_slug(cpu, slug):
+    assert cpu_slug(cpu) == slug
+
+
+@pytest.mark.parametrize("text, schema, ok", [
+    ('{"a": 1}', {"type": "object", "required": ["a"]}, True),
+    ('{"b": 1}', {"type": "object", "required": ["a"]}, False),
+    ('{"a": 1', {"type": "object"}, False),        # cut off: not JSON
+    (None, {"type": "object"}, False),              # no content at all
+    ('{"a": 1}', None, False),                      # a tool the request did not offer
+])
+def test_json_valid(text, schema, ok):
+    pytest.importorskip("jsonschema")
+    assert json_valid(text, schema) is ok
+
+
+def test_checkout_env_puts_this_checkout_first():
+    env = checkout_env({"PYTHONPATH": "/elsewhere", "X": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"] and env["X"] == "1"
+    assert checkout_env({})["PYTHONPATH"] == str(ROOT)
+
+
+def test_arg_parser_names_the_command():
+    ap = arg_parser("bench.serve", "What serving costs.\n\n    python -m bench.serve ...")
+    assert ap.prog == "python -m bench.serve" and ap.description == "What serving costs."
+
+
+def http_server(port: int) -> list[str]:
+    return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+
+@pytest.mark.parametrize("health_path", ["/", None])  # an HTTP answer, or a TCP connection
+def test_start_and_stop_a_server(tmp_path, health_path):
+    port = free_port()
+    proc = start_server(http_server(port), port, "http.server", health_path=health_path,
+                        timeout=60, log_path=tmp_path / "log")
+    assert proc.poll() is None
+    assert stop_server(proc, 10, signal.SIGTERM) == -signal.SIGTERM and proc.poll() is not None
+    assert stop_server(proc) == -signal.SIGTERM  # already stopped: its code, no signal
+
+
+def test_a_server_that_exits_says_why(tmp_path):
+    argv = [sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"]
+    with pytest.raises(ServerError, match=r"(?s)exited 3 before answering.*no model here"):
+        start_server(argv, free_port(), "fake", timeout=60, log_path=tmp_path / "log")
+
+
+def test_a_server_that_never_answers_is_stopped(tmp_path):
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(ServerError, match="did not answer on port"):
+        start_server(argv, free_port(), "silent", timeout=1, log_path=tmp_path / "log")

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from bench.tool_validity import SHOT, TOOLS, WEATHER  # python -m bench.tool_validity's set
 from tests.test_server import _start, _stop
 from tests.tool_templates import QWEN_TOOLS_TEMPLATE, with_chat_template
 
@@ -18,33 +19,6 @@ jsonschema = pytest.importorskip("jsonschema", reason="tool calls need jsonschem
 
 pytestmark = pytest.mark.slow
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
-        "required": ["city"]}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                    "b": {"type": "integer"}},
-                   "required": ["a", "b"]}}}
-TOOLS = [WEATHER, ADD]
-# an agent's earlier turns: SmolLM2 (135M) follows their pattern. Without the constraint
-# engine of issue 26 its calls are valid only when it copies such a pattern.
-SHOT = [
-    {"role": "user", "content": "Add 1 and 2."},
-    {"role": "assistant", "content": None, "tool_calls": [{
-        "id": "call_0", "type": "function",
-        "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
-    {"role": "tool", "tool_call_id": "call_0", "content": "3"},
-    {"role": "assistant", "content": "1 plus 2 is 3."},
-    {"role": "user", "content": "What is the weather in Oslo?"},
-    {"role": "assistant", "content": None, "tool_calls": [{
-        "id": "call_1", "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "5 C"},
-    {"role": "assistant", "content": "It is 5 C in Oslo."},
-]
 ASK = SHOT + [{"role": "user", "content": "What is the weather in Paris?"}]
 N = 48
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Wall time and peak RSS of ``bridge export`` on the bundled SmolLM2.
 
 (a) the HF fixture (float32 safetensors) -> Q8_0 full GGUF + draft: convert, quantize, cut
@@ -18,12 +17,11 @@ Each export runs as its own ``bridge export`` process, so every peak RSS is that
 alone (read with os.wait4); its anonymous part (memory that must fit in RAM, as opposed to
 file pages of mapped model files) is sampled from /proc (Linux).
 
-    .venv/bin/python scripts/bench_export.py [--synthetic 1]
+    python -m bench.export [--synthetic 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -33,18 +31,17 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # a script, not library code: find the checkout's packages
-
-from exporters import testmodels  # noqa: E402
+from bench.common import BRIDGE, ROOT, arg_parser, checkout_env, rss_mib
+from exporters import testmodels
 
 
-def run(label: str, args: list[str], out_dir: Path, f16_mib: float,
-        log: Path | None = None) -> None:
+def measure_export(label: str, args: list[str], out_dir: Path, f16_mib: float,
+                   log: Path | None = None) -> None:
     """Run one export; with ``log``, its stderr (the exporter's log) is kept there."""
-    cmd = [sys.executable, "-m", "bridge.cli", "export", *args, "-o", str(out_dir), "--force"]
+    cmd = [*BRIDGE, "export", *args, "-o", str(out_dir), "--force"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=checkout_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     anon = [0]
     watcher = threading.Thread(target=_watch_anon, args=(proc.pid, anon), daemon=True)
     watcher.start()
@@ -71,16 +68,8 @@ def _watch_anon(pid: int, peak: list[float]) -> None:
     quantized); the kernel drops those under pressure, so anonymous memory is what must
     fit in RAM.
     """
-    status = Path(f"/proc/{pid}/status")
-    while True:
-        try:
-            text = status.read_text()
-        except OSError:
-            return
-        if "RssAnon" not in text:  # a zombie: the process has exited
-            return
-        kib = int(text.split("RssAnon:")[1].split()[0])
-        peak[0] = max(peak[0], kib / 1024)
+    while (mib := rss_mib(pid, "RssAnon")) is not None:  # None: gone, or a zombie
+        peak[0] = max(peak[0], mib)
         time.sleep(0.05)
 
 
@@ -111,15 +100,15 @@ def synthetic_model(billions: float, tokenizer_from: Path) -> Path:
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arg_parser(__spec__.name, __doc__)
     parser.add_argument("--drop-layers", default="13,14,17", help="layers for (a), (b)")
     parser.add_argument("--prune", default="0.1", help="--prune for (c)")
     parser.add_argument("--method", default="bi", help="--method for (c)")
     parser.add_argument("--synthetic", type=float, metavar="B",
                         help="also run (a) and (c) on a random llama of about B billion "
                              "parameters")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     gguf_path = testmodels.fetch_gguf(testmodels.SMOLLM2)
     hf = testmodels.build_hf_fixture(gguf_path, gguf_path.parent / testmodels.HF_FIXTURE_DIRNAME)
     f16_mib = (hf / "model.safetensors").stat().st_size / 2**20 / 2
@@ -127,22 +116,24 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores")
     drop = ["--drop-layers", args.drop_layers]
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
-        run("(a) HF fixture -> Q8_0 + draft", [str(hf), "--quant", "Q8_0", *drop],
-            Path(tmp, "a"), f16_mib)
-        run("(b) Q4_1 GGUF -> copy + draft", [str(gguf_path), *drop], Path(tmp, "b"), f16_mib)
-        run(f"(c) as (a), scored by {args.method}", [str(hf), "--quant", "Q8_0", "--prune",
-                                                      args.prune, "--method", args.method],
-            Path(tmp, "c"), f16_mib)
+        measure_export("(a) HF fixture -> Q8_0 + draft", [str(hf), "--quant", "Q8_0", *drop],
+                       Path(tmp, "a"), f16_mib)
+        measure_export("(b) Q4_1 GGUF -> copy + draft", [str(gguf_path), *drop],
+                       Path(tmp, "b"), f16_mib)
+        measure_export(f"(c) as (a), scored by {args.method}",
+                       [str(hf), "--quant", "Q8_0", "--prune", args.prune, "--method",
+                        args.method], Path(tmp, "c"), f16_mib)
         if args.synthetic:
             syn = synthetic_model(args.synthetic, hf)
             syn_mib = sum(f.stat().st_size for f in syn.glob("*.safetensors")) / 2**20
             print(f"{syn.name}: bfloat16 checkpoint {syn_mib:.0f} MiB (= its F16 size)")
-            run("(d) synthetic -> Q8_0 + draft", [str(syn), "--quant", "Q8_0", "--drop-layers",
-                                                 "1"], Path(tmp, "d"), syn_mib)
+            measure_export("(d) synthetic -> Q8_0 + draft",
+                           [str(syn), "--quant", "Q8_0", "--drop-layers", "1"],
+                           Path(tmp, "d"), syn_mib)
             shutil.rmtree(Path(tmp, "d"))
-            run(f"(e) as (d), scored by {args.method} in bf16",
-                [str(syn), "--quant", "Q8_0", "--prune", args.prune, "--method", args.method,
-                 "--score-dtype", "bfloat16"], Path(tmp, "e"), syn_mib)
+            measure_export(f"(e) as (d), scored by {args.method} in bf16",
+                           [str(syn), "--quant", "Q8_0", "--prune", args.prune, "--method",
+                            args.method, "--score-dtype", "bfloat16"], Path(tmp, "e"), syn_mib)
 
 
 if __name__ == "__main__":

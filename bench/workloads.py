@@ -1,4 +1,4 @@
-"""The request workloads of scripts/bench_serve.py.
+"""The request workloads of ``bench.serve``, ``bench.concurrency`` and ``bench.rpc``.
 
 ``SESSIONS``: series of similar requests, as programs that call a local server send them
 (issue 17). ``OPEN_REQUESTS``: open-ended chat requests, each different from the others and

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What bridge's own time per step costs on a fast device: a prediction, not a measurement.
 
 The cost model (``runtime.costmodel``) with a verify curve fed in instead of measured: flat
@@ -8,19 +7,14 @@ adds its own time per step (``--overhead-us``, measured here on a CPU with
 (``--lean-us``). Printed per acceptance alpha of a lookup-like draft (a draft token costs
 ~0): plain decoding and the best speculation, each as a ratio to llama.cpp's own loop.
 
-    .venv/bin/python scripts/predict_overhead.py --step-ms 3 --overhead-us 300,90 \
+    python -m bench.predict_overhead --step-ms 3 --overhead-us 300,90 \
         --spec-extra-us 60 --lean-us 25 --alphas 0,0.5,0.7,0.9
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import costmodel  # noqa: E402
+from bench.common import arg_parser
+from runtime import costmodel
 
 
 def ratios(step: float, overhead: float, extra: float, lean: float, alpha: float,
@@ -40,8 +34,8 @@ def ratios(step: float, overhead: float, extra: float, lean: float, alpha: float
     return plain / lean_rate, rate / lean_rate, gamma
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--step-ms", type=float, default=3.0, help="a target step on the device")
     ap.add_argument("--overhead-us", default="300,90",
                     help="bridge's own µs per step to compare, e.g. before,after")
@@ -53,7 +47,7 @@ def main() -> None:
     ap.add_argument("--alphas", default="0,0.5,0.7,0.9")
     ap.add_argument("--k-flat", type=int, default=8, help="the verify curve is flat to here")
     ap.add_argument("--draft-max", type=int, default=8)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     step, lean = args.step_ms * 1e-3, args.lean_us * 1e-6
     overheads = [float(x) for x in args.overhead_us.split(",")]
     print(f"# predicted: target step {args.step_ms} ms, verify flat to k = {args.k_flat}, "

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Which llama.cpp settings make a verify batch's logits equal a one-token step's.
 
 For each bundled model (or the GGUFs given) and each combination of KV cache type, flash
@@ -6,33 +5,30 @@ attention, weight repacking and minimum batch rows, it measures the largest logi
 difference between one-token and batched evaluation of the same greedy tokens
 (``runtime.numerics.measure_bound``) and prints one row per setting, with the CPU named.
 
-    .venv/bin/python scripts/batch_numerics.py [MODEL.gguf ...] [-n 96] [--threads 2]
+    python -m bench.numerics [MODEL.gguf ...] [-n 96] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exporters import testmodels  # noqa: E402
-from runtime.bench import cpu_summary  # noqa: E402
-from runtime.context import LlamaContext, LlamaModel, Numerics  # noqa: E402
-from runtime.numerics import exact_width, measure_bound  # noqa: E402
+from bench.common import arg_parser
+from exporters import testmodels
+from runtime.bench import cpu_summary
+from runtime.context import LlamaContext, LlamaModel, Numerics
+from runtime.numerics import exact_width, measure_bound
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, then explain it."
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("models", nargs="*", type=Path)
     ap.add_argument("-n", "--positions", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="default and exact settings only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     models = args.models or [testmodels.fetch_gguf(testmodels.SMOLLM2),
                              testmodels.fetch_gguf(testmodels.GEMMA3)]
     if args.quick:

@@ -2,7 +2,7 @@
 constraint's cost, on an extraction workload (people, invoices, log lines), enum answers and
 a nested schema with arrays.
 
-    python scripts/bench_structured.py [MODEL.gguf] [--seeds 4] [--threads 1] [--out FILE.md]
+    python -m bench.structured [MODEL.gguf] [--seeds 4] [--threads 1] [--out FILE.md]
 
 Greedy modes, interleaved per prompt so they share the machine's noise, all under the schema
 unless named "free":
@@ -20,32 +20,29 @@ tokens/s do. Predicted speedups for other verify curves use the measured step si
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import jsonschema  # noqa: E402
-
-from exporters import testmodels  # noqa: E402
-from runtime import costmodel  # noqa: E402
-from runtime.config import (  # noqa: E402
+from bench.common import (
+    BRIDGE,
+    arg_parser,
+    free_port,
+    json_valid,
+    openai_client,
+    start_server,
+    stop_server,
+)
+from exporters import testmodels
+from runtime import costmodel
+from runtime.bench import cpu_summary
+from runtime.config import (
     GenerationConfig,
     RuntimeConfig,
     SamplingConfig,
     SpeculativeConfig,
 )
-from runtime.constraint import ConstraintSpec  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.constraint import ConstraintSpec
+from runtime.engine import Engine
 
 S = {"type": "string", "maxLength": 30}
 PERSON = {"type": "object", "additionalProperties": False,
@@ -120,25 +117,13 @@ CURVES = {"GPU (flat to k=8)": costmodel.flat_verify(8),
           "7B-shaped CPU (V(k)=1+0.1(k-1))": costmodel.linear_verify(0.1)}
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-        flags = Path("/proc/cpuinfo").read_text()
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown CPU"
-    ext = sorted(set(re.findall(r"\b(avx512\w*|amx\w*)\b", flags)))
-    isa = ", ".join(ext) if ext else ("avx2" if " avx2" in flags else "no AVX2")
-    return f"{name} ({isa})"
-
-
-def chat(text: str) -> str:
+def smollm2_prompt(text: str) -> str:
     """SmolLM2's chat template around one user message."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def run(engine: Engine, prompt: str, spec: ConstraintSpec | None,
-        sampling: SamplingConfig | None = None) -> dict:
+def answer(engine: Engine, prompt: str, spec: ConstraintSpec | None,
+           sampling: SamplingConfig | None = None) -> dict:
     """One answer and its figures: steps and their batch sizes, constraint seconds."""
     sizes: list[int] = []
     observe = engine.controller.observe
@@ -158,14 +143,6 @@ def run(engine: Engine, prompt: str, spec: ConstraintSpec | None,
             "constraint_s": (c.seconds - c_before) if c is not None else 0.0}
 
 
-def valid(text: str, schema: dict) -> bool:
-    try:
-        jsonschema.validate(json.loads(text), schema)
-        return True
-    except (ValueError, jsonschema.ValidationError):
-        return False
-
-
 def single_allowed(engine: Engine, spec: ConstraintSpec, n_prompt: int, ids: list[int]) -> int:
     """How many of ``ids`` were the only token the grammar allowed at their position."""
     c = engine.compile(spec)
@@ -179,8 +156,8 @@ def single_allowed(engine: Engine, spec: ConstraintSpec, n_prompt: int, ids: lis
     return n
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("model", nargs="?", type=Path)
     ap.add_argument("--seeds", type=int, default=4, help="sampled answers per prompt")
     ap.add_argument("--threads", type=int, default=1)
@@ -189,8 +166,8 @@ def main() -> None:
                     help="skip the run through bridge serve and the openai client")
     ap.add_argument("--llama-server", type=Path,
                     help="also run the workload through this llama-server binary (built by "
-                         "scripts/bench_llamacpp.py from the pinned sources), for comparison")
-    args = ap.parse_args()
+                         "python -m bench.llamacpp from the pinned sources), for comparison")
+    args = ap.parse_args(argv)
     model = args.model or testmodels.fetch_gguf(testmodels.SMOLLM2)
     rt = RuntimeConfig(n_ctx=1024, n_threads=args.threads)
     greedy = SamplingConfig(temp=0.0)
@@ -202,18 +179,19 @@ def main() -> None:
         for _, schema, text in WORKLOAD:
             spec = ConstraintSpec.from_schema(schema)
             for name, engine in engines.items():
-                r = run(engine, chat(text), None if name == "plain free" else spec)
+                r = answer(engine, smollm2_prompt(text), None if name == "plain free" else spec)
                 r["schema"] = schema
                 results[name].append(r)
                 if name != "plain free":
-                    n_valid += valid(r["text"], schema)
+                    n_valid += json_valid(r["text"], schema)
                     n_answers += 1
         sampled = engines["auto"]
         for _, schema, text in WORKLOAD:
             spec = ConstraintSpec.from_schema(schema)
             for seed in range(args.seeds):
-                r = run(sampled, chat(text), spec, SamplingConfig(temp=1.0, seed=seed))
-                n_valid += valid(r["text"], schema)
+                r = answer(sampled, smollm2_prompt(text), spec,
+                           SamplingConfig(temp=1.0, seed=seed))
+                n_valid += json_valid(r["text"], schema)
                 n_answers += 1
         plain = engines["plain"]
         n_single = sum(single_allowed(plain, ConstraintSpec.from_schema(r["schema"]),
@@ -240,7 +218,7 @@ def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_singl
     free_step = tot("plain free", "decode_seconds") / max(1, tot("plain free", "n_steps"))
     base_tps = {n: tot(n, "n_tokens") / tot(n, "decode_seconds") for n in results}
     lines = [f"# Structured output: {len(WORKLOAD)} prompts, greedy, {time.strftime('%Y-%m-%d')}",
-             "", f"CPU: {cpu_name()}; {args.threads} thread(s); model SmolLM2-135M-Instruct "
+             "", f"CPU: {cpu_summary()}; {args.threads} thread(s); model SmolLM2-135M-Instruct "
              "Q4_1; JSON in one layout (no free whitespace).", "",
              f"**Valid:** {n_valid}/{n_answers} answers parse and validate against their "
              f"schema (jsonschema): {n_answers - len(WORKLOAD) * args.seeds} greedy across "
@@ -286,14 +264,12 @@ def render(results: dict[str, list[dict]], n_valid: int, n_answers: int, n_singl
 def through_serve(model: Path, args) -> str:
     """The workload through a real ``bridge serve`` (this checkout's code, lookup and forced
     text, adaptive) and the ``openai`` client: validity and the server's own timings."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve", str(model),
-                             "--port", str(port), "--threads", str(args.threads),
-                             "-c", "1024", "--drafter", "lookup"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = start_server([*BRIDGE, "serve", str(model), "--port", str(port), "--threads",
+                         str(args.threads), "-c", "1024", "--drafter", "lookup"], port,
+                        "bridge serve")
     try:
-        client, model_id = _client_when_up(port, "bridge serve")
+        client, model_id = _client_and_model(port)
         counts = {"steps": 0, "forced": 0}
 
         def timing(t: dict) -> tuple[int, float]:
@@ -304,8 +280,7 @@ def through_serve(model: Path, args) -> str:
         n_valid, n, tokens, seconds = _serve_workload(client, model_id, args, True, timing)
         steps, forced = counts["steps"], counts["forced"]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     return (f"**Through `bridge serve`** (`--drafter lookup`, adaptive; the `openai` client, "
             f"`response_format: json_schema`, strict): {n_valid}/{n} answers valid, "
             f"{tokens} tokens at {tokens / seconds:.1f} tok/s, "
@@ -313,24 +288,10 @@ def through_serve(model: Path, args) -> str:
             f"{forced / max(1, tokens):.0%} of tokens drafted from forced text and kept.\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _client_when_up(port: int, what: str):
-    """An ``openai`` client for the server on ``port`` once it answers, and its model id."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                           max_retries=0, timeout=300)
-    for _ in range(600):
-        try:
-            return client, client.models.list().data[0].id
-        except (openai.APIConnectionError, openai.APIStatusError):
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start")
+def _client_and_model(port: int):
+    """An ``openai`` client for the server on ``port`` and the model id it serves."""
+    client = openai_client(port, timeout=300)
+    return client, client.models.list().data[0].id
 
 
 def _serve_workload(client, model_id: str, args, constrained: bool,
@@ -349,7 +310,7 @@ def _serve_workload(client, model_id: str, args, constrained: bool,
                     temperature=temp, seed=seed, max_tokens=200,
                     **({"response_format": fmt} if constrained else {}))
                 n += 1
-                n_valid += valid(r.choices[0].message.content or "", schema)
+                n_valid += json_valid(r.choices[0].message.content, schema)
                 t, sec = timing(r.model_extra["timings"])
                 tokens, seconds = tokens + t, seconds + sec
     return n_valid, n, tokens, seconds
@@ -359,22 +320,20 @@ def through_llama_server(model: Path, args) -> str:
     """The same workload through llama-server (``--jinja``, the same model, threads and
     context) with the same ``json_schema``, and without it for its own unconstrained
     speed: validity and tok/s from its ``timings``."""
-    port = _free_port()
-    proc = subprocess.Popen([str(args.llama_server), "-m", str(model), "--port", str(port),
-                             "--host", "127.0.0.1", "-t", str(args.threads), "-c", "1024",
-                             "--jinja", "-np", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = start_server([str(args.llama_server), "-m", str(model), "--port", str(port),
+                         "--host", "127.0.0.1", "-t", str(args.threads), "-c", "1024",
+                         "--jinja", "-np", "1"], port, "llama-server")
 
     def timing(t: dict) -> tuple[int, float]:
         return t["predicted_n"], t["predicted_ms"] / 1e3
 
     try:
-        client, model_id = _client_when_up(port, "llama-server")
+        client, model_id = _client_and_model(port)
         valid_c, n, tok_c, sec_c = _serve_workload(client, model_id, args, True, timing)
         valid_f, _, tok_f, sec_f = _serve_workload(client, model_id, args, False, timing)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     return (f"**Through llama-server** (`{args.llama_server.name} --jinja -t {args.threads} "
             f"-c 1024`, the same requests): with `json_schema` {valid_c}/{n} answers valid, "
             f"{tok_c / sec_c:.1f} tok/s; without it {valid_f}/{n} happen to validate, "

@@ -1,7 +1,7 @@
 """bridge side by side with llama.cpp's own llama-server speculation (optional; not a test).
 
-    python scripts/bench_llamacpp.py [--model GGUF] [--draft DRAFT.gguf] [-n 128]
-        [--threads 2] [--sets copy,open] [--skip-build] [--server PATH]
+    python -m bench.llamacpp [--model GGUF] [--draft DRAFT.gguf] [-n 128]
+        [--threads 2] [--sets copy,open] [--skip-build] [--llama-server PATH]
 
 Builds ``llama-server`` for the CPU from the llama.cpp that the pinned llama-cpp-python sdist
 vendors (scripts/constraints.txt), cached in ~/.cache/bridge/llama.cpp-<version>/ so later
@@ -17,66 +17,42 @@ Writes bench/results/<date>-llamacpp-<cpu>.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import (
+    BRIDGE,
+    ROOT,
+    ServerError,
+    arg_parser,
+    cpu_facts,
+    free_port,
+    llama_server,
+    llama_server_facts,
+    results_path,
+    start_server,
+    stop_server,
+)
+from exporters.llamacpp_tools import CACHE, pinned_version
+from runtime import config as cfg
+from runtime.bench_prompts import PROMPT_SETS
+from runtime.chat import ChatSession
+from runtime.engine import Engine
 
-from exporters.llamacpp_tools import CACHE, LLAMA_SERVER, build_tool, pinned_version  # noqa: E402
-from runtime import config as cfg  # noqa: E402
-from runtime.bench_prompts import PROMPT_SETS  # noqa: E402
-from runtime.chat import ChatSession  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
-
-log = logging.getLogger("bench_llamacpp")
+log = logging.getLogger("bench.llamacpp")
 SEED = 42
 N_CTX = 4096
 DROP_LAYERS = "13,14,17"
-
-
-# -- build ------------------------------------------------------------------------------
-
-def build_server(version: str, skip_build: bool) -> tuple[Path, dict]:
-    """The cached llama-server binary, built first if absent; and how it was built."""
-    try:
-        return build_tool(LLAMA_SERVER, version, skip_build)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}; or pass --server PATH") from None
-
-
-def server_facts(binary: Path) -> dict:
-    """Version line and the speculative options of this llama-server, from --version/--help."""
-    run = lambda *a: subprocess.run([str(binary), *a], capture_output=True, text=True,  # noqa: E731
-                                    timeout=60)
-    ver = run("--version")
-    lines = (ver.stdout + ver.stderr).splitlines()
-    version = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("version:")),
-                   lines[0] if lines else "unknown")
-    help_text = run("--help").stdout
-    spec_opts = sorted(set(re.findall(r"(--(?:spec|draft|lookup)[\w-]*|-md)\b", help_text)))
-    m = re.search(r"--spec-type\s+\[?([\w|,-]+)", help_text)
-    types = [t for t in re.split(r"[|,]", m.group(1)) if t] if m else []
-    defaults: dict[str, str] = {}
-    for opt, default in re.findall(r"^(--spec-draft-n-max|--spec-draft-n-min|--spec-draft-p-min)"
-                                   r"\b[^\n]*(?:\n {20,}[^\n]*)?\(default: ([^)]*)\)",
-                                   help_text, re.M):
-        defaults.setdefault(opt, default)
-    return {"version": version, "spec_options": spec_opts, "spec_types": types,
-            "defaults": defaults}
 
 
 # -- runners ----------------------------------------------------------------------------
@@ -109,29 +85,14 @@ class ServerMode(Mode):
     def __init__(self, name: str, binary: Path, model: Path, threads: int, extra: list[str],
                  logdir: Path):
         super().__init__(name, "llama-server")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         t = str(threads)
         self.cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), "-t", t, "-tb", t, "-c", str(N_CTX), "-np", "1",
                     "--seed", str(SEED), *extra]
         self.log_path = logdir / ("llama-server-" + re.sub(r"[^\w-]", "_", name) + ".log")
-        log.info("starting %s", shlex.join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log_path, "w"),
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 180.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return True
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        return False
+        self.proc = start_server(self.cmd, self.port, name, timeout=180,
+                                 log_path=self.log_path)
 
     def run(self, ids: list[int], n: int) -> Result:
         body = {"prompt": ids, "n_predict": n, "temperature": 0.0, "top_k": 1, "seed": SEED,
@@ -146,11 +107,7 @@ class ServerMode(Mode):
                       t.get("draft_n_accepted", 0), out["content"])
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc, 10)
 
 
 class BridgeMode(Mode):
@@ -182,8 +139,7 @@ def make_draft(model: Path) -> Path:
     if found:
         return found[0]
     outdir.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "bridge"), "export", str(model),
-           "--drop-layers", DROP_LAYERS, "-o", str(outdir)]
+    cmd = [*BRIDGE, "export", str(model), "--drop-layers", DROP_LAYERS, "-o", str(outdir)]
     log.info("exporting a draft: %s", shlex.join(cmd))
     subprocess.run(cmd, check=True)
     return sorted(outdir.glob("*.draft.gguf"))[0]
@@ -206,7 +162,7 @@ def rate(rs: list[Result]) -> float:
     return sum(r.n for r in rs) / secs if secs else 0.0
 
 
-def table(modes: list[Mode], set_name: str) -> list[str]:
+def speed_table(modes: list[Mode], set_name: str) -> list[str]:
     by = {m.name: m for m in modes}
     ref_s, ref_b = by.get("llama-server plain"), by.get("bridge plain")
     rows = ["| mode | tok/s | vs llama-server plain | vs bridge plain | drafted | accepted "
@@ -226,16 +182,8 @@ def table(modes: list[Mode], set_name: str) -> list[str]:
     return rows
 
 
-def cpu_info() -> tuple[str, list[str]]:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
-    simd = [f for f in (flags.group(1).split() if flags else []) if re.match(r"(avx|amx)", f)]
-    return (name.group(1).strip() if name else "unknown CPU"), simd
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--draft", type=Path, help="bridge draft of --model [default: export one "
                     f"with --drop-layers {DROP_LAYERS} into {CACHE / 'drafts'}]")
@@ -244,9 +192,10 @@ def main() -> None:
     ap.add_argument("--sets", default="copy,open", help="prompt sets: " + ",".join(PROMPT_SETS))
     ap.add_argument("--prompts", type=int, default=0, help="first N prompts per set (0: all)")
     ap.add_argument("--skip-build", action="store_true", help="never build; use the cache")
-    ap.add_argument("--server", type=Path, help="a llama-server binary to use instead")
+    ap.add_argument("--llama-server", "--server", type=Path,
+                    help="a llama-server binary to use instead")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
     set_names = [s for s in args.sets.split(",") if s]
     bad = [s for s in set_names if s not in PROMPT_SETS]
@@ -254,11 +203,8 @@ def main() -> None:
         raise SystemExit(f"error: unknown prompt set {bad}; choose from {', '.join(PROMPT_SETS)}")
 
     version = pinned_version()
-    if args.server:
-        binary, build = args.server, {}
-    else:
-        binary, build = build_server(version, args.skip_build)
-    facts = server_facts(binary)
+    binary, build = llama_server(args.llama_server, args.skip_build)
+    facts = llama_server_facts(binary)
     log.info("llama-server %s at %s", facts["version"], binary)
     log.info("speculative types: %s", ", ".join(facts["spec_types"]) or "none (no --spec-type)")
     draft = args.draft or make_draft(args.model)
@@ -275,15 +221,14 @@ def main() -> None:
     modes: list[Mode] = []
     servers: list[ServerMode] = []
     try:
-        servers += [ServerMode(name, binary, args.model, args.threads, extra, logdir)
-                   for name, extra in server_cfgs]
-        for s in servers:
-            if s.wait_ready():
-                modes.append(s)
-            else:
-                s.close()
-                tail = s.log_path.read_text().strip().splitlines()[-3:]
-                log.warning("%s did not start; skipped (%s)", s.name, " / ".join(tail))
+        for name, extra in server_cfgs:
+            try:
+                servers.append(ServerMode(name, binary, args.model, args.threads, extra,
+                                          logdir))
+            except ServerError as e:  # e.g. a speculative type this build cannot run
+                tail = [ln for ln in str(e).splitlines() if ln.strip()][-3:]
+                log.warning("%s did not start; skipped (%s)", name, " / ".join(tail))
+        modes += servers
         modes += [BridgeMode("bridge plain", args.model, None, "none", args.threads),
                   BridgeMode("bridge auto", args.model, draft, "auto", args.threads),
                   BridgeMode("bridge lookup", args.model, None, "lookup", args.threads)]
@@ -304,10 +249,8 @@ def main() -> None:
         for m in {id(m): m for m in [*servers, *modes]}.values():
             m.close()
 
-    cpu, simd = cpu_info()
+    cpu, simd = cpu_facts()
     today = datetime.date.today().isoformat()
-    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", re.sub(
-        r"\((r|tm)\)|\bcpu\b|@.*", "", cpu.lower()))).strip("-")
     import llama_cpp
     server_lines = [f"    {shlex.join([c if c != str(s.port) else 'PORT' for c in s.cmd])}"
                     for s in modes if isinstance(s, ServerMode)]
@@ -330,17 +273,16 @@ def main() -> None:
         f"- 1-minute load average {load0:.1f} at the start, {load1:.1f} at the end (other "
         "jobs on the machine inflate it; compare rows, not runs)", ""]
     for name in set_names:
-        md_out += [f"## {name} prompts ({len(sets[name])})", "", *table(modes, name), ""]
+        md_out += [f"## {name} prompts ({len(sets[name])})", "", *speed_table(modes, name), ""]
     md_out += ["## Commands", "", "```",
-               f"python scripts/bench_llamacpp.py {shlex.join(sys.argv[1:])}",
+               f"python -m bench.llamacpp {shlex.join(sys.argv[1:])}",
                *server_lines, "# each request: POST /completion " + json.dumps(
                    {"prompt": "[chat-template token ids]", "n_predict": args.n,
                     "temperature": 0.0, "top_k": 1, "seed": SEED, "cache_prompt": False}),
                "```", ""]
     text = "\n".join(md_out)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{today}-llamacpp-{slug}.md"
+    path = results_path(args.out, "llamacpp")
     path.write_text(text)
     log.info("wrote %s", path)
 

@@ -7,7 +7,7 @@ measured by llama.cpp as teacher-forced top-1 agreement with the full GGUF's own
 output on held-out prompts (the calibration split's held-out part plus the runtime's
 bench prompts, none seen by the scorers).
 
-    .venv/bin/python scripts/bench_layers.py [--model PATH.gguf] [--tokens 96]
+    python -m bench.layers [--model PATH.gguf] [--tokens 96]
         [--methods shortlist,greedy,bi,angular,fit] [--cache /tmp/bench_layers.json]
 
 Layer choices are cached in --cache (reused when present) so a crash loses nothing.
@@ -17,7 +17,6 @@ Layer choices are cached in --cache (reused when present) so a crash loses nothi
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from bench.common import arg_parser
 
 COUNTS = (1, 3, 6)
 # methods whose choice for n layers depends on the largest count asked for
@@ -116,13 +116,15 @@ def draft_alpha(full: Path, dropped: list[int], n_layers: int, prompts, conts) -
         return alpha(path, prompts, conts)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--methods", default="shortlist,greedy,bi,angular,fit")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/bench_layers.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    import torch  # after the arguments: --help needs no torch
+
     torch.set_num_threads(1)  # the machine is shared; results are per-thread anyway
 
     from transformers import AutoTokenizer

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What ``--exact`` costs, and whether it delivers: plain and adaptive decoding, each in the
 default and in exact mode, interleaved on the same prompts in one process.
 
@@ -7,48 +6,40 @@ of the four runs (ratios against default plain decoding of the same run), how ma
 answers of each drafting run equal plain decoding's in the same mode, the memory each
 engine took (RSS growth when it was built), and this machine's measured bound.
 
-    .venv/bin/python scripts/bench_exact.py [MODEL.gguf ...] [-n 64] [--threads 2]
+    python -m bench.exact [MODEL.gguf ...] [-n 64] [--threads 2]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from exporters import testmodels  # noqa: E402
-from runtime.bench import cpu_summary, measure_numerics  # noqa: E402
-from runtime.bench_prompts import PROMPT_SETS  # noqa: E402
-from runtime.chat import ChatSession  # noqa: E402
-from runtime.config import (  # noqa: E402
+from bench.common import arg_parser, rss_mib
+from exporters import testmodels
+from runtime.bench import cpu_summary, measure_numerics
+from runtime.bench_prompts import PROMPT_SETS
+from runtime.chat import ChatSession
+from runtime.config import (
     GenerationConfig,
     RuntimeConfig,
     SamplingConfig,
     SpeculativeConfig,
 )
-from runtime.engine import Engine  # noqa: E402
+from runtime.engine import Engine
 
 RUNS = {"plain": (False, "none"), "auto": (False, "auto"),
         "plain --exact": (True, "none"), "auto --exact": (True, "auto")}
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS"))
-    return kb / 1024
-
-
 def bench_model(path: Path, n_tokens: int, threads: int | None) -> None:
     engines, mem = {}, {}
     for name, (exact, drafter) in RUNS.items():
-        before = rss_mib()
+        before = rss_mib(os.getpid()) or 0.0
         engines[name] = Engine(path, draft=None, sampling=SamplingConfig(temp=0.0),
                                runtime=RuntimeConfig(n_ctx=2048, n_threads=threads,
                                                      exact=exact),
                                speculative=SpeculativeConfig(drafter=drafter))
-        mem[name] = rss_mib() - before
+        mem[name] = (rss_mib(os.getpid()) or 0.0) - before
     first = engines["plain"]
     chat = first.model.chat_template() is not None
     prompts = [p for name in ("open", "copy") for _, p in PROMPT_SETS[name]]
@@ -91,12 +82,12 @@ def bench_model(path: Path, n_tokens: int, threads: int | None) -> None:
         eng.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("models", nargs="*", type=Path)
     ap.add_argument("-n", "--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     models = args.models or [testmodels.fetch_gguf(testmodels.SMOLLM2),
                              testmodels.fetch_gguf(testmodels.GEMMA3)]
     print(f"# --exact on {cpu_summary()}\n")

@@ -1,6 +1,6 @@
 """An agent workload through `bridge serve`: sessions of tool calls and tool results.
 
-    .venv/bin/python scripts/bench_agent.py MODEL.gguf [--sessions 3] [-n 96]
+    python -m bench.agent MODEL.gguf [--sessions 3] [-n 96]
         [--threads 1] [--md OUT.md]
 
 Each session is a coding agent's loop over one file: the user asks for a change, the
@@ -26,19 +26,20 @@ Every server decodes calls under the tools' grammar; only the drafting differs.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import jsonschema
-import openai
-from bench_serve import free_port, start, stop
-
+from bench.common import (
+    BRIDGE,
+    arg_parser,
+    free_port,
+    json_valid,
+    openai_client,
+    start_server,
+    stop_server,
+)
 from runtime.bench import cpu_summary
-
-BIN = Path(sys.executable).parent
 
 TOOLS = [
     {"type": "function", "function": {
@@ -105,23 +106,15 @@ def session(path: str) -> list[tuple[list[dict], str | dict]]:
     return turns
 
 
-def valid(call) -> bool:
-    try:
-        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-        return True
-    except (ValueError, KeyError, jsonschema.ValidationError):
-        return False
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("model", type=Path)
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("-n", type=int, default=96, help="max tokens per answer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("-c", type=int, default=4096)
     ap.add_argument("--md", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     modes = {"plain": ["--drafter", "none"],
              "lookup, memory off": ["--drafter", "lookup", "--no-shared-drafts"],
              "lookup, memory on, no forced text": ["--drafter", "lookup",
@@ -134,10 +127,9 @@ def main() -> None:
     try:
         for name, extra in modes.items():
             port = free_port()
-            argv = [str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
-                    "--threads", str(args.threads), "-c", str(args.c), *extra]
-            servers[name] = (start(argv, port, name), openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0))
+            cmd = [*BRIDGE, "serve", str(args.model), "--port", str(port),
+                   "--threads", str(args.threads), "-c", str(args.c), *extra]
+            servers[name] = (start_server(cmd, port, name), openai_client(port))
         totals = {m: {"tokens": 0, "steps": 0, "ms": 0.0, "calls": 0, "valid": 0,
                       "answers": 0, "asked": 0} for m in modes}
         paths = list(FILES)[:args.sessions]
@@ -156,23 +148,24 @@ def main() -> None:
                     tot["asked"] += choice != "auto"
                     for c in r.choices[0].message.tool_calls or ():
                         tot["calls"] += 1
-                        tot["valid"] += valid(c)
+                        tot["valid"] += json_valid(c.function.arguments,
+                                                   SCHEMAS.get(c.function.name))
         wall = time.monotonic() - t0
     finally:
         for proc, _ in servers.values():
-            stop(proc)
-    lines = report(totals, paths, args, wall)
+            stop_server(proc)
+    lines = agent_report(totals, paths, args, wall)
     print("\n".join(lines))
     if args.md:
         args.md.write_text("\n".join(lines) + "\n")
 
 
-def report(totals: dict, paths: list[str], args, wall: float) -> list[str]:
+def agent_report(totals: dict, paths: list[str], args, wall: float) -> list[str]:
     plain = totals["plain"]
     plain_tps = plain["tokens"] / (plain["ms"] / 1e3) if plain["ms"] else 0.0
     lines = [f"# Agent workload: {args.model.name}", "",
              f"CPU: {cpu_summary()}", "",
-             f"`scripts/bench_agent.py {args.model.name} --sessions {len(paths)} -n {args.n} "
+             f"`python -m bench.agent {args.model.name} --sessions {len(paths)} -n {args.n} "
              f"--threads {args.threads}`: {len(paths)} sessions x 8 model turns (a call under "
              "`required` or a named tool, or a report after the test results), the same "
              "scripted history sent to every server in turn, greedy. Tokens per target "

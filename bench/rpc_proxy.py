@@ -1,7 +1,7 @@
 """A TCP relay on 127.0.0.1 in front of one rpc-server: adds a round-trip delay and counts
 round trips, to measure bridge over RPC as if the worker sat on a network (not a test).
 
-    python scripts/rpc_proxy.py --listen PORT --to PORT [--rtt-ms 2] [--count FILE]
+    python -m bench.rpc_proxy --listen PORT --to PORT [--rtt-ms 2] [--count FILE]
 
 This machine's kernel has no ``sch_netem``, so ``tc qdisc ... netem delay`` cannot add
 latency to the loopback device; this relay does it in user space. Every chunk is held for
@@ -15,12 +15,13 @@ something back, so this is the number of waits a step pays. The count goes to ``
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import socket
 import threading
 import time
+
+from bench.common import arg_parser
 
 
 class Counter:
@@ -77,7 +78,7 @@ def pipe(src: socket.socket, dst: socket.socket, delay: float, on_first, on_clos
         ready.notify()
 
 
-def serve(listen: int, to: int, rtt: float, counter: Counter) -> None:
+def relay(listen: int, to: int, rtt: float, counter: Counter) -> None:
     srv = socket.create_server(("127.0.0.1", listen))
     while True:
         client, _ = srv.accept()
@@ -111,14 +112,14 @@ def serve(listen: int, to: int, rtt: float, counter: Counter) -> None:
                          daemon=True).start()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--listen", type=int, required=True)
     ap.add_argument("--to", type=int, required=True)
     ap.add_argument("--rtt-ms", type=float, default=0.0)
     ap.add_argument("--count", help="file the round-trip count is written to")
-    args = ap.parse_args()
-    serve(args.listen, args.to, args.rtt_ms / 1e3, Counter(args.count))
+    args = ap.parse_args(argv)
+    relay(args.listen, args.to, args.rtt_ms / 1e3, Counter(args.count))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """bridge over llama.cpp's RPC backend on this machine: the verify curve and the workloads,
 against local decoding, with round-trip latency added by a relay (not a test).
 
-    python scripts/bench_rpc.py [--model GGUF] [--rtts 0,0.5,2,5] [--workload-rtts 0,2]
+    python -m bench.rpc [--model GGUF] [--rtts 0,0.5,2,5] [--workload-rtts 0,2]
         [-n 64] [--threads 1] [--reps 5] [--out DIR]
 
 Starts two ``ggml-rpc-server`` workers on 127.0.0.1 (built from the pinned llama-cpp-python's
-own llama.cpp, ``exporters.llamacpp_tools``), each behind ``scripts/rpc_proxy.py``, which
+own llama.cpp, ``exporters.llamacpp_tools``), each behind ``bench.rpc_proxy``, which
 holds every chunk for half the round trip in each direction and counts round trips (this
 kernel has no sch_netem, so ``tc ... netem`` cannot delay the loopback device). The target's
 layers are split over the two workers; the client keeps the embeddings.
@@ -16,62 +16,44 @@ layers are split over the two workers; the client keeps the embeddings.
 2. Workloads, at each of ``--workload-rtts``: plain decoding, forced lookup (``--drafter
    lookup --fixed-gamma --draft-max 16``) and ``auto``, one engine each on the same workers,
    interleaved request by request: the copy-heavy prompts of ``bridge bench`` and the
-   session workload of ``scripts/bench_serve.py --sessions`` (4 sessions x 6 similar
+   session workload of ``python -m bench.serve --sessions`` (4 sessions x 6 similar
    requests, with the drafting memory). Speed ratios are against plain in the same run.
 Writes bench/results/<date>-rpc-<cpu>.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
-import re
-import socket
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench.common import (
+    ROOT,
+    arg_parser,
+    cpu_facts,
+    free_port,
+    results_path,
+    start_server,
+    stop_server,
+)
+from bench.workloads import SESSIONS
+from exporters.llamacpp_tools import RPC_SERVER, build_tool
+from runtime import config as cfg
+from runtime.bench_prompts import PROMPT_SETS
+from runtime.chat import ChatSession
+from runtime.context import LlamaContext, LlamaModel
+from runtime.drafters.memory import DraftMemory
+from runtime.engine import Engine
+from runtime.rpc import RpcDevices, parse_endpoints, probe
 
-from bench_llamacpp import cpu_info  # noqa: E402
-from serve_workloads import SESSIONS  # noqa: E402
-
-from exporters.llamacpp_tools import RPC_SERVER, build_tool  # noqa: E402
-from runtime import config as cfg  # noqa: E402
-from runtime.bench_prompts import PROMPT_SETS  # noqa: E402
-from runtime.chat import ChatSession  # noqa: E402
-from runtime.context import LlamaContext, LlamaModel  # noqa: E402
-from runtime.drafters.memory import DraftMemory  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
-from runtime.rpc import RpcDevices, parse_endpoints, probe  # noqa: E402
-
-log = logging.getLogger("bench_rpc")
+log = logging.getLogger("bench.rpc")
 K_MAX = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(port: int, what: str, proc: subprocess.Popen) -> None:
-    for _ in range(100):
-        if proc.poll() is not None:
-            raise SystemExit(f"error: {what} exited {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"error: {what} did not listen on {port}")
 
 
 class Link:
@@ -82,11 +64,10 @@ class Link:
         self.procs, self.files, ports = [], [], []
         for w in workers:
             port, count = free_port(), tmp / f"count-{w}-{rtt_ms}"
-            p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "rpc_proxy.py"),
-                                  "--listen", str(port), "--to", str(w), "--rtt-ms",
-                                  str(rtt_ms), "--count", str(count)])
-            wait_up(port, "rpc_proxy", p)
-            self.procs.append(p)
+            argv = [sys.executable, "-m", "bench.rpc_proxy", "--listen", str(port), "--to",
+                    str(w), "--rtt-ms", str(rtt_ms), "--count", str(count)]
+            self.procs.append(start_server(argv, port, "rpc_proxy", health_path=None,
+                                           timeout=10))
             self.files.append(count)
             ports.append(port)
         self.endpoints = parse_endpoints(",".join(f"127.0.0.1:{p}" for p in ports))
@@ -99,8 +80,7 @@ class Link:
 
     def close(self) -> None:
         for p in self.procs:
-            p.terminate()
-            p.wait(5)
+            stop_server(p, 5, signal.SIGTERM)
 
 
 def verify_curve(model_path: Path, threads: int, reps: int, link: Link | None) -> dict:
@@ -180,8 +160,8 @@ def run_workloads(model_path: Path, threads: int, n: int, link: Link | None) -> 
             eng.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--rtts", default="0,0.5,2,5", help="round trips (ms) for the curve")
     ap.add_argument("--workload-rtts", default="0,2", help="round trips (ms) for workloads")
@@ -189,7 +169,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of client and workers")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
     rtts = [float(x) for x in args.rtts.split(",") if x]
     wrtts = [float(x) for x in args.workload_rtts.split(",") if x]
@@ -198,12 +178,10 @@ def main() -> None:
     workers, wprocs = [free_port(), free_port()], []
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     try:
-        for w in workers:
-            p = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(w), "-t",
-                                  str(args.threads)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-            wprocs.append(p)
-            wait_up(w, "ggml-rpc-server", p)
+        for w in workers:  # ggml-rpc-server speaks no HTTP: up once it accepts a connection
+            wprocs.append(start_server([str(binary), "-H", "127.0.0.1", "-p", str(w), "-t",
+                                        str(args.threads)], w, "ggml-rpc-server",
+                                       health_path=None, timeout=10))
         curves = {"local": verify_curve(args.model, args.threads, args.reps, None)}
         work = {"local": run_workloads(args.model, args.threads, args.n, None)}
         for rtt in sorted(set(rtts) | set(wrtts)):
@@ -220,29 +198,25 @@ def main() -> None:
                 link.close()
     finally:
         for p in wprocs:
-            p.terminate()
-            p.wait(5)
+            stop_server(p, 5, signal.SIGTERM)
     wall, load1 = time.perf_counter() - t_start, os.getloadavg()[0]
-    text = report(args, curves, work, wall, load0, load1)
+    text = rpc_report(args, curves, work, wall, load0, load1)
     print(text)
-    cpu, _ = cpu_info()
-    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", re.sub(
-        r"\((r|tm)\)|\bcpu\b|@.*", "", cpu.lower()))).strip("-")
-    path = args.out / f"{datetime.date.today().isoformat()}-rpc-{slug}.md"
-    args.out.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, "rpc")
     path.write_text(text)
     log.info("wrote %s", path)
 
 
-def report(args, curves: dict, work: dict, wall: float, load0: float, load1: float) -> str:
-    cpu, simd = cpu_info()
+def rpc_report(args, curves: dict, work: dict, wall: float, load0: float, load1: float
+               ) -> str:
+    cpu, simd = cpu_facts()
     ks = [1, 2, 3, 4, 6, 8, 12, 16]
     md = [f"# bridge over llama.cpp RPC, {datetime.date.today().isoformat()}", "",
           f"- CPU: {cpu}; {os.cpu_count()} cores; SIMD flags: {' '.join(simd) or 'none'}",
           f"- model: {args.model.name}, greedy, {args.n} tokens per answer; client and each "
           f"of the two `ggml-rpc-server` workers on 127.0.0.1 with {args.threads} thread(s); "
           "the target's layers split over the two workers, embeddings on the client",
-          "- latency: `scripts/rpc_proxy.py` in front of each worker holds every chunk for "
+          "- latency: `bench.rpc_proxy` in front of each worker holds every chunk for "
           "half the round trip each way (no sch_netem in this kernel, so no `tc netem`); "
           "\"round trips\" are the waits it counted: the worker answering after the client "
           "spoke, summed over both workers",
@@ -278,7 +252,7 @@ def report(args, curves: dict, work: dict, wall: float, load0: float, load1: flo
                 md.append(f"| {where} | {m} | {tps:.1f} | {tps / base:.2f}x | "
                           f"{x['n1'] / max(1, x['steps']):.2f} | {trips} | "
                           f"{same}/{len(x['texts'])} |")
-    md += ["", "## Command", "", "```", f"python scripts/bench_rpc.py {' '.join(sys.argv[1:])}",
+    md += ["", "## Command", "", "```", f"python -m bench.rpc {' '.join(sys.argv[1:])}",
            "```", ""]
     return "\n".join(md)
 

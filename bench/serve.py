@@ -1,7 +1,7 @@
 """What serving costs: `bridge serve` against `bridge generate`, and against llama-cpp-python's
 own server, on the same model and prompts, through the official `openai` client.
 
-    .venv/bin/python scripts/bench_serve.py MODEL.gguf [--draft PATH | --no-draft]
+    python -m bench.serve MODEL.gguf [--draft PATH | --no-draft]
         [-n 64] [--requests 8] [--threads N] [-c 2048] [--json OUT]
 
 For each server: N sequential streamed requests (time to first token, wall time, tokens/s
@@ -19,7 +19,7 @@ llama-cpp-python's server needs `pip install 'llama-cpp-python[server]'` (fastap
 sse-starlette, uvicorn, pydantic-settings, starlette-context); without it that part is
 skipped with a message.
 
-    .venv/bin/python scripts/bench_serve.py MODEL.gguf --sessions [--draft PATH]
+    python -m bench.serve MODEL.gguf --sessions [--draft PATH]
         [-n 96] [--threads 1] [--md OUT.md] [--llama-server PATH]
 
 The session workload (issue 17): 4 sessions x 6 similar requests (records to JSON, edits
@@ -29,22 +29,18 @@ so all share the machine's noise: plain, forced lookup (`--drafter lookup --fixe
 --draft-max 16`) and `auto`, each with the drafting memory on and off
 (`--no-shared-drafts`). Reported per server: tokens per target step ((predicted_n - 1) /
 n_steps summed over requests), decode tokens/s, how many answers equal plain's. Then 24
-open-ended requests (scripts/serve_workloads.py) on plain and on `auto` with the memory
+open-ended requests (``bench.workloads``) on plain and on `auto` with the memory
 (which has read the sessions) and without it, and the memory's own cost per step:
 lookups timed on the memory the forced-lookup server saved, against a plain step.
-A llama-server binary (``--llama-server``, or the one scripts/bench_llamacpp.py builds in
+A llama-server binary (``--llama-server``, or the one ``bench.llamacpp`` builds in
 ~/.cache/bridge) adds llama-server plain and each of its n-gram speculation types (their
 default sizes) to the session table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,48 +50,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
-from serve_workloads import OPEN_REQUESTS, SESSIONS
 
+from bench.common import (
+    BRIDGE,
+    arg_parser,
+    bridge_generate,
+    free_port,
+    llama_server,
+    llama_server_facts,
+    openai_client,
+    percentile,
+    start_server,
+    stop_server,
+)
+from bench.workloads import OPEN_REQUESTS, SESSIONS
 from runtime.bench_prompts import BENCH_PROMPTS
 
-BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv: list[str], port: int, what: str) -> subprocess.Popen:
-    # a file, not a pipe: nobody reads a running server's log, and a full pipe would block it
-    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err.seek(0)
-            raise SystemExit(f"{what} exited {proc.returncode}:\n{err.read()}")
-        try:  # llama-cpp-python has no /health; /v1/models answers once the model is loaded
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"{what} did not start within 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def one_request(client: openai.OpenAI, model: str, prompt: str, n: int) -> dict:
+def one_request(client, model: str, prompt: str, n: int) -> dict:
     """One streamed chat request: time to first token, wall time, tokens, text."""
     t0 = time.perf_counter()
     ttft, parts, usage, timings = None, [], None, None
@@ -119,8 +91,7 @@ def drive(port: int, model: str, prompts: list[str], n: int, args) -> tuple[dict
     """The sequential requests, each right after `bridge generate` on the same prompt (on a
     shared machine, load drifts: interleaving compares like with like), then the
     concurrent ones. Returns the server's figures and the generate baseline."""
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                           max_retries=0, timeout=600)
+    client = openai_client(port)
     one_request(client, model, prompts[0], 4)  # warm-up: first-call allocations
     base, seq = [], []
     for p in prompts:
@@ -135,11 +106,8 @@ def drive(port: int, model: str, prompts: list[str], n: int, args) -> tuple[dict
 
 def generate_one(args, prompt: str) -> dict:
     """`bridge generate` in a subprocess: its engine's prompt + decode time (load aside)."""
-    argv = [str(BIN / "bridge"), "generate", str(args.model), "--chat", "--temp", "0",
-            "-n", str(args.n), "-c", str(args.ctx), "--json", "-p", prompt, *draft_args(args)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    res = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    res = bridge_generate(args.model, prompt, args.n, ["-c", str(args.ctx), *draft_args(args)],
+                          args.threads)
     s = res["stats"]
     return {"engine": s["prompt_seconds"] + s["decode_seconds"], "ttft": s["prompt_seconds"],
             "tokens": s["n_tokens"], "text": res["text"]}
@@ -151,7 +119,7 @@ def draft_args(args) -> list[str]:
     return ["--draft", str(args.draft)] if args.draft else []
 
 
-def summarize(name: str, r: dict, base: list[dict]) -> dict:
+def summarize_server(name: str, r: dict, base: list[dict]) -> dict:
     seq, conc = r["sequential"], r["concurrent"]
     mean = statistics.mean
     row = {
@@ -196,13 +164,6 @@ def chat_once(port: int, prompt: str, n: int) -> dict:
             "wall": time.perf_counter() - t0, "sources": t.get("sources", {})}
 
 
-def llama_server_types(binary: Path) -> list[str]:
-    """The n-gram speculative types this llama-server knows (from its --help)."""
-    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout
-    m = re.search(r"--spec-type\s+\[?([\w|,\- ]+)", out)
-    return [t for t in re.split(r"[|, ]+", m.group(1)) if t.startswith("ngram")] if m else []
-
-
 def session_servers(args, memory_file: Path) -> list[tuple[str, list[str]]]:
     draft = ["--draft", str(args.draft)] if args.draft else []
     return [
@@ -221,23 +182,22 @@ def run_sessions(args) -> None:
     try:
         for name, extra in session_servers(args, memory_file):
             port = free_port()
-            argv = [str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
+            argv = [*BRIDGE, "serve", str(args.model), "--port", str(port),
                     "-c", str(args.ctx), *threads, *extra]
-            servers.append((name, port, start(argv, port, f"bridge serve ({name})")))
-        binary = args.llama_server or next(
-            (p for p in (Path.home() / ".cache" / "bridge").glob(
-                "llama.cpp-*/*/vendor/llama.cpp/build/bin/llama-server") if p.is_file()), None)
-        if binary is None:
-            print("no llama-server build found (scripts/bench_llamacpp.py builds one): its "
-                  "n-gram modes are left out", file=sys.stderr)
+            servers.append((name, port, start_server(argv, port, f"bridge serve ({name})")))
+        try:
+            binary = llama_server(args.llama_server, skip_build=True)[0]
+        except SystemExit as e:  # none given, none built (python -m bench.llamacpp builds one)
+            print(f"{e}: llama-server's n-gram modes are left out", file=sys.stderr)
         else:
+            ngram = [t for t in llama_server_facts(binary)["spec_types"] if t.startswith("ngram")]
             # each n-gram type with its own default sizes (their n-max options differ)
-            for t in ["plain", *llama_server_types(binary)]:
+            for t in ["plain", *ngram]:
                 port = free_port()
                 argv = [str(binary), "-m", str(args.model), "--port", str(port), "-c",
                         str(args.ctx), "-t", str(args.threads or os.cpu_count()),
                         *(["--spec-type", t] if t != "plain" else [])]
-                servers.append((f"llama-server {t}", port, start(argv, port, t)))
+                servers.append((f"llama-server {t}", port, start_server(argv, port, t)))
         load = [os.getloadavg()[0]]
         requests = [p for ps in SESSIONS.values() for p in ps]
         for _, port, _ in servers:  # warm-up: first-call allocations, stored profiles
@@ -258,7 +218,7 @@ def run_sessions(args) -> None:
         load.append(os.getloadavg()[0])
     finally:
         for _, _, proc in servers:
-            stop(proc)
+            stop_server(proc)
     plain_step = statistics.median(r["decode_s"] / r["tokens"] for r in results["plain"])
     cost = memory_step_cost(memory_file, plain_step)
     lines = session_report(results, open_res, cost, load, args)
@@ -287,8 +247,7 @@ def memory_step_cost(path: Path, plain_step: float) -> dict:
             t0 = time.perf_counter()
             drafter.propose(seq[:i], 16, 0.0)
             times.append(time.perf_counter() - t0)
-    times.sort()
-    med, p90 = statistics.median(times), times[int(0.9 * len(times))]
+    med, p90 = percentile(times, 50), percentile(times, 90)
     return {"tokens": memory.n_tokens, "bytes": memory.nbytes, "lookups": len(times),
             "median_us": med * 1e6, "p90_us": p90 * 1e6, "plain_step_ms": plain_step * 1e3,
             "share": med / plain_step, "share_p90": p90 / plain_step}
@@ -323,7 +282,7 @@ def session_report(results: dict, open_res: dict, cost: dict, load: list, args) 
     o_acc, o_drafted = memory_counts(open_res["auto, memory on"])
     out += ["", f"- forced lookup, memory on: {on:.2f} tokens per target step (target >= 3.0), "
             f"{on / off - 1:+.0%} against memory off (target >= +15%)",
-            f"- open-ended requests ({len(OPEN_REQUESTS)}, scripts/serve_workloads.py): "
+            f"- open-ended requests ({len(OPEN_REQUESTS)}, bench.workloads): "
             f"`auto` with the memory {o_auto:.1f} tok/s, plain {o_plain:.1f} tok/s: "
             f"{o_auto / o_plain:.2f}x (target >= 0.97x); `auto` without it {o_off:.1f} "
             f"tok/s ({o_off / o_plain:.2f}x); the memory drafted {o_drafted} tokens on "
@@ -339,9 +298,8 @@ def session_report(results: dict, open_res: dict, cost: dict, load: list, args) 
     return out
 
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("model", type=Path)
     ap.add_argument("--draft", type=Path)
     ap.add_argument("--no-draft", action="store_true")
@@ -354,7 +312,7 @@ def main() -> None:
                     help="the session workload with the drafting memory on and off")
     ap.add_argument("--md", type=Path, help="--sessions: also write the report here")
     ap.add_argument("--llama-server", type=Path, help="--sessions: a llama-server binary")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.sessions:
         run_sessions(args)
         return
@@ -364,18 +322,18 @@ def main() -> None:
     port = free_port()
     print(f"bridge serve and bridge generate, interleaved: {len(prompts)} prompts, "
           f"{args.n} tokens each", file=sys.stderr)
-    proc = start([str(BIN / "bridge"), "serve", str(args.model), "--port", str(port),
-                  "-c", str(args.ctx), *threads, *draft_args(args)], port, "bridge serve")
+    proc = start_server([*BRIDGE, "serve", str(args.model), "--port", str(port),
+                         "-c", str(args.ctx), *threads, *draft_args(args)], port, "bridge serve")
     try:
         served, base = drive(port, args.model.name, prompts, args.n, args)
     finally:
-        stop(proc)
+        stop_server(proc)
     rows = [{"server": "bridge generate (engine time)",
              "seq_ttft_ms": 1e3 * statistics.mean(b["ttft"] for b in base),
              "seq_wall_s": statistics.mean(b["engine"] for b in base),
              "seq_tok_s": sum(b["tokens"] for b in base) / sum(b["engine"] for b in base),
              "seq_req_s": len(base) / sum(b["engine"] for b in base)},
-            summarize("bridge serve", served, base)]
+            summarize_server("bridge serve", served, base)]
 
     probe = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"],
                            capture_output=True, text=True)
@@ -390,12 +348,13 @@ def main() -> None:
                 "--n_ctx", str(args.ctx), "--port", str(port), "--verbose", "False"]
         if args.threads:
             argv += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-        proc = start(argv, port, "llama_cpp.server")
+        # llama-cpp-python's server has no /health: /v1/models answers once the model is loaded
+        proc = start_server(argv, port, "llama_cpp.server", health_path="/v1/models")
         try:
-            rows.append(summarize("llama_cpp.server (plain)",
-                                  *drive(port, str(args.model), prompts, args.n, args)))
+            rows.append(summarize_server("llama_cpp.server (plain)",
+                                         *drive(port, str(args.model), prompts, args.n, args)))
         finally:
-            stop(proc)
+            stop_server(proc)
 
     print_table(rows, args)
     if args.json:

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Wall time and peak memory of ``bridge export SYNTH.gguf --prune 0.25 --method bi`` on a
-random-weight llama GGUF (``scripts/synth_gguf.py``), scored layer by layer.
+random-weight llama GGUF (``bench.synth_gguf``), scored layer by layer.
 
-    .venv/bin/python scripts/bench_streamed.py                       # Llama-3-8B's shape
-    .venv/bin/python scripts/bench_streamed.py --hidden 2048 --layers 16 --ffn 5632
-    .venv/bin/python scripts/bench_streamed.py --prompts 4   # the first 4 built-in prompts
+    python -m bench.streamed                       # Llama-3-8B's shape
+    python -m bench.streamed --hidden 2048 --layers 16 --ffn 5632
+    python -m bench.streamed --prompts 4   # the first 4 built-in prompts
 
 The GGUF is written once under bench/work/. The export runs as its own process
-(``bench_export.run``: peak RSS from wait4, peak anonymous memory sampled from /proc);
+(``bench.export.measure_export``: peak RSS from wait4, peak anonymous memory sampled from /proc);
 the stage times come from the ``.layers.json`` it writes. RSS counts pages of the mapped
 GGUF that llama.cpp reads while writing the calibration text (the kernel drops those
 under pressure); anonymous memory is what must fit in RAM.
@@ -15,24 +14,18 @@ under pressure); anonymous memory is what must fit in RAM.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # a script, not library code: find the checkout's packages
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import bench_export  # noqa: E402
-import synth_gguf  # noqa: E402
-
-from exporters import calibration, testmodels  # noqa: E402
+from bench import synth_gguf
+from bench.common import ROOT, arg_parser
+from bench.export import measure_export
+from exporters import testmodels
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = arg_parser(__spec__.name, __doc__)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--ffn", type=int, default=14336)
@@ -43,7 +36,9 @@ def main() -> None:
                    help="calibrate on the first N built-in prompts (default: all)")
     p.add_argument("--time-budget", default=None,
                    help="the export's --time-budget in minutes, or none (default: its own)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    from exporters import calibration  # torch: after the arguments, so --help needs none
+
     model = ROOT / "bench" / "work" / f"synth-{a.hidden}x{a.layers}-Q4_0.gguf"
     if not model.is_file():
         synth_gguf.write(model, a.hidden, a.layers, a.ffn, 32, 8,
@@ -62,7 +57,7 @@ def main() -> None:
             calib.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
                                      calibration.builtin_prompts()[:a.prompts]))
             args += ["--calib", str(calib)]
-        bench_export.run(f"{model.stem} --method {a.method}", args, Path(tmp), mib, log)
+        measure_export(f"{model.stem} --method {a.method}", args, Path(tmp), mib, log)
         report = json.loads(next(Path(tmp).glob("*.layers.json")).read_text())
         print("stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
                                          report["seconds"].items()))

@@ -3,28 +3,29 @@
 Each run is a whole export (calibration text, scoring, held-out acceptance, report,
 draft) into a temporary folder, so the time is what a user waits.
 
-    .venv/bin/python scripts/bench_scoring.py [--model PATH]
+    python -m bench.scoring [--model PATH]
         [--methods shortlist,bi,angular,fit,greedy]
         [--prune 0.1] [--threads N]
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
-import torch
+from bench.common import arg_parser
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--methods", default="shortlist,bi,angular,fit,greedy")
     ap.add_argument("--prune", default="0.1")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default, all cores)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    import torch  # after the arguments: --help needs no torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Per-token acceptance of a pruned draft under two exact rules, on the bench prompts.
 
 - rejection sampling (Leviathan et al.): a draft x ~ q is kept with probability
@@ -10,15 +9,14 @@
 Both are measured teacher-forced on the full model's own sampled continuations, with the
 same filters on p and q (SamplingConfig), so the figures compare the rules, not the text.
 
-    .venv/bin/python scripts/accept_rules.py MODEL.gguf DRAFT.gguf [--temp 0.8] [-n 64]
+    python -m bench.investigations.accept_rules MODEL.gguf DRAFT.gguf [--temp 0.8] [-n 64]
 """
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from bench.common import arg_parser
 from runtime.bench_prompts import BENCH_PROMPTS
 from runtime.chat import ChatSession
 from runtime.config import GenerationConfig, RuntimeConfig, SamplingConfig, SpeculativeConfig
@@ -27,15 +25,15 @@ from runtime.engine import Engine
 from runtime.sampling import Sampler, gumbel_noise
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("model")
     ap.add_argument("draft")
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("-n", type=int, default=64, help="tokens per prompt")
     ap.add_argument("--noise", type=int, default=64, help="noise seeds per position")
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cfg = SamplingConfig(temp=args.temp, seed=0)
     rt = RuntimeConfig(n_ctx=1024, n_threads=args.threads)

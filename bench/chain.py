@@ -1,30 +1,27 @@
-#!/usr/bin/env python
 """The whole chain on the bundled models: export at several prune ratios with each scoring
 method, `bridge bench` each draft, and write one markdown summary to bench/results/.
 
-    .venv/bin/python scripts/bench_chain.py                       # defaults below
-    .venv/bin/python scripts/bench_chain.py --models smollm2 --ratios 0.1 --methods bi -n 32
+    python -m bench.chain                       # defaults below
+    python -m bench.chain --models smollm2 --ratios 0.1 --methods bi -n 32
 
 Every step runs the real CLI in a subprocess, exactly as a user would.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BRIDGE = [sys.executable, "-m", "bridge.cli"]
+from bench.common import BRIDGE, ROOT, arg_parser, checkout_env
 
 
-def run(cmd: list[str]) -> str:
-    print("$", " ".join(cmd[2:] if cmd[:3] == BRIDGE else cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def run_cli(cmd: list[str]) -> str:
+    """One `bridge` command of this checkout; its stdout (its stderr in the error)."""
+    print("$", " ".join(["bridge", *cmd[3:]] if tuple(cmd[:3]) == BRIDGE else cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=checkout_env())
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
@@ -32,14 +29,14 @@ def run(cmd: list[str]) -> str:
 
 def export_methods() -> list[str]:
     """Scoring methods the exporter offers (read from its --help, so the script follows it)."""
-    help_text = run([*BRIDGE, "export", "--help"])
+    help_text = run_cli([*BRIDGE, "export", "--help"])
     if "--method" not in help_text:
         return ["even"]
     return [m for m in ("greedy", "bi", "angular", "fit") if m in help_text]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--ratios", default="0.1,0.2,0.4")
     ap.add_argument("--methods", default=None, help="default: every method export offers")
@@ -56,7 +53,7 @@ def main() -> None:
     ap.add_argument("--reuse-bench", action="store_true",
                     help="with --reuse-exports: keep a draft's earlier bench.json too (the "
                          "summary marks such rows)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.plan:
         plan = [tuple(item.split(":")) for item in args.plan.split(",")]
     else:
@@ -70,7 +67,7 @@ def main() -> None:
         if method != "even":
             export += ["--method", method]
         if not (args.reuse_exports and list(outdir.glob("*.draft.gguf"))):
-            run(export)
+            run_cli(export)
         full = next(p for p in outdir.glob("*.gguf") if not p.name.endswith(".draft.gguf"))
         result_json = outdir / "bench.json"
         bench = [*BRIDGE, "bench", str(full), "-n", str(args.max_tokens),
@@ -79,7 +76,7 @@ def main() -> None:
             bench += ["--threads", str(args.threads)]
         reused = args.reuse_exports and args.reuse_bench and result_json.is_file()
         if not reused:
-            run(bench)
+            run_cli(bench)
         r = json.loads(result_json.read_text())
         r["reused"] = reused
         r["dropped"] = json.loads(full.with_name(full.name[:-5] + ".layers.json").read_text()

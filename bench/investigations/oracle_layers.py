@@ -10,22 +10,21 @@ Cost is kept down by sharing prefixes: the search walks drop sets in order, and 
 hidden state before the next candidate layer is computed once for all sets that share
 the layers before it (about C(L-2, n) x L/4 layer passes instead of x L).
 
-    .venv/bin/python scripts/oracle_layers.py [--model PATH] [--drop 3]
+    python -m bench.investigations.oracle_layers [--model PATH] [--drop 3]
         [--show 3,14,17 --show 13,14,17] [--bench-prompts]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 
-import torch
+from bench.common import arg_parser
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--model", type=Path,
                     default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--drop", type=int, default=3, help="layers per drop set")
@@ -33,9 +32,11 @@ def main() -> None:
                     help="a drop set (comma-separated) whose rank to print; repeatable")
     ap.add_argument("--bench-prompts", action="store_true",
                     help="add the runtime's bench prompts to the held-out set "
-                         "(as scripts/bench_layers.py does)")
+                         "(as python -m bench.layers does)")
     ap.add_argument("--top", type=int, default=10)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+
+    import torch  # after the arguments: --help needs no torch
 
     from exporters import calibration
     from exporters.loading import resolve_model

@@ -2,8 +2,8 @@
 SmolLM2's vocabulary, tokenizer and chat template, for measuring export time and memory
 at size.
 
-    python scripts/synth_gguf.py bench/work/synth-4096x32-Q4_0.gguf
-    python scripts/synth_gguf.py small.gguf --hidden 2048 --layers 16 --ffn 5632
+    python -m bench.synth_gguf bench/work/synth-4096x32-Q4_0.gguf
+    python -m bench.synth_gguf small.gguf --hidden 2048 --layers 16 --ffn 5632
 
 Weights are random Q4_0 blocks written straight as bytes (a fixed fp16 scale, uniform
 4-bit values: weights uniform on [-8, 7] x scale), one tensor at a time, so the script
@@ -14,18 +14,14 @@ The file is written to a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a script run from anywhere; library code never does this
-
-from exporters import testmodels  # noqa: E402
+from bench.common import arg_parser
+from exporters import testmodels
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
 BLOCK, BLOCK_BYTES = gguf.GGML_QUANT_SIZES[Q4_0]  # 32 weights in 2 + 16 bytes
@@ -96,15 +92,15 @@ def write(out: Path, hidden: int, layers: int, ffn: int, heads: int, kv_heads: i
     os.replace(tmp, out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = arg_parser(__spec__.name, __doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--ffn", type=int, default=14336)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write(a.out, a.hidden, a.layers, a.ffn, a.heads, a.kv_heads,
           testmodels.fetch_gguf(testmodels.SMOLLM2))

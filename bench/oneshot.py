@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """One-shot `bridge generate` runs against `--no-draft`, as a user types them.
 
 Each prompt runs as two separate processes, alternating which goes first, each printing
@@ -6,46 +5,34 @@ its figures with --json; the ratio of decode speeds (tokens/s) is taken per prom
 median reported. A one-shot run pays any calibration again, unless a device profile stored
 by an earlier run applies (issue 11); ``--recalibrate`` measures the cold case.
 
-    .venv/bin/python scripts/bench_oneshot.py MODEL.gguf [-n 128] [--threads 2] [--recalibrate]
+    python -m bench.oneshot MODEL.gguf [-n 128] [--threads 2] [--recalibrate]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import subprocess
-import sys
 
+from bench.common import arg_parser, bridge_generate
 from runtime.bench_prompts import BENCH_PROMPTS, COPY_PROMPTS
 
 PROMPTS = [p for _, p in BENCH_PROMPTS] + [p for _, p in COPY_PROMPTS[:3]]
 
 
-def run(model: str, prompt: str, extra: list[str], n: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "bridge.cli", "generate", model, "--chat", "-p", prompt,
-           "--temp", "0", "-n", str(n), "--json", *extra]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("model")
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--recalibrate", action="store_true",
                     help="measure costs afresh in every run (the cold case)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     spec = ["--recalibrate"] if args.recalibrate else []
     ratios = []
     for i, prompt in enumerate(PROMPTS):
         pair = [("plain", ["--no-draft"]), ("auto", spec)]
         if i % 2:
             pair.reverse()
-        res = {name: run(args.model, prompt, extra, args.n, args.threads)
+        res = {name: bridge_generate(args.model, prompt, args.n, extra, args.threads)
                for name, extra in pair}
         a, p = res["auto"]["stats"], res["plain"]["stats"]
         ratio = a["tokens_per_s"] / p["tokens_per_s"]

@@ -1,7 +1,7 @@
 """Per-step cost of the zero-cost drafters: LookupDrafter (index update + lookup) and a
 DraftMemory lookup, against a plain model step (~8 ms for SmolLM2-135M on a 2-core CPU).
 
-    python scripts/bench_lookup.py [--tokens 4000] [--memory-tokens 200000]
+    python -m bench.lookup [--tokens 4000] [--memory-tokens 200000]
 
 No model is needed. The "realistic" sequence is built from text with a tiny word-level
 tokenizer (code and prose from this repository), so it has the repeats real prompts have;
@@ -10,20 +10,14 @@ the synthetic one is uniformly random ids (index growth without many matches).
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
-import statistics
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from runtime.drafters.lookup import LookupDrafter  # noqa: E402
-from runtime.drafters.memory import DraftMemory, MemoryDrafter  # noqa: E402
+from bench.common import ROOT, arg_parser, percentile
+from runtime.drafters.lookup import LookupDrafter
+from runtime.drafters.memory import DraftMemory, MemoryDrafter
 
 # words, single punctuation marks, runs of spaces, newlines: roughly what BPE merges
 _WORD = re.compile(r"\w+| +|\n|[^\w\s]")
@@ -48,7 +42,7 @@ def synthetic_tokens(n: int, seed: int = 0) -> list[int]:
     return [rng.randrange(49_152) for _ in range(n)]
 
 
-def bench_lookup(tokens: list[int], n_max: int = 8, seed: int = 0) -> tuple[float, float]:
+def time_lookup(tokens: list[int], n_max: int = 8, seed: int = 0) -> tuple[float, float]:
     """Median and p90 microseconds per step: propose on a sequence grown by 1-9 tokens per
     step (as accepted drafts + the target's token), a 30% chance of a rejection rollback."""
     rng = random.Random(seed)
@@ -64,11 +58,10 @@ def bench_lookup(tokens: list[int], n_max: int = 8, seed: int = 0) -> tuple[floa
         times.append(time.perf_counter() - start)
         if rng.random() < 0.3:
             d.rollback(n - 1)             # the last token was a rejected draft
-    times.sort()
-    return statistics.median(times) * 1e6, times[int(0.9 * len(times))] * 1e6
+    return percentile(times, 50) * 1e6, percentile(times, 90) * 1e6
 
 
-def bench_memory(memory_tokens: int, n_steps: int = 2000, n_max: int = 8
+def time_memory(memory_tokens: int, n_steps: int = 2000, n_max: int = 8
                  ) -> tuple[float, float, float, float, int, float]:
     """Fill a memory with realistic sequences of 100-1,000 tokens, then time lookups on
     stored text (hits) and on random text (mostly misses). Returns add seconds, median
@@ -98,22 +91,21 @@ def bench_memory(memory_tokens: int, n_steps: int = 2000, n_max: int = 8
         start = time.perf_counter()
         drafter.propose(context, n_max, 0.0)
         misses.append(time.perf_counter() - start)
-    hits.sort()
-    return (add_seconds, statistics.median(hits) * 1e6, hits[int(0.9 * len(hits))] * 1e6,
-            statistics.median(misses) * 1e6, mem.nbytes, peak)
+    return (add_seconds, percentile(hits, 50) * 1e6, percentile(hits, 90) * 1e6,
+            percentile(misses, 50) * 1e6, mem.nbytes, peak)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = arg_parser(__spec__.name, __doc__)
     ap.add_argument("--tokens", type=int, default=4000, help="sequence length for lookup")
     ap.add_argument("--memory-tokens", type=int, default=200_000)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for name, toks in [("synthetic", synthetic_tokens(args.tokens)),
                        ("realistic", realistic_tokens(args.tokens))]:
-        med, p90 = bench_lookup(toks)
+        med, p90 = time_lookup(toks)
         print(f"LookupDrafter, {name} {args.tokens:,} tokens: median {med:.1f} us/step, "
               f"p90 {p90:.1f} us")
-    add_s, med, p90, miss, nbytes, peak = bench_memory(args.memory_tokens)
+    add_s, med, p90, miss, nbytes, peak = time_memory(args.memory_tokens)
     print(f"DraftMemory, {args.memory_tokens:,} tokens: add {add_s:.2f} s in all, "
           f"{nbytes / args.memory_tokens:.1f} bytes/token held ({nbytes / 2**20:.1f} MiB), "
           f"peak traced {peak:.1f} MiB during adds")
