@@ -116,7 +116,10 @@ class Engine:
                                                         devices=draft_devices))
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
-            self.max_rows = self._exact_rows() if self.runtime.exact else None
+            # init-time computations on a passing thread (see on_passing_thread): the
+            # thread that generates keeps the process's only OpenMP pool
+            self.max_rows = on_passing_thread(self._exact_rows) if self.runtime.exact \
+                else None
             sources = self._source_names()
             self._profile_key = self._profile_key_for(sources) if sources else None
             stored = None if self.spec_cfg.recalibrate or not sources \
@@ -133,8 +136,9 @@ class Engine:
             self.lanes = [self._lane(i, t, calibrated) for i, t in enumerate(targets)]
             if self.shared is not None and sources and self.spec_cfg.adaptive:
                 widest = n_seq * (self.spec_cfg.draft_max + 1)
-                self.shared.calibrate(tuple(w for w in _SHARED_WIDTHS if w <= widest and
-                                            self.costs.n_verify.get(w, 0) < 2))
+                widths = tuple(w for w in _SHARED_WIDTHS if w <= widest and
+                               self.costs.n_verify.get(w, 0) < 2)
+                on_passing_thread(lambda: self.shared.calibrate(widths))
             if rt.rpc or rt.draft_rpc:
                 remote = [self.ctx] if rt.rpc else []
                 if rt.draft_rpc and self.draft_path is not None:
