@@ -23,6 +23,11 @@ from the costs at every step, never stored, and the draft's step is re-timed now
 so a wrong early measurement cannot switch it off for good. While plain decoding wins,
 the controller re-probes with exponential back-off, so it recovers when the text becomes
 predictable.
+
+Each decision reaches the decode loop as a ``StepPlan`` (the source, gamma, and the
+measurement a calibrating step must take: ``runtime.costs.Calibration``), and the loop
+hands back what the step measured as a ``StepRecord``. The running cost figures
+themselves live in ``runtime.costs``.
 """
 
 from __future__ import annotations
