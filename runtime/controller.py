@@ -23,26 +23,30 @@ from the costs at every step, never stored, and the draft's step is re-timed now
 so a wrong early measurement cannot switch it off for good. While plain decoding wins,
 the controller re-probes with exponential back-off, so it recovers when the text becomes
 predictable.
+
+Each decision reaches the decode loop as a ``StepPlan`` (the source, gamma, and the
+measurement a calibrating step must take: ``runtime.costs.Calibration``), and the loop
+hands back what the step measured as a ``StepRecord``. The running cost figures
+themselves live in ``runtime.costs``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from runtime import costmodel
+from runtime.costs import Calibration, CostModel, Measure
 
 log = logging.getLogger(__name__)
 
-_EMA = 0.15          # weight of a new cost sample
 _ALPHA_DECAY = 0.92  # per judged draft: acceptance remembers ~12 drafts, so it follows the text
 _PROBE_GAMMA = 4     # a probe drafts several tokens: more evidence per probe
 _FIRST_BACKOFF, _MAX_BACKOFF = 16, 512
 _MATCH_BUCKETS = 4   # lookup acceptance is kept for match lengths 1, 2, 3 and 4+
 _LOOKUP_PRIOR = 0.5  # a lookup match length never judged yet starts neutral
-CALIBRATION_BATCHES = (2, 4)  # batch sizes measured before the first decision
 _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 # A draft must promise this much over a plain step to be taken. The choice takes the best
 # of several noisy estimates (alpha per source and match length, V(k) from a few batches),
@@ -51,16 +55,7 @@ _PROBE_MIN_MATCH = 2  # a lookup is probed only on a context match of 2+ tokens
 # accepted lookups) clear it easily.
 _MARGIN = 0.05
 _RETIME_EVERY = 256  # plain steps between re-timings of a pruned draft judged unable to pay
-_REFIT_EVERY = 16    # verify samples between refits of the cost curve (see add_verify)
-# A timing sample counts at most this many times the running figure: on a shared CPU one
-# step can take 300x its usual time, and one such sample would move a 15% average 45x.
-# A lasting slowdown still shows within a few steps (each may raise the figure 1.45x).
-_SAMPLE_CAP = 4.0
-# Stored profiles: the most a k-token batch may cost, in k one-token steps, and a draft
-# step, in one-token target steps, before the figure is measured again (from_profile).
-_SANE_BATCH = 2.0
-_SANE_DRAFT = 4.0
-_HISTORY_MAX = 4096  # choices kept for inspection (halved when full)
+_HISTORY_MAX = 4096  # choices kept for inspection
 PRUNED = "pruned"
 GRAMMAR = "grammar"  # the tokens a constraint forces: its text is certain, so its prior is high
 
@@ -74,15 +69,45 @@ class Offer:
     match_len: int = 0
 
 
-class StepRecord(NamedTuple):
-    """One step's measurements, as the decode loop hands them over (a tuple: built once
-    per step, and a frozen dataclass costs several times as much to build)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepPlan:
+    """The controller's decision for one step, which the decode loop carries out: draft
+    ``gamma`` tokens from ``source`` (None and 0: a plain step), and take the measurement
+    ``calibration`` names, if any, on the way."""
+
+    source: str | None = None
+    gamma: int = 0
+    calibration: Calibration | None = None
+
+    @property
+    def verify_rows(self) -> int:
+        """The rows the target's batch is timed at when the step drafts nothing: more
+        than 1 only while V(k) is being calibrated."""
+        c = self.calibration
+        return c.rows if c is not None else 1
+
+    @property
+    def times_draft_step(self) -> bool:
+        """Whether the draft model's step is to be timed (``Drafter.time_step``)."""
+        c = self.calibration
+        return c is not None and c.measure is Measure.DRAFT_STEP
+
+
+PLAIN_STEP = StepPlan()  # the plan of most steps on a CPU: built once, shared
+_RETIME_DRAFT = Calibration(measure=Measure.DRAFT_STEP)
+
+
+@dataclass(slots=True, kw_only=True)
+class StepRecord:
+    """One step's measurements, as the decode loop hands them over. Built by keyword (a
+    dozen figures in a row are easy to swap unseen); not frozen, because a frozen
+    dataclass costs three times as much to build, and one is built every step."""
 
     source: str | None       # who drafted (None: a plain step)
     gamma: int               # tokens the controller asked for
     n_verified: int          # tokens the target evaluated in its one batch
-    n_drafted: int
-    n_accepted: int
+    n_drafted: int = 0
+    n_accepted: int = 0
     match_len: int = 0
     draft_seconds: float = 0.0   # drafting proper (catch-up excluded)
     draft_evals: int = 0
@@ -119,160 +144,9 @@ class Acceptance:
         self.n += 1
 
 
-@dataclass
-class CostModel:
-    """Running estimates of step costs (seconds)."""
-
-    verify: dict[int, float] = field(default_factory=dict)  # k -> t_verify(k)
-    n_verify: dict[int, int] = field(default_factory=dict)  # k -> samples seen
-    draft: float | None = None          # one pruned-draft decode
-    n_draft: int = 0
-    catchup_per_token: float | None = None
-    overhead_spec: float = 0.0          # Python time per speculative step
-    overhead_plain: float = 0.0         # Python time per plain step
-    smooth: bool = False                # V(k) from the fitted line only (shared batches)
-
-    def __post_init__(self) -> None:
-        self._fit: tuple[float, float, float] | None = None  # (a, b, min t), lazily
-        self._memo: dict[int, float] = {}  # k -> verify_cost(k) on the current figures
-        self._since_refit = 0
-        self.version = 0  # bumped whenever the verify curve the decisions read changes
-        self._calibrated: set[tuple[bool, int]] = set()  # calibration_need() == None
-
-    def _refit(self) -> None:
-        self._fit = None
-        self._memo.clear()
-        self._since_refit = 0
-        self.version += 1
-
-    def add_verify(self, k: int, seconds: float) -> None:
-        """One timed batch of k tokens. The curve the decisions read is refitted at once
-        for a size still being calibrated, else every ``_REFIT_EVERY`` samples: each
-        sample moves the average by 15%, so sixteen-step-old figures change a decision
-        only at the margin, and refitting per step cost ~10% of bridge's own time."""
-        n = self.n_verify.get(k, 0)
-        self._since_refit += 1
-        if n < 2 or self._since_refit >= _REFIT_EVERY:
-            self._refit()
-        self.n_verify[k] = n + 1
-        self.verify[k] = _sample(self.verify.get(k), n, seconds)
-
-    def add_draft(self, seconds_per_eval: float) -> None:
-        self.draft = _sample(self.draft, self.n_draft, seconds_per_eval)
-        self.n_draft += 1
-
-    def add_catchup(self, seconds: float, n_tokens: int) -> None:
-        per = seconds / n_tokens
-        old = self.catchup_per_token
-        self.catchup_per_token = per if old is None else old + _EMA * (per - old)
-
-    def calibration_need(self, with_draft: bool, k_max: int = 1 << 30) -> str | None:
-        """What to measure next before gamma can be judged: two samples each of a plain
-        step ("plain"), 2- and 4-token batches ("batch:2", "batch:4") and, with a pruned
-        draft, a draft step ("draft"). Three batch sizes, because a line through V(1) and
-        V(2) alone overstates V(k) on the common CPU curve that flattens with k, and the
-        controller would then never try the longer drafts that pay. Batches wider than
-        ``k_max`` (the widest a step may verify) are not asked for."""
-        if (with_draft, k_max) in self._calibrated:
-            return None  # counts only grow: once complete, always complete
-        if self.n_verify.get(1, 0) < 2:
-            return "plain"
-        for k in CALIBRATION_BATCHES:
-            if k <= k_max and self.n_verify.get(k, 0) < 2:
-                return f"batch:{k}"
-        if with_draft and self.n_draft < 2:
-            return "draft"
-        self._calibrated.add((with_draft, k_max))
-        return None
-
-    def verify_cost(self, k: int) -> float:
-        """t_verify(k): measured, or a least-squares line through the measured points
-        (fitted once per new measurement: the controller asks for it many times a step)."""
-        t = self._memo.get(k)
-        if t is None:
-            t = self._memo[k] = self._verify_cost(k)
-        return t
-
-    def _verify_cost(self, k: int) -> float:
-        # a shared batch's widths come and go with the load: one rarely seen keeps an old
-        # figure (taken at another context length) beside a fresh one, and a draft row
-        # could look cheaper than no row; the line through all of them stays monotone
-        if not self.smooth and k in self.verify and self.n_verify.get(k, 0) >= 2:
-            return self.verify[k]
-        if self._fit is None:
-            self._fit = _line_fit(self.verify)
-        a, b, floor = self._fit
-        return max(a + b * (k - 1), floor)
-
-    def relative(self) -> dict:
-        """The costs in units of one plain step: c and the verify curve V(k)."""
-        t1 = self.verify_cost(1)
-        return {"c": self.draft / t1 if self.draft else None,
-                "verify": {k: v / t1 for k, v in sorted(self.verify.items())}}
-
-    # -- persistence (runtime.profiles stores these) --------------------------------------
-
-    def to_profile(self) -> dict:
-        return {"verify": {str(k): v for k, v in self.verify.items()
-                           if self.n_verify.get(k, 0) >= 2},
-                "draft": self.draft if self.n_draft >= 2 else None,
-                "overhead_spec": self.overhead_spec, "overhead_plain": self.overhead_plain}
-
-    @classmethod
-    def from_profile(cls, profile: dict) -> CostModel:
-        """Costs measured by an earlier run on the same files and settings: counted as two
-        samples each, so calibration is already done but new steps still refine them.
-
-        Figures no machine can honestly produce are measured again instead of trusted:
-        a batch of k tokens above ``_SANE_BATCH`` x k one-token steps (k steps in a row
-        cost k), or a draft step above ``_SANE_DRAFT`` one-token target steps (a pruned
-        draft runs a subset of the target's layers). A run starved by an oversubscribed
-        CPU (ggml's and OpenMP's threads spinning against each other: 2.5 s for a 10 ms
-        step, seen here) would otherwise decide every later run.
-        """
-        c = cls()
-        verify = {int(k): float(v) for k, v in profile.get("verify", {}).items()}
-        t1 = verify.get(1)
-        for k, v in verify.items():
-            if t1 is None or k == 1 or v <= _SANE_BATCH * k * t1:
-                c.verify[k], c.n_verify[k] = v, 2
-        if profile.get("draft") is not None and (
-                t1 is None or float(profile["draft"]) <= _SANE_DRAFT * t1):
-            c.draft, c.n_draft = float(profile["draft"]), 2
-        c.overhead_spec = float(profile.get("overhead_spec", 0.0))
-        c.overhead_plain = float(profile.get("overhead_plain", 0.0))
-        return c
-
-
-def _sample(old: float | None, n: int, seconds: float) -> float:
-    """A cost figure after its ``n + 1``-th sample. The first two are calibration: the
-    lower one stands (a first run of a new batch size pays one-off costs, graph
-    allocation and kernel loading, and contention only ever slows a step down); later
-    ones move an average by ``_EMA``, each capped at ``_SAMPLE_CAP`` times the figure."""
-    if old is None or n == 0:
-        return seconds
-    if n < 2:
-        return min(old, seconds)
-    return old + _EMA * (min(seconds, _SAMPLE_CAP * old) - old)
-
-
-def _line_fit(points: dict[int, float]) -> tuple[float, float, float]:
-    """(a, b, floor) of the least-squares line t = a + b (k - 1) through ``points``, in
-    closed form (a few points; numpy's polyfit costs ~0.5 ms, a few % of a step). One point
-    gives the pessimistic t(k) = t0 k / k0 with no floor."""
-    if len(points) == 1:
-        (k0, t0), = points.items()
-        return t0 / k0, t0 / k0, 0.0
-    n = len(points)
-    mx = sum(k - 1 for k in points) / n
-    my = sum(points.values()) / n
-    sxx = sum((k - 1 - mx) ** 2 for k in points)
-    b = sum((k - 1 - mx) * (t - my) for k, t in points.items()) / sxx
-    return my - b * mx, b, min(points.values())
-
-
 class GammaController:
-    """Decides (source, gamma) before every step and learns from the step's record.
+    """Plans every step (a source and gamma, and what to measure) and learns from the
+    step's record.
 
     Args:
         draft_max: the largest gamma it may choose.
@@ -304,14 +178,12 @@ class GammaController:
         self._n_judged = 0  # drafts judged so far: acceptance changes only with this
         self._verdict: tuple[tuple | None, bool] = (None, False)  # _pruned_off()'s
         self._plain_verdict: tuple[tuple | None, bool] = (None, False)  # plain_now()'s
-        # the last choices, for tests and debugging (bounded: a server runs for weeks)
-        self.history: list[int] = []           # gamma chosen at each step
-        self.source_history: list[str | None] = []
+        # the last choices, for tests and debugging: a server runs for weeks, so only the
+        # newest _HISTORY_MAX are kept, and what the controller holds stays the same size
+        self.history: deque[int] = deque(maxlen=_HISTORY_MAX)  # gamma chosen at each step
+        self.source_history: deque[str | None] = deque(maxlen=_HISTORY_MAX)
 
     def _record(self, gamma: int, source: str | None) -> None:
-        if len(self.history) >= _HISTORY_MAX:
-            del self.history[: _HISTORY_MAX // 2]
-            del self.source_history[: _HISTORY_MAX // 2]
         self.history.append(gamma)
         self.source_history.append(source)
 
@@ -334,12 +206,12 @@ class GammaController:
 
     # -- decisions ----------------------------------------------------------------------
 
-    def calibration_need(self) -> str | None:
+    def calibration_need(self) -> Calibration | None:
         """The measurement the next step should make (else None)."""
         if not self.adaptive:
             return None
         if self._retime_draft:
-            return "draft"
+            return _RETIME_DRAFT
         return self.costs.calibration_need(self.has_pruned, self.draft_max + 1)
 
     @property
@@ -420,24 +292,28 @@ class GammaController:
         self.expected = 1.0
         return True
 
-    def choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
-        """(source, gamma) for the next step; (None, 0) is a plain step."""
-        source, gamma = self._choose(offers)
-        self._record(gamma, source)
-        self.expected = costmodel.expected_tokens(gamma, self.acceptance(
-            source, offers[source].match_len).alpha) if gamma else 1.0
-        return source, gamma
+    def choose(self, offers: dict[str, Offer]) -> StepPlan:
+        """The plan for the next step: a source and gamma (``PLAIN_STEP``: none), and what
+        the step must measure while the costs are being calibrated."""
+        plan = self._choose(offers)
+        self._record(plan.gamma, plan.source)
+        self.expected = costmodel.expected_tokens(plan.gamma, self.acceptance(
+            plan.source, offers[plan.source].match_len).alpha) if plan.gamma else 1.0
+        need = self.calibration_need()  # after the choice: a probe may ask for a re-timing
+        if need is None:
+            return plan
+        return StepPlan(source=plan.source, gamma=plan.gamma, calibration=need)
 
-    def _choose(self, offers: dict[str, Offer]) -> tuple[str | None, int]:
+    def _choose(self, offers: dict[str, Offer]) -> StepPlan:
         live = {n: o for n, o in offers.items() if o.n_max > 0}
         if not self.adaptive:
             if not live:
-                return None, 0
+                return PLAIN_STEP
             return self._fixed_choice(live)
         if self.costs.calibration_need(self.has_pruned, self.draft_max + 1) is not None:
             # calibrated without the draft ever reading the prompt (see PrunedDrafter), so
             # a device where speculation cannot pay finds out for almost nothing
-            return None, 0
+            return PLAIN_STEP
         # the verdict costs a gamma search: asked only when the pruned draft is on offer,
         # and recomputed only when the figures it reads have changed
         pruned_off = PRUNED in live and self._pruned_off()
@@ -453,10 +329,10 @@ class GammaController:
                 best = (name, g, rate)
         if best[0] is not None:
             self._since_probe, self._backoff = 0, _FIRST_BACKOFF
-            return best[0], best[1]
+            return StepPlan(source=best[0], gamma=best[1])
         return self._maybe_probe(live, pruned_off)
 
-    def _fixed_choice(self, live: dict[str, Offer]) -> tuple[str, int]:
+    def _fixed_choice(self, live: dict[str, Offer]) -> StepPlan:
         """Fixed gamma: the grammar's forced tokens when a constraint forces any; else the
         pruned draft when there is one; else the lookup whose context
         match is longest (ties: the longer draft). A lookup that found only a short match
@@ -470,15 +346,15 @@ class GammaController:
             name = PRUNED
         else:
             name = max(live, key=lambda n: (live[n].match_len, live[n].n_max))
-        return name, min(self.draft_max, live[name].n_max)
+        return StepPlan(source=name, gamma=min(self.draft_max, live[name].n_max))
 
-    def _maybe_probe(self, live: dict[str, Offer], pruned_off: bool) -> tuple[str | None, int]:
+    def _maybe_probe(self, live: dict[str, Offer], pruned_off: bool) -> StepPlan:
         """While plain decoding wins, draft now and then anyway (with back-off), taking
         the sources in turn, so acceptance estimates stay current."""
         self._since_probe += 1
         self._since_retime += 1
         if self._since_probe < self._backoff:
-            return None, 0
+            return PLAIN_STEP
         self._since_probe = 0
         self._backoff = min(2 * self._backoff, _MAX_BACKOFF)
         if pruned_off and PRUNED in live and self._since_retime >= _RETIME_EVERY:
@@ -493,10 +369,10 @@ class GammaController:
                        if n != GRAMMAR and not (n == PRUNED and pruned_off)
                        and (n == PRUNED or o.match_len >= _PROBE_MIN_MATCH))
         if not names:
-            return None, 0
+            return PLAIN_STEP
         name = names[self._probe_turn % len(names)]
         self._probe_turn += 1
-        return name, self._probe_gamma(live[name].n_max)
+        return StepPlan(source=name, gamma=self._probe_gamma(live[name].n_max))
 
     def _probe_gamma(self, n_max: int) -> int:
         """Up to _PROBE_GAMMA drafts, but no more than a batch costing at most two plain
@@ -544,10 +420,7 @@ class GammaController:
             self._n_judged += 1
             if not rec.rejected and self._since_probe == 0 and self._backoff > _FIRST_BACKOFF:
                 self._backoff = _FIRST_BACKOFF  # a clean probe: look again soon
-        if rec.gamma:
-            c.overhead_spec += _EMA * (rec.overhead_seconds - c.overhead_spec)
-        else:
-            c.overhead_plain += _EMA * (rec.overhead_seconds - c.overhead_plain)
+        c.add_overhead(rec.gamma > 0, rec.overhead_seconds)
 
     def observe_draft(self, seconds: float) -> None:
         """A draft step timed outside the decode loop (calibration or a re-check). A

@@ -6,7 +6,23 @@ The sources themselves live in ``runtime.drafters`` (lookup, memory, pruned, gra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
+
+
+class DraftCost(Enum):
+    """What a drafted token costs, which decides how the decode loop asks a source.
+
+    ``FREE``: microseconds (a lookup, forced text). The source is asked before the choice,
+    and its offer (how many tokens, how long a context match) informs the choice.
+    ``MODEL_STEP``: one decode of a draft model each (the pruned draft). The source is
+    offered to the controller unasked and drafts only once chosen; its step's cost is what
+    the controller learns from ``Draft.seconds / Draft.n_evals``, and it times a step
+    (``Drafter.time_step``) when the controller's plan asks for one.
+    """
+
+    FREE = "free"
+    MODEL_STEP = "model step"
 
 
 @dataclass
@@ -33,6 +49,7 @@ class Draft:
 
 class Drafter(Protocol):
     source: str  # "pruned", "lookup", "memory": the name stats and the controller use
+    cost: DraftCost  # how the loop asks for a draft, and whether it times a step
 
     def propose(self, tokens: list[int], n_max: int, p_min: float) -> Draft:
         """Up to ``n_max`` tokens to follow ``tokens`` (the whole sequence so far)."""

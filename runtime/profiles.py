@@ -13,7 +13,25 @@ import logging
 import os
 from pathlib import Path
 
+from runtime.config import RuntimeConfig
+from runtime.context import llama_cpp_version
+from runtime.costs import CostModel
+from runtime.files import sha256_file_cached
+
 log = logging.getLogger(__name__)
+
+
+def profile_key(model: Path, draft: Path | None, sources: list[str], rt: RuntimeConfig) -> str:
+    """Which stored profile applies: the same files, sources, threads, offload, batch,
+    exact mode, cache layout, RPC workers and llama.cpp build."""
+    draft_sha = sha256_file_cached(draft) if draft else "none"
+    return (f"{sha256_file_cached(model)}:{draft_sha}:"
+            f"{'+'.join(sorted(sources))}:t{rt.n_threads or 'all'}:"
+            f"ngl{rt.n_gpu_layers}:b{rt.n_batch}:{'exact:' if rt.exact else ''}"
+            f"{('unified:' if rt.kv_unified else 'shared:') if rt.parallel > 1 else ''}"
+            f"{'rpc' + ','.join(map(str, rt.rpc)) + ':' if rt.rpc else ''}"
+            f"{'draft-rpc' + ','.join(map(str, rt.draft_rpc)) + ':' if rt.draft_rpc else ''}"
+            f"llama-cpp-python{llama_cpp_version()}")
 
 
 def profile_file() -> Path:
@@ -33,6 +51,12 @@ def load_profile(key: str) -> dict | None:
     """The stored profile for ``key``, or None."""
     entry = _read().get(key)
     return entry if isinstance(entry, dict) else None
+
+
+def stored_costs(key: str) -> CostModel | None:
+    """The costs an earlier run stored under ``key`` (None: they are measured afresh)."""
+    stored = load_profile(key)
+    return None if stored is None else CostModel.from_profile(stored)
 
 
 def save_profile(key: str, profile: dict) -> None:

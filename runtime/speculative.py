@@ -3,8 +3,9 @@
 Invariant between steps: the target's KV cache holds exactly ``self.kv`` and the sequence
 continues with one emitted-but-unevaluated token, ``self.pending``. Each step:
 
-1. the controller picks a draft source and gamma (0: a plain step), and that source
-   proposes up to gamma tokens after kv + [pending];
+1. the controller plans the step (a ``StepPlan``: a draft source and gamma, 0 for a plain
+   step, and what to measure while it calibrates), and that source proposes up to gamma
+   tokens after kv + [pending];
 2. the target evaluates [pending] + drafts in ONE llama_decode, one logits row each:
    row i predicts the token after kv + [pending] + drafts[:i];
 3. the longest prefix equal to the target's own choices is kept, plus the target's own
@@ -34,9 +35,9 @@ from dataclasses import dataclass, field
 
 from runtime.constraint import Constraint
 from runtime.context import ContextFullError, LlamaContext
-from runtime.controller import GRAMMAR, PRUNED, GammaController, Offer, StepRecord
+from runtime.controller import GRAMMAR, PLAIN_STEP, GammaController, Offer, StepPlan, StepRecord
 from runtime.drafters.grammar import GrammarDrafter
-from runtime.drafting import Draft, Drafter
+from runtime.drafting import Draft, DraftCost, Drafter
 from runtime.sampling import Sampler, accept_prefix, logprobs, verify
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,14 @@ FINISH_REASONS = ("eog", "stop", "length", "context")
 _NO_DRAFT = Draft()  # a plain step's draft; shared, so never mutated
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Step:
     """What one step emitted. ``tokens`` are final: the target chose every one."""
 
     tokens: list[int]
     gamma: int
-    n_drafted: int
-    n_accepted: int
+    n_drafted: int = 0
+    n_accepted: int = 0
     source: str | None = None
     # per token, when asked for: (log-prob, [(token, log-prob) of the most likely])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
@@ -203,6 +204,10 @@ class SpeculativeDecoder:
         self.forced_drafts = forced_drafts
         self.kv: list[int] = []       # exactly the target's KV cache
         self._draft_ctxs: list[LlamaContext] = []  # the drafters' contexts (timing)
+        # this generation's sources by cost (DraftCost): those asked before the choice,
+        # and the one whose drafts cost a model step (the controller models one)
+        self._free: list[tuple[str, Drafter]] = []
+        self._model_drafter: Drafter | None = None
         self.pending: int | None = None
         # the last generation's constraint: kept after it ends, so that keep() past a
         # stop string rolls it back with the caches
@@ -254,6 +259,9 @@ class SpeculativeDecoder:
                 self.drafters[GRAMMAR] = GrammarDrafter(constraint)
         self._draft_ctxs = [c for d in self.drafters.values()
                             if (c := getattr(d, "ctx", None)) is not None]
+        self._free = [(n, d) for n, d in self.drafters.items() if d.cost is DraftCost.FREE]
+        self._model_drafter = next((d for d in self.drafters.values()
+                                    if d.cost is DraftCost.MODEL_STEP), None)
         stats.mode = "speculative" if self.drafters else "plain"
         stats.n_prompt = len(prompt)
         t_start = time.perf_counter()
@@ -287,7 +295,8 @@ class SpeculativeDecoder:
             self.drafters.pop(GRAMMAR, None)
             stats.decode_seconds = time.perf_counter() - t_start
             stats.llama_seconds = self._llama_seconds() - llama_start
-            note = self.controller.disabled_reason if PRUNED in self.drafters else None
+            note = self.controller.disabled_reason if self._model_drafter is not None \
+                else None
             if self.drafters and not stats.n_drafted:
                 stats.mode = "plain (speculation off)"
             stats.note = note
@@ -338,13 +347,14 @@ class SpeculativeDecoder:
         stats.prompt_seconds = time.perf_counter() - start
         if rows is None:
             self.pending = first
-            return Step([first], 0, 0, 0)
+            return Step(tokens=[first], gamma=0)
         allowed = self.constraint.allowed() if self.constraint is not None else None
         first = self.sampler.choose(rows[-1], self._history(), len(self.kv), allowed)
         if self.constraint is not None:
             self.constraint.consume(first)
         self.pending = first
-        return Step([first], 0, 0, 0, logprobs=self._logprobs(rows[-1:], [first], [allowed]))
+        return Step(tokens=[first], gamma=0,
+                    logprobs=self._logprobs(rows[-1:], [first], [allowed]))
 
     def _logprobs(self, rows, tokens: list[int], masks: list) -> list | None:
         """Each emitted token's log-prob from the row that chose it, under its mask."""
@@ -357,16 +367,18 @@ class SpeculativeDecoder:
         w = self.sampler.history_window
         return self.kv[-w:] if w else []
 
-    def _propose(self, gamma_cap: int) -> tuple[str | None, int, Draft, str | None]:
-        """Ask the controller for (source, gamma) and get that source's draft. Lookups are
-        asked first (they cost about nothing and their match length informs the choice);
-        the pruned draft runs only when chosen."""
+    def _propose(self, gamma_cap: int) -> tuple[StepPlan, Draft]:
+        """Ask the controller for the step's plan and get its source's draft. Sources
+        whose drafts cost about nothing are asked first (their match length informs the
+        choice); a draft model runs only when chosen."""
         ctrl = self.controller
         if not self.drafters or gamma_cap <= 0:
+            # nothing can be drafted: the step is recorded as plain, and a measurement the
+            # controller still lacks waits for a step that could draft
             ctrl.choose({})
-            return None, 0, _NO_DRAFT, None
+            return PLAIN_STEP, _NO_DRAFT
         if ctrl.plain_now(self.drafters):
-            return None, 0, _NO_DRAFT, None
+            return PLAIN_STEP, _NO_DRAFT
         # drafters read kv + [pending]; append in place rather than copy the whole
         # sequence every step (this runs once per emitted token)
         self.kv.append(self.pending)
@@ -375,35 +387,33 @@ class SpeculativeDecoder:
         finally:
             self.kv.pop()
 
-    def _choose_and_draft(self, seq: list[int], gamma_cap: int
-                          ) -> tuple[str | None, int, Draft, str | None]:
+    def _choose_and_draft(self, seq: list[int], gamma_cap: int) -> tuple[StepPlan, Draft]:
         ctrl = self.controller
         # sources whose offer could not be taken are not asked (GammaController.wants)
-        cheap = {name: d.propose(seq, gamma_cap, 0.0) for name, d in self.drafters.items()
-                 if name != PRUNED and ctrl.wants(name)}
+        cheap = {name: d.propose(seq, gamma_cap, 0.0) for name, d in self._free
+                 if ctrl.wants(name)}
         offers = {name: Offer(len(d.tokens), d.match_len) for name, d in cheap.items()}
-        if PRUNED in self.drafters:
-            offers[PRUNED] = Offer(gamma_cap)
-        source, gamma = ctrl.choose(offers)
-        need = ctrl.calibration_need()
-        if need == "draft" and PRUNED in self.drafters:
-            ctrl.observe_draft(self.drafters[PRUNED].time_step())
-            need = None
-        if source == PRUNED:
-            draft = self.drafters[PRUNED].propose(seq, gamma, self.p_min)
-        elif source is not None:
-            draft = cheap[source]
-            draft.tokens = draft.tokens[:gamma]
-        else:
+        model = self._model_drafter
+        if model is not None:
+            offers[model.source] = Offer(gamma_cap)
+        plan = ctrl.choose(offers)
+        if plan.times_draft_step and model is not None:
+            ctrl.observe_draft(model.time_step())
+        if plan.source is None:
             draft = _NO_DRAFT
-        return source, gamma, draft, need
+        elif plan.source in cheap:
+            draft = cheap[plan.source]
+            draft.tokens = draft.tokens[:plan.gamma]
+        else:  # the model's draft, run now that it was chosen
+            draft = self.drafters[plan.source].propose(seq, plan.gamma, self.p_min)
+        return plan, draft
 
     def _step(self, budget: int, is_eog: Callable[[int], bool]) -> Step:
         assert self.pending is not None
         t0 = time.perf_counter()
         llama0 = self._llama_seconds()
         room = self.target.n_ctx - len(self.kv) - 2
-        source, gamma, draft, need = self._propose(min(budget - 1, room))
+        plan, draft = self._propose(min(budget - 1, room))
         constraint = self.constraint
         if constraint is not None and draft.tokens:  # cut where the grammar rejects it
             draft.tokens = draft.tokens[:constraint.validate(draft.tokens)]
@@ -411,7 +421,7 @@ class SpeculativeDecoder:
         history = self._history() + [self.pending] if self.sampler.history_window else []
         # Calibration: a plain step run as a k-token batch (the pending token k times)
         # times t_verify(k); row 0 is the plain step's answer and the padding is dropped.
-        k = int(need.split(":")[1]) if need and need.startswith("batch:") else 1
+        k = plan.verify_rows
         pad_ok = k > 1 and room >= k - 2 and (self.max_rows is None or k <= self.max_rows)
         batch = [self.pending] * k if pad_ok and not draft.tokens \
             else [self.pending, *draft.tokens]
@@ -436,7 +446,7 @@ class SpeculativeDecoder:
         self.kv.extend(emitted[:-1])
         self.target.truncate(len(self.kv))
         self.pending = emitted[-1]
-        if source is not None:
+        if plan.source is not None:
             # only a drafter asked for a draft can have read past what is kept (the pruned
             # draft reads its own proposal, even one the grammar then cut to nothing);
             # otherwise each drafter saw at most kv + [pending], which the cache now holds
@@ -445,12 +455,15 @@ class SpeculativeDecoder:
         if constraint is not None:
             constraint.rollback(len(self.kv) + 1)
         overhead = (time.perf_counter() - t0) - (self._llama_seconds() - llama0)
+        source = plan.source if draft.tokens else None  # who drafted what was verified
         self.controller.observe(StepRecord(
-            source if draft.tokens else None, gamma, len(batch), len(draft.tokens), n_acc,
-            draft.match_len, draft.seconds, draft.n_evals, draft.catchup_seconds,
-            draft.n_catchup, verify_seconds, overhead))
-        return Step(emitted, gamma, len(draft.tokens), min(n_acc, len(emitted)),
-                    source if draft.tokens else None, lps)
+            source=source, gamma=plan.gamma, n_verified=len(batch),
+            n_drafted=len(draft.tokens), n_accepted=n_acc, match_len=draft.match_len,
+            draft_seconds=draft.seconds, draft_evals=draft.n_evals,
+            catchup_seconds=draft.catchup_seconds, n_catchup=draft.n_catchup,
+            verify_seconds=verify_seconds, overhead_seconds=overhead))
+        return Step(tokens=emitted, gamma=plan.gamma, n_drafted=len(draft.tokens),
+                    n_accepted=min(n_acc, len(emitted)), source=source, logprobs=lps)
 
     def _restore(self) -> None:
         """Make every cache agree with ``self.kv`` (a no-op unless a step was cut short)."""

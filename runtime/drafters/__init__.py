@@ -5,4 +5,6 @@ loop never knows where drafts come from:
 - ``memory``: the same over earlier requests (a server's drafting memory);
 - ``pruned``: a layer-pruned GGUF of the model in its own llama.cpp context;
 - ``grammar``: the text a constraint forces (``runtime.constraint``).
+
+``sources`` says which of them an engine's lanes get, and builds one lane's drafters.
 """

@@ -6,7 +6,7 @@ import time
 
 from runtime.constraint import Constraint
 from runtime.controller import GRAMMAR
-from runtime.drafting import Draft
+from runtime.drafting import Draft, DraftCost
 
 
 class GrammarDrafter:
@@ -19,6 +19,7 @@ class GrammarDrafter:
     """
 
     source = GRAMMAR
+    cost = DraftCost.FREE
 
     def __init__(self, constraint: Constraint):
         self.constraint = constraint

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from runtime.drafting import Draft
+from runtime.drafting import Draft, DraftCost
 
 N_MIN = 1          # shortest context match that drafts
 N_MATCH_MAX = 8    # longest context compared; longer matches rarely change the answer
@@ -43,6 +43,7 @@ class LookupDrafter:
     """
 
     source = "lookup"
+    cost = DraftCost.FREE
 
     def __init__(self, n_min: int = N_MIN, n_match_max: int = N_MATCH_MAX,
                  extend_repeats: bool = True):

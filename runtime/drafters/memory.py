@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.drafting import Draft
+from runtime.drafting import Draft, DraftCost
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +487,7 @@ class MemoryDrafter:
     """
 
     source = "memory"
+    cost = DraftCost.FREE
 
     def __init__(self, memory: DraftMemory, scope: str = ""):
         self.memory = memory

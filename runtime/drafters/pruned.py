@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from runtime.context import LlamaContext
-from runtime.drafting import Draft
+from runtime.drafting import Draft, DraftCost
 from runtime.sampling import Sampler, top1_prob
 
 
@@ -26,6 +26,7 @@ class PrunedDrafter:
     """
 
     source = "pruned"
+    cost = DraftCost.MODEL_STEP
 
     def __init__(self, ctx: LlamaContext, sampler: Sampler,
                  clock: Callable[[], float] = time.perf_counter):
