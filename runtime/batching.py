@@ -76,6 +76,7 @@ class RoundStats:
     rows: int = 0
     evictions: int = 0
     deferred: int = 0  # requests that waited a round for cells or rows
+    decode_seconds: float = 0.0  # inside llama_decode (the rest of a round is Python)
 
 
 class SharedContext:
@@ -86,16 +87,21 @@ class SharedContext:
         n_seq: how many sequences (views) share it.
         prefill_chunk: most prompt tokens one sequence evaluates per round.
         on_round: called with (rows, seconds) after every round (the cost model).
+        before_decode: called by ``round`` right before its ``llama_decode`` (the server hands
+            the tokens of the round before to its event loop there, so that the loop's
+            Python runs while ggml computes instead of between decodes, where it would
+            hold the GIL the model's thread needs).
     """
 
     def __init__(self, ctx: LlamaContext, n_seq: int, prefill_chunk: int = 256,
-                 on_round=None):
+                 on_round=None, before_decode: Callable[[], None] | None = None):
         self.ctx = ctx
         self.n_ctx = ctx.n_ctx_seq  # what one sequence may hold
         self.unified = ctx.n_ctx_seq == ctx.n_ctx and n_seq > 1
         # llama.cpp may have lowered the batch below the configured one (never above n_ctx)
         self.prefill_chunk = max(1, min(prefill_chunk, ctx.n_batch))
         self.on_round = on_round
+        self.before_decode = before_decode
         self.stats = RoundStats()
         self._llama = threading.Lock()  # a view used from another thread waits for a round
         self._tasks: dict[greenlet, _Request | None] = {}  # live task -> its submission
@@ -149,6 +155,8 @@ class SharedContext:
             return
         chosen, failed = self._choose(pending)
         if chosen:
+            if self.before_decode is not None:
+                self.before_decode()
             self._decode(chosen)
         by_req = {r: t for t, r in self._tasks.items() if r is not None}
         for r in chosen + failed:
@@ -272,6 +280,7 @@ class SharedContext:
         st = self.stats
         st.rounds += 1
         st.rows += len(tokens)
+        st.decode_seconds += seconds
         if self.on_round is not None:
             self.on_round(len(tokens), seconds)
 

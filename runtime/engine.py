@@ -28,6 +28,7 @@ from runtime.drafters.memory import DraftMemory
 from runtime.drafters.sources import make_drafters, source_names
 from runtime.lane import Chunk, Lane
 from runtime.loading import Models, check_draft_matches, check_gguf, find_draft
+from runtime.native import on_passing_thread
 from runtime.penalties import Breakers
 from runtime.profiles import profile_key, save_profile, stored_costs
 from runtime.sampling import Sampler
@@ -110,8 +111,11 @@ class Engine:
         self.lanes = [self._lane(i, t, stored is not None) for i, t in enumerate(targets)]
         if self.shared is not None and self._sources and spec.adaptive:
             widest = rt.parallel * (spec.draft_max + 1)
-            self.shared.calibrate(tuple(w for w in _SHARED_WIDTHS if w <= widest and
-                                        self.costs.n_verify.get(w, 0) < 2))
+            widths = tuple(w for w in _SHARED_WIDTHS if w <= widest and
+                           self.costs.n_verify.get(w, 0) < 2)
+            # on a passing thread: the thread that generates keeps the process's only
+            # OpenMP pool (see on_passing_thread)
+            on_passing_thread(lambda: self.shared.calibrate(widths))
 
     def _lane(self, index: int, target, calibrated: bool) -> Lane:
         """One sequence's sampler, drafters, controller and decode loop over ``target``."""

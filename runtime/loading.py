@@ -19,6 +19,7 @@ from runtime.config import RuntimeConfig, SpeculativeConfig
 from runtime.context import LlamaContext, LlamaModel, Numerics
 from runtime.files import draft_path_for, drafts_for, sha256_file_cached
 from runtime.hub_download import in_hf_cache
+from runtime.native import on_passing_thread
 from runtime.numerics import exact_width
 from runtime.rpc import RpcDevices, Watchdog, watch_aborts
 
@@ -114,7 +115,9 @@ class Models:
                 check_draft_matches(self.model, self.draft_model)
                 self.draft_ctx = self._own(self._context(self.draft_model))
             # the widest batch whose logits equal one-token steps' bitwise (None: any)
-            self.max_rows = self._exact_rows(draft_max) if rt.exact else None
+            # (a probe on a passing thread: see on_passing_thread)
+            self.max_rows = on_passing_thread(lambda: self._exact_rows(draft_max)) \
+                if rt.exact else None
             if rt.rpc or rt.draft_rpc:
                 remote = [self.ctx] if rt.rpc else []
                 if rt.draft_rpc and self.draft_ctx is not None:

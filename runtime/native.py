@@ -11,8 +11,13 @@ import functools
 import platform
 import re
 import subprocess
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import llama_cpp
+
+T = TypeVar("T")
 
 _GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type
 # the CPU flags that choose llama.cpp's kernels (and, for AMX, whether its extra buffer
@@ -105,3 +110,35 @@ def cpu_facts() -> tuple[str, tuple[str, ...]]:
     simd = sorted({f for f in (flags.group(1).split() if flags else ()) if _SIMD_FLAGS.match(f)})
     model = name.group(1).strip() if name else platform.processor() or platform.machine()
     return model or "unknown CPU", tuple(simd)
+
+
+def on_passing_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that ends when it returns: for llama.cpp computations a
+    long-lived process does once (calibrations, probes) on a thread other than the one
+    that will compute from then on.
+
+    Why: with OpenMP (llama-cpp-python's Linux builds), every thread that runs a graph
+    keeps a pool of worker threads for the rest of its life, and libgomp counts them all.
+    Once they outnumber the cores it stops spinning at barriers (its "throttled" spin of
+    100 turns), so at each of the ~450 barriers of a graph (ggml's ``ggml_barrier`` is an
+    ``omp barrier``) a thread that arrives first sleeps and must be woken. A server that
+    calibrated on its main thread and decodes on its model thread paid that on every
+    round: 2-3 ms of a 24 ms round of four SmolLM2 rows on a 2-core Xeon. A passing
+    thread's pool is freed when it ends (libgomp's thread destructor), so the thread that
+    decodes is left with the only pool. Exceptions propagate to the caller.
+    """
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # handed to the caller's thread below
+            out.append((False, e))
+
+    t = threading.Thread(target=run, name="bridge-once")
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value

@@ -171,3 +171,19 @@ def test_settings_are_validated(kw, match):
 
 def test_prefill_chunk_follows_the_batch_llama_cpp_allows():
     assert SharedContext(FakeContext(n_batch=32), 2, prefill_chunk=256).prefill_chunk == 32
+
+
+def test_before_decode_runs_once_before_each_rounds_decode():
+    """The server hands the last round's tokens to its event loop there (the worker's
+    Outbox): once per round, before that round's llama_decode, never after it."""
+    ctx = FakeContext()
+    seen: list[int] = []  # decodes done when before_decode was called
+    shared = SharedContext(ctx, 2, before_decode=lambda: seen.append(len(ctx.calls)))
+
+    def seq(i: int):
+        for step in range(3):
+            shared.views[i].eval([i + step], all_logits=True)
+
+    shared.run([lambda i=i: seq(i) for i in range(2)])
+    assert seen == list(range(len(ctx.calls)))  # one call per round, each before its decode
+    assert shared.stats.decode_seconds > 0

@@ -127,6 +127,12 @@ def test_concurrent_answers_equal_each_alone(client, smollm2_gguf):
 
 def test_requests_overlap_and_timings_say_so(client, server):
     """Three requests at once take about the time of one, not three: they share rounds."""
+    def decode_seconds() -> float:
+        fams = {f.name: f for f in parser.text_string_to_metric_families(
+            httpx.get(f"{server}/metrics").text)}
+        return fams["bridge_batch_decode_seconds"].samples[0].value
+
+    decode0 = decode_seconds()
     results = _together([lambda p=p: _ask(client, p, max_tokens=32) for p in PROMPTS[:3]])
     rows = [r.model_extra["timings"] for r in results]
     assert all(r.choices[0].message.content for r in results)
@@ -137,6 +143,9 @@ def test_requests_overlap_and_timings_say_so(client, server):
     rounds = fams["bridge_batch_rounds"].samples[0].value
     batch_rows = fams["bridge_batch_rows"].samples[0].value
     assert batch_rows > rounds  # some rounds held several sequences
+    # llama_decode's share of the rounds: some time, and no more than the rounds took
+    decode = decode_seconds() - decode0  # these three requests' rounds
+    assert 0 < decode < sum(t["predicted_ms"] + t["prompt_ms"] for t in rows) / 1000
     assert all("n_steps" in t for t in rows)
 
 

@@ -78,6 +78,9 @@ def render_metrics(engine, worker) -> str:
                 st.rounds)
         counter("bridge_batch_rows_total", "Rows evaluated in shared rounds, every "
                 "sequence's.", st.rows)
+        counter("bridge_batch_decode_seconds_total", "Seconds inside llama_decode in "
+                "shared rounds (the rest of the model thread's time is Python or idle).",
+                st.decode_seconds)
         counter("bridge_batch_deferred_total", "Requests that waited a round for rows or "
                 "cells.", st.deferred)
         counter("bridge_kv_evictions_total", "Idle sequences' caches dropped for cells.",

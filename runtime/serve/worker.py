@@ -85,12 +85,53 @@ class Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     stats: Stats = field(default_factory=Stats)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    outbox: Outbox | None = None  # set: items wait there for the next hand-over
 
     def emit(self, item: object) -> None:
+        if self.outbox is not None:
+            self.outbox.put(self, item)
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             self.cancelled.set()
+
+
+class Outbox:
+    """Items of many jobs handed to their event loop together, once a round.
+
+    With shared rounds, every running job has a token after each ``llama_decode``. Handed
+    over one by one, each would wake the event loop while the model's thread is between
+    decodes, and the loop's Python (queues, SSE framing, socket writes) would take the GIL
+    that thread needs for its own Python, so the loop's work would add to every round. Handed
+    over together right before the next decode (``SharedContext.before_decode``), the loop
+    works while ggml computes, and the GIL is free then. Used on the model's thread only.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Job, object]] = []
+
+    def put(self, job: Job, item: object) -> None:
+        self._items.append((job, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
+        for job, item in items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for job, _ in batch:
+                    job.cancelled.set()
+
+
+def _deliver(batch: list[tuple[Job, object]]) -> None:
+    for job, item in batch:
+        job.queue.put_nowait(item)
 
 
 @dataclass
@@ -153,6 +194,10 @@ class Worker:
         self.n_served = 0  # generations that ran to their end with their client there
         self.n_running = 0
         self.totals = Totals()
+        # shared rounds: a round's items reach the event loop together (see Outbox)
+        self._outbox = Outbox() if engine.shared is not None else None
+        if engine.shared is not None:
+            engine.shared.before_decode = self._outbox.flush
         self._thread = threading.Thread(target=self._loop, name="bridge-llama", daemon=True)
         self._thread.start()
 
@@ -168,7 +213,7 @@ class Worker:
         Raises:
             APIError: 503 when ``max_queue`` jobs already wait (with ``Retry-After``).
         """
-        job = Job(start, asyncio.get_running_loop(), scope, key)
+        job = Job(start, asyncio.get_running_loop(), scope, key, outbox=self._outbox)
         with self._cv:
             # would this job wait behind more than max_queue others for a sequence?
             if self.max_queue is not None and \
@@ -208,6 +253,9 @@ class Worker:
                     shared.round()
             except Exception:  # _run answers its job's errors; this is a bug of ours
                 log.exception("the model's thread caught an error; it goes on")
+            finally:
+                if self._outbox is not None:  # what the last round's ends emitted
+                    self._outbox.flush()
 
     def _enter(self, slot: Slot, job: Job) -> None:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
