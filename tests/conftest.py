@@ -175,14 +175,29 @@ def hf_repo(fake_hub, smollm2_hf) -> str:
     return HF_REPO
 
 
-# the fixtures that load or build a real model: a test using any of them (directly or
-# through another fixture) is marked `model`, so `pytest -m "not model"` is a quick lane
-# of pure tests (parsers, formulas, validation, the fake hub's logic)
+# What a test needs, set from the fixtures it uses (directly or through another fixture):
+# `model` a real model, `torch` PyTorch and transformers, `server` a `bridge serve` (or
+# rpc-server) process, `native_build` a binary built with cmake. A test that needs one of
+# them without such a fixture says so itself (@pytest.mark.torch, ...). Each of the four
+# implies `slow`, so `pytest -m "not slow"` is the quick lane of pure tests (parsers,
+# formulas, validation, the fake hub's logic).
 _MODEL_FIXTURES = frozenset({"smollm2_gguf", "gemma3_gguf", "smollm2_hf", "hf_model",
                              "smollm2", "smollm2_draft_gguf"})
+_TORCH_FIXTURES = frozenset({"smollm2_hf", "hf_model", "hf_repo"})
+_SERVER_FIXTURES = frozenset({"server", "served", "mem_server", "qwen_server", "workers"})
+_NATIVE_BUILD_FIXTURES = frozenset({"rpc_server_binary"})
+_NEEDS = {"model": _MODEL_FIXTURES, "torch": _TORCH_FIXTURES, "server": _SERVER_FIXTURES,
+          "native_build": _NATIVE_BUILD_FIXTURES}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.model)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = getattr(item, "module", None)
+        for name, needs in _NEEDS.items():
+            if needs & fixtures:
+                item.add_marker(name)
+        if module is not None and getattr(module, "torch", None) is not None:
+            item.add_marker("torch")  # the module imports torch for every test in it
+        if any(item.get_closest_marker(name) for name in _NEEDS):
+            item.add_marker("slow")

@@ -302,6 +302,7 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
                           "in the Hugging Face cache")
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
     """End to end on SmolLM2: BI scoring, --prune auto, report files beside the GGUFs."""
@@ -327,6 +328,7 @@ def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
         assert model.meta("llama.block_count") == str(30 - len(report["dropped"]))
 
 
+@pytest.mark.torch
 def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
     """An 8B model (32 GiB in fp32) on a 24 GiB machine is scored in bf16 (16 GiB)."""
     torch = pytest.importorskip("torch")
@@ -345,6 +347,7 @@ def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
         torch_model.check_fits(16_000_000_000, torch.bfloat16, device)
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
     """The default (auto) predicts shortlist's scoring time on this machine before the slow
@@ -372,6 +375,7 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
         assert model.meta(keys.METHOD) == chosen[1]
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["bi", "shortlist"])  # streamed, and in memory
 def test_a_short_time_budget_cuts_the_calibration_set_and_says_so(smollm2_gguf, tmp_path,
@@ -394,6 +398,7 @@ def test_a_short_time_budget_cuts_the_calibration_set_and_says_so(smollm2_gguf, 
     assert len(report["dropped"]) == 3
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_no_time_budget_uses_every_prompt(smollm2_gguf, tmp_path):
     pytest.importorskip("torch")
