@@ -248,6 +248,7 @@ def test_export_in_place_writes_only_the_draft(smollm2_gguf, tmp_path):
     assert _files(tmp_path) == sorted([model.name, f"{SMOLLM2_NAME}.draft.gguf"])
 
 
+@pytest.mark.model  # the bundled model, by its name
 def test_bundled_name_and_requantize(tmp_path):
     """``smollm2`` names the bundled GGUF; a different --quant requantizes it."""
     out = tmp_path / "out"
