@@ -363,7 +363,7 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
                      "Explain recursion briefly.\nGive me a tip for better sleep.\n")
     out = tmp_path / "out"
     result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--calib",
-                     str(calib), "--device-profile", "cpu")
+                     str(calib), "--device-profile", "cpu", "--threads", "1")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps long log lines
     chosen = re.search(r"method: (\w+) \(shortlist's scoring is predicted at (\d+) s", text)
