@@ -118,18 +118,19 @@ def gguf_split_count(reader: gguf.GGUFReader) -> int:
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """Open a GGUF for reading; a truncated or corrupt file raises ValueError.
 
-    The reader is shared with the next call on the same unchanged file (same size and
-    mtime): gguf-py parses a 49k-token vocabulary's metadata in seconds, and one export
+    The reader is shared with the next call on the same unchanged file (same inode, size
+    and mtime): gguf-py parses a 49k-token vocabulary's metadata in seconds, and one export
     reads its input in several stages. Callers only read from it."""
     try:
         st = Path(path).stat()
     except OSError:
         return _open_gguf(Path(path))  # says what is wrong with the path
-    return _open_cached(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+    return _open_cached(Path(path).resolve(), (st.st_dev, st.st_ino, st.st_size,
+                                               st.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=2)  # the input and the file an export just wrote
-def _open_cached(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
+def _open_cached(path: Path, version: tuple[int, int, int, int]) -> gguf.GGUFReader:
     return _open_gguf(path)
 
 
