@@ -8,6 +8,7 @@ the Hugging Face cache (or read from it offline).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -115,7 +116,25 @@ def gguf_split_count(reader: gguf.GGUFReader) -> int:
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF for reading; a truncated or corrupt file raises ValueError."""
+    """Open a GGUF for reading; a truncated or corrupt file raises ValueError.
+
+    The reader is shared with the next call on the same unchanged file (same inode, size
+    and mtime): gguf-py parses a 49k-token vocabulary's metadata in seconds, and one export
+    reads its input in several stages. Callers only read from it."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return _open_gguf(Path(path))  # says what is wrong with the path
+    return _open_cached(Path(path).resolve(), (st.st_dev, st.st_ino, st.st_size,
+                                               st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)  # the input and the file an export just wrote
+def _open_cached(path: Path, version: tuple[int, int, int, int]) -> gguf.GGUFReader:
+    return _open_gguf(path)
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf-py raises many kinds on bad input

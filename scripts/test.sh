@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bridge fetch-models
+# the rpc-server the RPC tests start, built here (once, then cached) rather than inside a
+# test; BRIDGE_RPC=0 leaves it out, and those tests build it if they run
+if [ "${BRIDGE_RPC:-1}" != 0 ]; then
+  .venv/bin/python -m exporters.llamacpp_tools ggml-rpc-server
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -22,6 +22,24 @@ def gemma3_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_reader(smollm2_gguf: Path):
+    """gguf-py's reader of the SmolLM2 GGUF, shared: parsing a vocabulary's metadata takes
+    seconds (tests only read from it)."""
+    import gguf
+
+    return gguf.GGUFReader(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3_reader(gemma3_gguf: Path):
+    """gguf-py's reader of the Gemma 3 GGUF, shared (its 262k-token vocabulary takes
+    tens of seconds to parse)."""
+    import gguf
+
+    return gguf.GGUFReader(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf: Path) -> Path:
     """SmolLM2 as a Hugging Face folder (config.json, safetensors, tokenizer)."""
     pytest.importorskip("transformers", reason="the HF fixture needs the export extra")
@@ -95,12 +113,12 @@ HUB_TOKEN = "hf_fake_token_for_tests"
 
 
 @pytest.fixture(scope="session")
-def split_parts(smollm2_gguf, tmp_path_factory) -> list[Path]:
+def split_parts(smollm2_reader, tmp_path_factory) -> list[Path]:
     """SmolLM2 split in 3 files by gguf-py's writer (llama.cpp's split format and names)."""
     import gguf
 
     out = tmp_path_factory.mktemp("split") / "SmolLM2-135M-Instruct-Q4_1.gguf"
-    reader = gguf.GGUFReader(smollm2_gguf)
+    reader = smollm2_reader
     writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents(),
                              split_max_tensors=100)
     for name, f in reader.fields.items():
@@ -175,14 +193,34 @@ def hf_repo(fake_hub, smollm2_hf) -> str:
     return HF_REPO
 
 
-# the fixtures that load or build a real model: a test using any of them (directly or
-# through another fixture) is marked `model`, so `pytest -m "not model"` is a quick lane
-# of pure tests (parsers, formulas, validation, the fake hub's logic)
+# What a test needs, set from the fixtures it uses (directly or through another fixture):
+# `model` a real model, `torch` PyTorch and transformers, `server` a `bridge serve` (or
+# rpc-server) process, `native_build` a binary built with cmake. A test that needs one of
+# them without such a fixture says so itself (@pytest.mark.torch, ...). Each of the four
+# implies `slow`, so `pytest -m "not slow"` is the quick lane of pure tests (parsers,
+# formulas, validation, the fake hub's logic).
 _MODEL_FIXTURES = frozenset({"smollm2_gguf", "gemma3_gguf", "smollm2_hf", "hf_model",
-                             "smollm2", "smollm2_draft_gguf"})
+                             "smollm2", "smollm2_draft_gguf", "smollm2_reader",
+                             "gemma3_reader"})
+_TORCH_FIXTURES = frozenset({"smollm2_hf", "hf_model", "hf_repo"})
+_SERVER_FIXTURES = frozenset({"server", "served", "mem_server", "qwen_server", "workers"})
+_NATIVE_BUILD_FIXTURES = frozenset({"rpc_server_binary"})
+_NEEDS = {"model": _MODEL_FIXTURES, "torch": _TORCH_FIXTURES, "server": _SERVER_FIXTURES,
+          "native_build": _NATIVE_BUILD_FIXTURES}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.model)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        # a fixture named by a parameter, fetched with request.getfixturevalue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "request" in fixtures:
+            fixtures |= {v for v in callspec.params.values() if isinstance(v, str)}
+        module = getattr(item, "module", None)
+        for name, needs in _NEEDS.items():
+            if needs & fixtures:
+                item.add_marker(name)
+        if module is not None and getattr(module, "torch", None) is not None:
+            item.add_marker("torch")  # the module imports torch for every test in it
+        if any(item.get_closest_marker(name) for name in _NEEDS):
+            item.add_marker("slow")

@@ -56,10 +56,10 @@ def test_llama_cpp_tokenizes_like_hf(smollm2_f32, hf_model):
         assert model.chat_template() == tok.chat_template
 
 
-def test_vocabulary_and_layout_match_llama_cpps_converter(smollm2_f32, smollm2_gguf):
+def test_vocabulary_and_layout_match_llama_cpps_converter(smollm2_f32, smollm2_reader):
     """The HF fixture was made from the bundled GGUF (written by llama.cpp's converter):
     converting it back must give the same vocabulary metadata and tensor layout."""
-    ours, ref = gguf.GGUFReader(smollm2_f32), gguf.GGUFReader(smollm2_gguf)
+    ours, ref = gguf.GGUFReader(smollm2_f32), smollm2_reader
     assert ours.fields["tokenizer.ggml.pre"].contents() == "smollm"
     for key, field in ref.fields.items():
         if key.startswith("tokenizer."):

@@ -9,14 +9,14 @@ import pytest
 from exporters import dequant
 
 
-def _one_tensor_per_type(path):
+def _one_tensor_per_type(reader):
     seen = {}
-    for t in gguf.GGUFReader(path).tensors:
+    for t in reader.tensors:
         seen.setdefault(t.tensor_type, t)
     return list(seen.values())
 
 
-@pytest.mark.parametrize("model", ["smollm2_gguf", "gemma3_gguf"])
+@pytest.mark.parametrize("model", ["smollm2_reader", "gemma3_reader"])
 def test_every_type_of_the_bundled_models_equals_gguf_py_bit_for_bit(model, request):
     tensors = _one_tensor_per_type(request.getfixturevalue(model))
     fast = 0
@@ -35,8 +35,8 @@ def test_every_type_of_the_bundled_models_equals_gguf_py_bit_for_bit(model, requ
     assert quantized and fast >= len(quantized)
 
 
-def test_row_subsets_and_large_splits(smollm2_gguf):
-    t = next(t for t in gguf.GGUFReader(smollm2_gguf).tensors
+def test_row_subsets_and_large_splits(smollm2_reader):
+    t = next(t for t in smollm2_reader.tensors
              if t.name == "token_embd.weight")
     rows = np.array([5, 1, 40000, 5], dtype=np.int64)
     assert np.array_equal(dequant.dequantize(t.data[rows], t.tensor_type, 2),
@@ -46,8 +46,8 @@ def test_row_subsets_and_large_splits(smollm2_gguf):
                           gguf.quants.dequantize(t.data, t.tensor_type))
 
 
-def test_a_mismatched_table_falls_back_to_gguf_py(smollm2_gguf, monkeypatch):
-    t = next(t for t in gguf.GGUFReader(smollm2_gguf).tensors
+def test_a_mismatched_table_falls_back_to_gguf_py(smollm2_reader, monkeypatch):
+    t = next(t for t in smollm2_reader.tensors
              if t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
     dequant.converter.cache_clear()
     sizes = dict(gguf.GGML_QUANT_SIZES)

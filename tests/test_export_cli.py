@@ -191,9 +191,11 @@ def test_read_only_output_folder(smollm2_gguf, tmp_path):
 @pytest.mark.parametrize("target, args", [
     ("exporters.prune._copy_bytes", ["--drop-layers", "3"]),
     ("exporters.export._copy_and_hash", ["--drop-layers", "3"]),
-    # after streamed scoring: the full copy and the layer report are written, then the
-    # draft fails
-    ("exporters.prune._copy_bytes", ["--prune", "0.1", "--method", "bi", "--threads", "1"]),
+    # after streamed scoring (on the minimum of 4 prompts, which a tiny budget leaves):
+    # the full copy and the layer report are written, then the draft fails
+    pytest.param("exporters.prune._copy_bytes", ["--prune", "0.1", "--method", "bi",
+                                                 "--threads", "1", "--time-budget", "0.008"],
+                 marks=pytest.mark.torch),
 ])
 def test_disk_full_leaves_nothing(smollm2_gguf, tmp_path, monkeypatch, target, args):
     """ENOSPC while writing the draft (or the full copy): every temporary is removed."""
@@ -246,6 +248,7 @@ def test_export_in_place_writes_only_the_draft(smollm2_gguf, tmp_path):
     assert _files(tmp_path) == sorted([model.name, f"{SMOLLM2_NAME}.draft.gguf"])
 
 
+@pytest.mark.model  # the bundled model, by its name
 def test_bundled_name_and_requantize(tmp_path):
     """``smollm2`` names the bundled GGUF; a different --quant requantizes it."""
     out = tmp_path / "out"
@@ -302,6 +305,7 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
                           "in the Hugging Face cache")
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
     """End to end on SmolLM2: BI scoring, --prune auto, report files beside the GGUFs."""
@@ -327,6 +331,7 @@ def test_export_scored_auto_writes_report(smollm2_gguf, tmp_path):
         assert model.meta("llama.block_count") == str(30 - len(report["dropped"]))
 
 
+@pytest.mark.torch
 def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
     """An 8B model (32 GiB in fp32) on a 24 GiB machine is scored in bf16 (16 GiB)."""
     torch = pytest.importorskip("torch")
@@ -345,6 +350,7 @@ def test_cpu_scores_in_bf16_when_fp32_would_not_fit(monkeypatch):
         torch_model.check_fits(16_000_000_000, torch.bfloat16, device)
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
     """The default (auto) predicts shortlist's scoring time on this machine before the slow
@@ -357,7 +363,7 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
                      "Explain recursion briefly.\nGive me a tip for better sleep.\n")
     out = tmp_path / "out"
     result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--calib",
-                     str(calib), "--device-profile", "cpu")
+                     str(calib), "--device-profile", "cpu", "--threads", "1")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps long log lines
     chosen = re.search(r"method: (\w+) \(shortlist's scoring is predicted at (\d+) s", text)
@@ -372,6 +378,7 @@ def test_default_method_says_its_time_first(smollm2_gguf, tmp_path):
         assert model.meta(keys.METHOD) == chosen[1]
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["bi", "shortlist"])  # streamed, and in memory
 def test_a_short_time_budget_cuts_the_calibration_set_and_says_so(smollm2_gguf, tmp_path,
@@ -394,14 +401,21 @@ def test_a_short_time_budget_cuts_the_calibration_set_and_says_so(smollm2_gguf, 
     assert len(report["dropped"]) == 3
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_no_time_budget_uses_every_prompt(smollm2_gguf, tmp_path):
+    """'none' scores every offered prompt. Five of them, one over the minimum a budget may
+    cut to (the 32 built-in ones took minutes; the test above offers those)."""
     pytest.importorskip("torch")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("What is the capital of France?\nWrite a haiku about rain.\n"
+                     "Explain recursion briefly.\nGive me a tip for better sleep.\n"
+                     "Name three colours.\n")
     out = tmp_path / "out"
     result = _export(str(smollm2_gguf), "-o", str(out), "--prune", "0.1", "--method", "bi",
-                     "--time-budget", "none", "--threads", "1")
+                     "--calib", str(calib), "--time-budget", "none", "--threads", "1")
     assert result.exit_code == 0, result.output
-    assert "no time budget: all 32 calibration prompts" in " ".join(result.output.split())
+    assert "no time budget: all 5 calibration prompts" in " ".join(result.output.split())
     report = json.loads((out / f"{SMOLLM2_NAME}.layers.json").read_text())
-    assert (report["calib_prompts"], report["heldout_prompts"]) == (24, 8)
-    assert report["prompts_offered"] == 32 and report["time_budget_s"] is None
+    assert (report["calib_prompts"], report["heldout_prompts"]) == (4, 1)  # the whole split
+    assert report["prompts_offered"] == 5 and report["time_budget_s"] is None

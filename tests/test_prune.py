@@ -133,8 +133,8 @@ def _sha(t) -> str:
     return hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()
 
 
-def test_draft_tensors_are_the_full_models_bytes(smollm2_gguf, smollm2_draft):
-    full = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
+def test_draft_tensors_are_the_full_models_bytes(smollm2_reader, smollm2_draft):
+    full = {t.name: t for t in smollm2_reader.tensors}
     draft = gguf.GGUFReader(smollm2_draft).tensors
     kept = [i for i in range(30) if i not in (5, 15, 24)]
     assert len(draft) == len(full) - 3 * 9  # SmolLM2 has 9 tensors per block
@@ -145,8 +145,8 @@ def test_draft_tensors_are_the_full_models_bytes(smollm2_gguf, smollm2_draft):
         assert _sha(t) == _sha(source), t.name
 
 
-def test_draft_metadata(smollm2_gguf, smollm2_draft):
-    full, draft = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(smollm2_draft)
+def test_draft_metadata(smollm2_reader, smollm2_draft):
+    full, draft = smollm2_reader, gguf.GGUFReader(smollm2_draft)
     value = lambda r, k: r.fields[k].contents()  # noqa: E731
     assert value(draft, "llama.block_count") == 27
     assert value(draft, keys.KEPT_LAYERS) == [i for i in range(30) if i not in (5, 15, 24)]
@@ -193,11 +193,6 @@ def test_write_draft_rejects_bad_layers(smollm2_gguf, tmp_path):
 
 
 # --- Gemma 3: sliding-window layers keep their attention type ----------------------------
-
-@pytest.fixture(scope="module")
-def gemma3_reader(gemma3_gguf):
-    return gguf.GGUFReader(gemma3_gguf)  # parsing its 262k-token vocabulary takes seconds
-
 
 def _swa_pattern(path):
     return gguf.GGUFReader(path).fields["gemma3.attention.sliding_window_pattern"].contents()

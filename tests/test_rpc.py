@@ -337,6 +337,7 @@ def _stop(proc: subprocess.Popen) -> str:
     return err
 
 
+@pytest.mark.server
 @pytest.mark.slow
 def test_serve_over_rpc_matches_local_and_survives_a_killed_worker(smollm2_gguf,
                                                                    rpc_server_binary):

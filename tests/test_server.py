@@ -306,6 +306,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_stays_up(server, endpoint
     assert httpx.get(f"{server}/health", timeout=5).json() == {"status": "ok"}
 
 
+@pytest.mark.server
 def test_api_key_and_clean_sigterm(smollm2_gguf, smollm2_draft_gguf, model_id):
     proc, url, port = _start(smollm2_gguf, smollm2_draft_gguf,
                              env={"BRIDGE_API_KEY": "sesame"})

@@ -217,6 +217,7 @@ def test_nested_json_and_cut_bodies_get_no_traceback(served):
 
 # -- 4 and 5. scopes per key, and the memory saved before a crash -------------------------
 
+@pytest.mark.server
 def test_keys_are_scopes_and_the_memory_survives_a_kill(smollm2_gguf, smollm2_draft_gguf,
                                                         tmp_path):
     keys, memory = tmp_path / "keys.txt", tmp_path / "memory.npz"
@@ -264,6 +265,7 @@ def test_keys_are_scopes_and_the_memory_survives_a_kill(smollm2_gguf, smollm2_dr
         assert _stop(proc) == 0
 
 
+@pytest.mark.server
 def test_sigterm_stops_a_server_busy_with_a_huge_request(smollm2_gguf, smollm2_draft_gguf,
                                                          tmp_path):
     proc, url, _ = _start(smollm2_gguf, smollm2_draft_gguf, *LOOKUP, "--max-messages",

@@ -84,6 +84,7 @@ def test_opted_out_requests_do_not_grow_the_memory(mem_server):
     assert _memory(mem_server)["tokens"] > before
 
 
+@pytest.mark.server
 @pytest.mark.slow
 def test_bound_and_file_saved_at_sigterm_then_loaded(smollm2_gguf, smollm2_draft_gguf,
                                                      tmp_path):
@@ -118,6 +119,7 @@ def _foreign(path) -> None:
     memory.save(path, "0" * 64)  # another model's sha256
 
 
+@pytest.mark.server
 @pytest.mark.slow
 @pytest.mark.parametrize("spoil", [_corrupt, _foreign], ids=["corrupt", "foreign"])
 def test_bad_memory_file_warns_and_starts_empty(smollm2_gguf, smollm2_draft_gguf, tmp_path,

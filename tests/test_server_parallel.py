@@ -202,6 +202,7 @@ def test_each_request_keeps_its_own_format_under_concurrency(client):
     assert st.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.server
 def test_max_queue_answers_503_with_retry_after(smollm2_gguf):
     proc, url = _start(smollm2_gguf, "--parallel", "1", "--max-queue", "0")
     try:
