@@ -253,6 +253,13 @@ class SharedContext:
         return freed
 
     def _decode(self, chosen: list[_Request]) -> None:
+        # Rows go in sequence order. With a stream per sequence llama.cpp splits a batch
+        # into micro-batches "equally" (llama_batch_allocr::split_equal): one micro-batch
+        # takes sequences only while each id is the last one + 1 in batch order, so rows
+        # of sequences 3, 2, 1, 0 became four graph computations where 0, 1, 2, 3 is one
+        # (SmolLM2, 2-core Xeon: 44.8 against 26.8 ms a round; arrival order after slot
+        # choice is any order). In a unified cache the order changes nothing.
+        chosen = sorted(chosen, key=lambda r: r.seq)
         tokens: list[int] = []
         pos: list[int] = []
         seq: list[int] = []

@@ -187,3 +187,26 @@ def test_before_decode_runs_once_before_each_rounds_decode():
     shared.run([lambda i=i: seq(i) for i in range(2)])
     assert seen == list(range(len(ctx.calls)))  # one call per round, each before its decode
     assert shared.stats.decode_seconds > 0
+
+
+def test_a_rounds_rows_go_in_sequence_order():
+    """llama.cpp's split of a batch over per-sequence streams takes ascending sequence
+    ids into one micro-batch, so a round in arrival order could cost several graph
+    computations: rows are laid out by sequence, whatever order the tasks joined in."""
+    ctx = FakeContext()
+    shared = SharedContext(ctx, 4)
+
+    def seq(i: int):
+        for step in range(3):
+            shared.views[i].eval([i + step, i + step + 1], all_logits=True)
+
+    for i in (3, 1, 0, 2):  # joined out of order
+        shared.spawn(lambda i=i: seq(i))
+    shared.run([])
+    assert len(ctx.calls) == 3
+    for call in ctx.calls:
+        order = [s for s, *_ in call]
+        assert order == sorted(order) and set(order) == {0, 1, 2, 3}
+        for s in range(4):  # a sequence's rows stay together, in position order
+            pos = [p for q, p, *_ in call if q == s]
+            assert pos == sorted(pos) and len(pos) == 2
