@@ -69,6 +69,12 @@ from runtime.config import serve_parallel
 @click.option("--max-queue", type=int,
               help="Most requests waiting for a free sequence; past it 503 with "
                    "Retry-After (default: no bound).")
+@click.option("--cache-ram", type=int, metavar="MIB",
+              help="Host memory for conversations' KV caches when more conversations than "
+                   "--parallel slots come and go: a request that a slot's cache would be "
+                   "cut for first copies it out, and a request that continues a copied one "
+                   "gets it back instead of evaluating it again (default 8192, as "
+                   "llama-server; -1: no bound, 0: off).")
 @click.option("--listen-fd", type=int, hidden=True,
               help="Internal: serve on this inherited listening socket (the --rpc "
                    "supervisor's child).")
@@ -80,7 +86,7 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
               no_shared_drafts: bool, memory_file: Path | None,
               memory_save: tuple[float, int] | None, parallel: int | None,
               prefill_chunk: int | None, kv_unified: bool | None, max_queue: int | None,
-              listen_fd: int | None,
+              cache_ram: int | None, listen_fd: int | None,
               **o) -> None:
     """Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models,
     /stats, /metrics).
@@ -110,7 +116,7 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
         (read_keys_file(api_key_file) if api_key_file else ())
     cfg = ServerConfig(**_given(host=host, port=port, max_body=max_body,
                                 max_messages=max_messages, context_overflow=context_overflow,
-                                max_queue=max_queue),
+                                max_queue=max_queue, cache_ram=cache_ram),
                        api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins, memory=memory_cfg)
     gen = generation(o)

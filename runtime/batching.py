@@ -41,6 +41,7 @@ the load reaches (``runtime.controller``'s batch-aware choice).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -296,6 +297,24 @@ class SharedContext:
         with self._llama:
             self.ctx.remove_seq(seq, start)
 
+    def save_cells(self, seq: int) -> ctypes.Array:
+        """``seq``'s cells, serialized (``LlamaContext.seq_state``)."""
+        with self._llama:
+            return self.ctx.seq_state(seq)
+
+    def load_cells(self, seq: int, state: ctypes.Array, n_tokens: int) -> None:
+        """Make ``seq`` hold ``state`` (``n_tokens`` positions from 0) instead of what it
+        held; in a unified cache idle sequences give way for the cells as for a round."""
+        view = self.views[seq]
+        self.remove(seq, 0)
+        view.n_past = 0
+        free = self._free_cells()
+        if n_tokens > free:
+            self._evict(n_tokens - free)
+        with self._llama:
+            self.ctx.load_seq_state(seq, state)
+        view.n_past = n_tokens
+
     def calibrate(self, widths: tuple[int, ...], repeats: int = 2, context: int = 256
                   ) -> None:
         """Time rounds of each width on a scratch sequence (the last view's, before
@@ -398,3 +417,11 @@ class SequenceView:
 
     def reset(self) -> None:
         self.truncate(0)
+
+    def snapshot(self) -> ctypes.Array:
+        """This sequence's cells, serialized (a prompt cache in host memory keeps them)."""
+        return self.shared.save_cells(self.seq)
+
+    def restore(self, state: ctypes.Array, n_tokens: int) -> None:
+        """Hold ``snapshot``'s cells (of this sequence or another) from position 0."""
+        self.shared.load_cells(self.seq, state, n_tokens)

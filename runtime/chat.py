@@ -165,6 +165,15 @@ class ChatSession:
         """The conversation text the lane's cache holds (what a follow-up can reuse)."""
         return self._text
 
+    def held(self) -> tuple[str, list[int]]:
+        """(text, ids) of the conversation the lane's cache holds (``adopt`` takes them)."""
+        return self._text, list(self._ids)
+
+    def adopt(self, text: str, ids: list[int]) -> None:
+        """The lane's cache now holds ``ids``, which encode ``text`` (a prompt cache put
+        another conversation's cells back): follow-ups extend it."""
+        self._text, self._ids = text, list(ids)
+
     def reset(self) -> None:
         self.history = [m for m in self.history if m["role"] == "system"]
         self._text, self._ids = "", []

@@ -482,6 +482,24 @@ class LlamaContext:
         if not llama_cpp.llama_memory_seq_rm(self._mem, seq, start, -1):
             raise RuntimeError(f"llama_memory_seq_rm failed for sequence {seq} at {start}")
 
+    def seq_state(self, seq: int) -> ctypes.Array:
+        """Sequence ``seq``'s cells (positions, K and V of every layer), serialized by
+        llama.cpp: what ``load_seq_state`` puts back, into this sequence or another."""
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, seq)
+        if got != n:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {got} of {n} bytes of "
+                               f"sequence {seq}")
+        return buf
+
+    def load_seq_state(self, seq: int, state: ctypes.Array) -> None:
+        """Put ``seq_state``'s cells into sequence ``seq`` (empty before: the caller
+        removed what it held). Raises ``ContextFullError`` when llama.cpp finds no room."""
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, state, len(state), seq):
+            raise ContextFullError(f"no room to restore {len(state)} bytes of cached "
+                                   f"prompt into sequence {seq}")
+
     def seq_cells(self, seq: int) -> int:
         """How many positions sequence ``seq`` holds in the cache (its highest + 1)."""
         return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq)) + 1

@@ -181,6 +181,18 @@ class Lane:
         """Forget the conversation: every cache of this sequence starts empty."""
         self.decoder.reset()
 
+    def snapshot(self):
+        """This sequence's cells, serialized (a ``SequenceView``'s: shared rounds only);
+        ``tokens`` says what they hold."""
+        return self.target.snapshot()
+
+    def restore(self, tokens: list[int], state) -> None:
+        """Hold ``tokens`` from ``state`` (a ``snapshot`` of this lane or another)
+        instead of the current conversation; the drafters index them as they catch up."""
+        self.decoder.reset()
+        self.target.restore(state, len(tokens))  # on failure the sequence stays empty
+        self.decoder.kv.extend(tokens)
+
 
 def _through(ends: list[int], offset: int) -> int:
     """How many tokens to keep so the text reaches ``offset``: the tokens that reach it

@@ -228,6 +228,7 @@ def test_max_queue_answers_503_with_retry_after(smollm2_gguf):
     (["--parallel", "0"], "--parallel must be in 1..256"),
     (["--parallel", "2", "--exact"], "--parallel 1"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--cache-ram", "-2"], "--cache-ram must be >= -1"),
 ])
 def test_bad_options_get_one_line(smollm2_gguf, argv, message):
     out = subprocess.run([str(BRIDGE), "serve", str(smollm2_gguf), "--port", "0", *argv],

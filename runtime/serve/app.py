@@ -143,6 +143,9 @@ class ServerConfig:
         shutdown_seconds: how long in-flight requests may take to finish on Ctrl-C/SIGTERM.
         max_queue: most requests waiting for a free sequence (None: no bound); past it
             503 with ``Retry-After``.
+        cache_ram: MiB of conversations' caches kept in host memory when a request cuts
+            its slot's (``runtime.serve.prompt_cache``; llama-server's ``--cache-ram``
+            and its default; -1: no bound, 0: none).
         memory: the drafting memory across requests.
     """
 
@@ -159,6 +162,7 @@ class ServerConfig:
     body_seconds: float = 30.0
     shutdown_seconds: float = 3.0
     max_queue: int | None = None
+    cache_ram: int = 8192
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
@@ -168,6 +172,9 @@ class ServerConfig:
             raise ValueError("API keys must be non-empty and hold no spaces")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.cache_ram < -1:
+            raise ValueError(f"--cache-ram must be >= -1 (MiB; -1: no bound, 0: off), got "
+                             f"{self.cache_ram}")
         if self.max_body < 1024:
             raise ValueError(f"--max-body must be >= 1024 bytes, got {self.max_body}")
         for name in ("header_seconds", "idle_seconds", "body_seconds"):
@@ -241,7 +248,7 @@ def create_app(engine: Engine, cfg: ServerConfig | None = None,
     model_ids = {model_id, model_id.removesuffix(".gguf")}
     save = (lambda: save_memory(engine, cfg.memory)) if cfg.memory.path is not None else None
     worker = Worker(engine, save, cfg.memory.save_seconds, cfg.memory.save_tokens,
-                    cfg.max_queue)
+                    cfg.max_queue, None if cfg.cache_ram == -1 else cfg.cache_ram << 20)
     limits = Limits(engine.n_ctx, admission.longest_piece(engine.model, engine.model.n_vocab),
                     cfg.max_messages, cfg.context_overflow)
     # prompts are rendered and tokenized off the model's thread; large ones one at a time,

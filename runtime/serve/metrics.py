@@ -85,4 +85,13 @@ def render_metrics(engine, worker) -> str:
                 "cells.", st.deferred)
         counter("bridge_kv_evictions_total", "Idle sequences' caches dropped for cells.",
                 st.evictions)
+    cache = worker.prompt_cache
+    if cache is not None:
+        gauge("bridge_prompt_cache_bytes", "Bytes of conversations' caches kept in host "
+              "memory (--cache-ram).", cache.bytes)
+        gauge("bridge_prompt_cache_entries", "Conversations kept in host memory.", len(cache))
+        counter("bridge_prompt_cache_restores_total", "Conversations put back into a slot "
+                "from host memory.", cache.hits)
+        counter("bridge_prompt_cache_tokens_restored_total", "Tokens put back into slots "
+                "from host memory instead of evaluated.", cache.tokens_restored)
     return "\n".join(out) + "\n"

@@ -34,6 +34,7 @@ from runtime.chat import ChatSession, ChatTemplateError
 from runtime.context import ContextFullError
 from runtime.engine import Chunk, Engine, Lane
 from runtime.serve.openai_api import APIError
+from runtime.serve.prompt_cache import MIN_TOKENS, Entry, PromptCache
 from runtime.speculative import Stats, common_prefix
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,26 @@ class Slot:
             held = self.lane.tokens
         return common_prefix(held, job.key or "")
 
+    def cut_by(self, job: Job) -> bool:
+        """Whether ``job`` would cut what this slot's cache holds (its conversation then
+        worth keeping in host memory first)."""
+        if len(self.lane.tokens) < MIN_TOKENS:
+            return False
+        if job.scope != self.scope or self.session is None or not isinstance(job.key, str):
+            return self.reuse(job) < len(self.lane.tokens)
+        return self.reuse(job) < len(self.session.cached_text)
+
+    def snapshot(self) -> Entry:
+        """The conversation this slot's cache holds, its cells copied out."""
+        text, ids = self.session.held() if self.session is not None else (None, None)
+        return Entry(self.scope, list(self.lane.tokens), self.lane.snapshot(), text, ids)
+
+    def restore(self, entry: Entry) -> None:
+        """Hold ``entry``'s conversation instead (of the same scope as this slot)."""
+        self.lane.restore(entry.tokens, entry.state)
+        if self.session is not None:
+            self.session.adopt(entry.text or "", entry.ids or [])
+
     def clear(self) -> None:
         """Empty the cache (and the conversation it held)."""
         if self.session is not None:
@@ -72,16 +93,23 @@ class Slot:
             self.lane.reset()
 
 
-# A cache holding this many more characters (or tokens) of a prompt than another is worth
-# choosing for; closer than that (a chat template's opening, a shared first word) it is a
-# tie: a prefill of ~16 tokens costs less than a gap in the running sequences.
+# A cache holding this many more characters of a chat (or tokens of a completion's prompt)
+# than another is worth choosing, or putting back from host memory; closer than that (a
+# chat template's opening, a shared first word) it is a tie: a prefill of ~16 tokens costs
+# less than a gap in the running sequences, or than a copy of a whole conversation's cells.
 REUSE_SLACK = 64
+REUSE_SLACK_TOKENS = 16
+
+
+def slack(job: Job) -> int:
+    """``REUSE_SLACK`` in the unit of ``job``'s key (characters or tokens)."""
+    return REUSE_SLACK if isinstance(job.key, str) else REUSE_SLACK_TOKENS
 
 
 def pick_slot(free: list[Slot], slots: list[Slot], job: Job, streams: bool) -> Slot:
     """The free slot a job runs on: the one whose cache holds the longest prefix of its
-    prompt in its scope (llama-server's slot similarity); among those within
-    ``REUSE_SLACK`` of it, with ``streams`` (a cache stream per sequence), the one that
+    prompt in its scope (llama-server's slot similarity); among those within ``slack`` of
+    it, with ``streams`` (a cache stream per sequence), the one that
     keeps the running sequences' ids consecutive: llama.cpp's equal split puts sequences
     into one graph computation only while each id is the previous + 1, so running 0 and 3
     costs two graphs where 0 and 1 cost one (SmolLM2, 2-core Xeon AVX-512, a row each at
@@ -91,7 +119,7 @@ def pick_slot(free: list[Slot], slots: list[Slot], job: Job, streams: bool) -> S
     if not streams:
         return max(free, key=lambda s: (reuse[id(s)], -s.last_used))
     best = max(reuse.values())
-    floor = max(best - REUSE_SLACK, 0) if best >= 0 else -1  # its scope's before another's
+    floor = max(best - slack(job), 0) if best >= 0 else -1  # its scope's before another's
     near = [s for s in free if reuse[id(s)] >= floor]
     running = {s.lane.target.seq for s in slots if s not in free}
 
@@ -197,12 +225,17 @@ class Worker:
             when ``save_tokens`` were added since the last save or ``save_seconds`` have
             passed with anything unsaved.
         max_queue: most jobs waiting for a slot (None: no bound); past it, 503.
+        cache_ram: bytes of conversations' caches kept in host memory when a job cuts
+            its slot's (``runtime.serve.prompt_cache``; None: no bound, 0: none). Shared
+            rounds only: one sequence's context also holds a draft model's cells.
     """
 
     def __init__(self, engine: Engine, save: Callable[[], None] | None = None,
                  save_seconds: float = 60.0, save_tokens: int = 20_000,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, cache_ram: int | None = 0):
         self.engine = engine
+        self.prompt_cache = PromptCache(cache_ram) \
+            if engine.shared is not None and cache_ram != 0 else None
         self.save, self.save_seconds, self.save_tokens = save, save_seconds, save_tokens
         self.max_queue = max_queue
         self._unsaved, self._saved_at = 0, time.monotonic()
@@ -293,9 +326,19 @@ class Worker:
         """Make the slot's cache the job's to use: kept if it is the same scope's and
         survived (an idle cache may be evicted for another sequence's cells), else empty."""
         kept = slot.lane.target.acquire()
+        cache = self.prompt_cache
+        if cache is not None and kept and slot.cut_by(job):
+            cache.add(slot.snapshot())  # the conversation the job is about to cut
         if not kept or job.scope != slot.scope:
             slot.clear()
             slot.scope = job.scope
+        if cache is not None:
+            entry, n = cache.find(job.scope, job.key)
+            if entry is not None and n - max(slot.reuse(job), 0) >= slack(job):
+                try:
+                    slot.restore(cache.use(entry, whole=entry.within(job.key)))
+                except ContextFullError:  # no cells for it now: the prompt is evaluated
+                    slot.clear()
 
     def _run(self, job: Job, slot: Slot) -> None:
         target = slot.lane.target
