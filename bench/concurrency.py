@@ -11,7 +11,8 @@ With ``--model``, every server of ``--servers`` is started once on a free port o
 and kept up; for each client count and workload the servers take their turn in a rotating
 order (and ``--rounds`` repeats the whole sweep), so all of them share the machine's noise.
 Presets: ``bridge`` (``bridge serve``'s default), ``bridge-p1`` (``--parallel 1``),
-``bridge-plain`` (``--drafter none``), ``llama-server`` (its default: 4 slots, unified KV)
+``bridge-plain`` (``--drafter none``), ``bridge-np`` (``--parallel N`` with N the client
+count, restarted for each client count), ``llama-server`` (its default: 4 slots, unified KV)
 and ``llama-server-np`` (``-np N -kvu`` with N the client count, restarted for each client
 count). llama-server is ``--llama-server`` or the build from the pinned llama.cpp sources
 (``python -m exporters.llamacpp_tools llama-server``, cached in ~/.cache/bridge).
@@ -70,6 +71,7 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "bridge": ("bridge", ()),
     "bridge-p1": ("bridge", ("--parallel", "1")),
     "bridge-plain": ("bridge", ("--drafter", "none")),
+    "bridge-np": ("bridge", ("--parallel", "{np}")),
     "llama-server": ("llama-server", ()),
     "llama-server-np": ("llama-server", ("-np", "{np}", "-kvu")),
 }
@@ -244,7 +246,7 @@ def header(args: argparse.Namespace, servers: list[Server], failed: dict[str, st
             # the port differs from run to run: PORT keeps the line comparable
             argv = shlex.join(["PORT" if i and sv.argv[i - 1] == "--port" else a
                                for i, a in enumerate(sv.argv)])
-            note = " (restarted for each client count, -np = clients)" \
+            note = " (restarted for each client count, N = clients)" \
                 if per_client_count(sv.name) else ""
             rss = ", ".join(f"{v:.0f} MiB" + (f" at {c} clients" if note else "")
                             for c, v in sv.rss.items() if v is not None) or "-"

@@ -158,11 +158,15 @@ class GammaController:
 
     def __init__(self, draft_max: int, adaptive: bool = True, has_pruned: bool = True,
                  costs: CostModel | None = None,
-                 load: Callable[[], tuple[int, float]] | None = None):
+                 load: Callable[[], tuple[int, float]] | None = None,
+                 split: bool = False):
         self.draft_max = draft_max
         # in a shared batch: (rows, tokens) the other sequences put in the round, and the
         # rounds are timed by the shared context (a step's own wait includes the others')
         self.load = load
+        # a stream per sequence: drafts beside the others' steps are a graph of their own
+        # (costmodel.round_cost)
+        self.split = split
         self.expected = 1.0  # tokens the last step's choice should yield (E(gamma))
         self.adaptive = adaptive
         self.has_pruned = has_pruned
@@ -383,7 +387,7 @@ class GammaController:
         g = 1
         # the probe's extra rows, on top of what the round holds anyway (r = 0 alone)
         while g < min(_PROBE_GAMMA, self.draft_max, n_max) and \
-                v(r + g + 2) - v(r + 1) <= t1:
+                costmodel.round_cost(g + 1, v, r, self.split) - v(r + 1) <= t1:
             g += 1
         return g
 
@@ -391,13 +395,14 @@ class GammaController:
         k = self.costs
         return costmodel.batch_rate(gamma, alpha, c, k.verify_cost,
                                     k.overhead_spec if gamma else k.overhead_plain,
-                                    self._others())
+                                    self._others(), self.split)
 
     def _best(self, alpha: float, c: float | None, gamma_max: int, gamma_min: int = 0
               ) -> tuple[int, float]:
         k = self.costs
         return costmodel.best_gamma(alpha, c or 0.0, k.verify_cost, gamma_max, gamma_min,
-                                    (k.overhead_plain, k.overhead_spec), self._others())
+                                    (k.overhead_plain, k.overhead_spec), self._others(),
+                                    self.split)
 
     def best_gamma(self, alpha: float) -> int:
         """The pruned draft's best gamma at acceptance ``alpha`` on the current costs."""

@@ -23,6 +23,17 @@ so a draft row is worth adding only while its expected yield beats what it adds 
 round's cost for everyone. With R_o = T_o = 0 this is the single-sequence rate. As the
 batch fills on a CPU, V grows about linearly in R and drafts shrink to zero by themselves;
 on a nearly flat curve (a GPU) they stay.
+
+With a cache stream per sequence, llama.cpp splits a round "equally"
+(``llama_batch_allocr::split_equal``): the first micro-batch takes as many rows from each
+sequence as the narrowest has, so beside one-row steps a sequence's draft rows form a
+graph computation of their own, and the round costs
+
+    V(R_o + 1) + V(gamma)          (gamma > 0, R_o > 0; ``split``)
+
+instead of V(R_o + gamma + 1): the second graph pays its fixed part again. On the 2-core
+Xeon with SmolLM2, 16 one-row sequences took 107.6 ms a round and, with drafts beside,
+157.6 ms for 18.7 rows (``bench/results/2026-12-07-parallel-3-xeon-avx512.md``).
 """
 
 from __future__ import annotations
@@ -51,25 +62,37 @@ def speedup(gamma: int, alpha: float, c_draft: float, verify: VerifyCost) -> flo
     return expected_tokens(gamma, alpha) * verify(1) / step_cost(gamma, c_draft, verify)
 
 
+def round_cost(gamma: int, verify: VerifyCost, rows_others: int = 0,
+               split: bool = False) -> float:
+    """What a round costs with ``gamma`` draft rows of one sequence beside its own step and
+    the others' ``rows_others`` rows: V(R_o + gamma + 1), or with ``split`` (a stream per
+    sequence) V(R_o + 1) + V(gamma) once others share the round."""
+    if split and gamma > 0 and rows_others > 0:
+        return verify(rows_others + 1) + verify(gamma)
+    return verify(rows_others + gamma + 1)
+
+
 def batch_rate(gamma: int, alpha: float, c_draft: float, verify: VerifyCost,
-               overhead: float = 0.0, others: tuple[int, float] = (0, 0.0)) -> float:
-    """(T_o + E(gamma)) / (gamma * c + V(R_o + gamma + 1) + overhead): tokens per unit
-    cost of a round whose other sequences put ``others`` = (R_o rows, T_o tokens) in it."""
+               overhead: float = 0.0, others: tuple[int, float] = (0, 0.0),
+               split: bool = False) -> float:
+    """(T_o + E(gamma)) / (gamma * c + round_cost + overhead): tokens per unit cost of a
+    round whose other sequences put ``others`` = (R_o rows, T_o tokens) in it."""
     rows, tokens = others
     return (tokens + expected_tokens(gamma, alpha)) / (
-        gamma * c_draft + verify(rows + gamma + 1) + overhead)
+        gamma * c_draft + round_cost(gamma, verify, rows, split) + overhead)
 
 
 def best_gamma(alpha: float, c_draft: float, verify: VerifyCost, gamma_max: int,
                gamma_min: int = 0, overheads: tuple[float, float] = (0.0, 0.0),
-               others: tuple[int, float] = (0, 0.0)) -> tuple[int, float]:
+               others: tuple[int, float] = (0, 0.0), split: bool = False
+               ) -> tuple[int, float]:
     """(gamma, tokens per unit cost) maximizing ``batch_rate`` over gamma_min..gamma_max
     (alone in its batch, ``others`` = (0, 0): E(gamma) / T(gamma)).
 
     ``overheads`` = (per plain step, per speculative step), e.g. Python time in seconds.
     """
     def rate(g: int) -> float:
-        return batch_rate(g, alpha, c_draft, verify, overheads[g > 0], others)
+        return batch_rate(g, alpha, c_draft, verify, overheads[g > 0], others, split)
 
     return max(((g, rate(g)) for g in range(gamma_min, gamma_max + 1)), key=lambda gr: gr[1])
 

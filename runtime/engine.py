@@ -124,7 +124,8 @@ class Engine:
         load = (lambda s=index: self.shared.load(s)) if self.shared is not None else None
         controller = GammaController(
             self.draft_cap(self.spec_cfg.draft_max), self.spec_cfg.adaptive,
-            has_pruned=self.draft_path is not None, costs=self.costs, load=load)
+            has_pruned=self.draft_path is not None, costs=self.costs, load=load,
+            split=self.shared is not None and not self.shared.unified)
         controller.calibrated_from_profile = calibrated
         if self.shared is not None:  # what this sequence's steps yield, for the others
             target.expected = lambda: controller.expected

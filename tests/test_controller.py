@@ -229,6 +229,28 @@ def test_speedup_formula():
     assert costmodel.best_gamma(1.0, 0.0, costmodel.flat_verify(8), 8)[0] == 7
 
 
+def test_with_a_stream_per_sequence_drafts_beside_others_pay_for_a_graph_of_their_own():
+    """llama.cpp's equal split puts a sequence's draft rows beside one-row steps into a
+    graph of their own: V(R_o + 1) + V(gamma), not V(R_o + gamma + 1). On a CPU-like line
+    (SmolLM2 on the 2-core Xeon: 11.6 ms a graph of one row, 5.3 ms a row more) drafts at
+    90% acceptance pay in a shared round priced as one graph, and not as two."""
+    v = costmodel.linear_verify(5.3 / 11.6)
+    assert costmodel.round_cost(3, v, 15, split=True) == pytest.approx(v(16) + v(3))
+    assert costmodel.round_cost(3, v, 15) == pytest.approx(v(19))
+    assert costmodel.round_cost(3, v, 0, split=True) == pytest.approx(v(4))  # alone: one
+    assert costmodel.round_cost(0, v, 15, split=True) == pytest.approx(v(16))
+    others = (3, 3.0)
+    assert costmodel.best_gamma(0.9, 0.0, v, 8, others=others)[0] > 0
+    assert costmodel.best_gamma(0.9, 0.0, v, 8, others=others, split=True)[0] == 0
+    # alone in its round the split changes nothing
+    assert costmodel.best_gamma(0.9, 0.0, v, 8, split=True) == costmodel.best_gamma(0.9, 0.0, v, 8)
+    ctrl = GammaController(8, has_pruned=False, load=lambda: others, split=True,
+                           costs=CostModel.from_profile({"verify": {"1": 1.0, "16": 7.9}}))
+    assert ctrl._best(0.9, 0.0, 8)[0] == 0
+    ctrl.split = False
+    assert ctrl._best(0.9, 0.0, 8)[0] > 0
+
+
 def _calibrated(verify: dict[int, float]) -> GammaController:
     costs = CostModel.from_profile({"verify": {str(k): v for k, v in verify.items()}})
     return GammaController(8, has_pruned=False, costs=costs)
