@@ -10,7 +10,8 @@ of clients grows (issue 33, item 6).
 With ``--model``, every server of ``--servers`` is started once on a free port of 127.0.0.1
 and kept up; for each client count and workload the servers take their turn in a rotating
 order (and ``--rounds`` repeats the whole sweep), so all of them share the machine's noise.
-Presets: ``bridge`` (``bridge serve``'s default), ``bridge-p1`` (``--parallel 1``),
+Presets: ``bridge`` (``bridge serve``'s default), ``bridge-p1``, ``-p8``, ``-p16``
+(``--parallel 1``, 8, 16),
 ``bridge-plain`` (``--drafter none``), ``bridge-np`` (``--parallel N`` with N the client
 count, restarted for each client count), ``llama-server`` (its default: 4 slots, unified KV)
 and ``llama-server-np`` (``-np N -kvu`` with N the client count, restarted for each client
@@ -72,6 +73,8 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "bridge-p1": ("bridge", ("--parallel", "1")),
     "bridge-plain": ("bridge", ("--drafter", "none")),
     "bridge-np": ("bridge", ("--parallel", "{np}")),
+    "bridge-p8": ("bridge", ("--parallel", "8")),
+    "bridge-p16": ("bridge", ("--parallel", "16")),
     "llama-server": ("llama-server", ()),
     "llama-server-np": ("llama-server", ("-np", "{np}", "-kvu")),
 }

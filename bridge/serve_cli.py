@@ -56,9 +56,10 @@ from runtime.config import serve_parallel
               help="Save the memory file after SECONDS (default 60) or once TOKENS (default "
                    "20000) were added since the last save: what a crash can lose.")
 @click.option("--parallel", type=int,
-              help="Requests served at once: sequences sharing one KV cache of -c tokens, "
-                   "evaluated together (default 4; 1 with --exact, --draft or --drafter "
-                   "pruned).")
+              help="Requests served at once: sequences evaluated together, each with a "
+                   "KV cache of -c tokens (default: 4, doubled up to 16 while all their "
+                   "caches fit in a quarter of this machine's RAM, on CPUs; 1 with "
+                   "--exact, --draft or --drafter pruned).")
 @click.option("--prefill-chunk", type=int,
               help="Most prompt tokens a sequence evaluates per shared step, so a long "
                    "prompt delays the others by one chunk (default 256).")
@@ -132,6 +133,7 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
     pruned = o["draft"] is not None or o["drafter"] == "pruned"
     serving = _given(parallel=parallel if parallel is not None else serve_parallel(
         bool(o["exact"]), pruned), prefill_chunk=prefill_chunk, kv_unified=kv_unified)
+    serving["parallel_auto"] = parallel is None  # raised where the caches fit in RAM
     o = resolve_models(o)  # a hub id is fetched before the server binds its port
     with build_engine(o, memory=open_memory(memory_cfg, o["model"]), **serving) as engine:
         serve(engine, cfg, gen, sock)

@@ -6,6 +6,7 @@ The click layer builds these from its options and passes them down unchanged.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from runtime.rpc import Endpoint
@@ -137,7 +138,9 @@ class RuntimeConfig:
     ``runtime.batching``), each with ``n_ctx`` tokens of cache of its own, or, with
     ``kv_unified``, all sharing one cache of ``n_ctx`` tokens (less memory; a sequence's
     logits then move with where the others' cells sit). A long prompt joins the others'
-    rounds ``prefill_chunk`` tokens at a time.
+    rounds ``prefill_chunk`` tokens at a time. ``parallel_auto``: ``parallel`` is the least,
+    and the engine raises it (``auto_parallel``) while every sequence's cache fits in a
+    quarter of this machine's RAM (a server's default).
 
     ``rpc``: llama.cpp RPC workers (``rpc-server``) that take the target's offloaded layers
     (``n_gpu_layers`` of them, as with llama.cpp's ``--rpc``); the draft stays on this
@@ -158,6 +161,7 @@ class RuntimeConfig:
     parallel: int = 1
     prefill_chunk: int = 256
     kv_unified: bool = False
+    parallel_auto: bool = False
 
     def __post_init__(self) -> None:
         _check(64 <= self.n_ctx <= 1 << 20, f"-c/--ctx must be in 64..1048576, got {self.n_ctx}")
@@ -187,15 +191,43 @@ class RuntimeConfig:
         return self.n_ctx if self.kv_unified else self.n_ctx * self.parallel
 
 
-# `bridge serve`'s sequences unless told: llama-server's default slots (other counts were not
-# compared; bench/results/2026-12-07-parallel-xeon-avx512.md has the default's figures)
+# `bridge serve`'s sequences unless told: at least llama-server's default slots, and up to
+# SERVE_PARALLEL_MAX where their caches fit in KV_SHARE of this machine's memory. On the
+# 2-core Xeon with SmolLM2 at 16 clients, 16 sequences served 140 tok/s against 104 for 4
+# (llama-server's 4 slots: 118), and the first token after 0.29 s against 5.07 s
+# (bench/results/2026-12-07-parallel-3-xeon-avx512.md).
 SERVE_PARALLEL = 4
+SERVE_PARALLEL_MAX = 16
+KV_SHARE = 0.25
 
 
 def serve_parallel(exact: bool, pruned: bool = False) -> int:
     """``--parallel``'s default for a server: one sequence under ``--exact``, and when a
-    pruned draft is asked for by name (its context drafts for one sequence)."""
+    pruned draft is asked for by name (its context drafts for one sequence); else
+    SERVE_PARALLEL, which the engine raises with ``auto_parallel`` once it knows the
+    model's cache size (``RuntimeConfig.parallel_auto``)."""
     return 1 if exact or pruned else SERVE_PARALLEL
+
+
+def auto_parallel(least: int, kv_bytes_per_sequence: int, memory: int | None,
+                  on_gpu: bool) -> int:
+    """The most sequences, doubling from ``least`` up to SERVE_PARALLEL_MAX, whose caches of
+    ``kv_bytes_per_sequence`` each fit in KV_SHARE of ``memory`` (this machine's RAM);
+    ``least`` when the cache lives on a GPU (its memory is not RAM) or RAM is unknown."""
+    n = least
+    if on_gpu or not memory:
+        return n
+    while 2 * n <= SERVE_PARALLEL_MAX and 2 * n * kv_bytes_per_sequence <= KV_SHARE * memory:
+        n *= 2
+    return n
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

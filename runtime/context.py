@@ -170,6 +170,23 @@ class LlamaModel:
             llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token takes in an F16 KV cache: K and V of every layer (key and value
+        widths from the GGUF, else n_embd / n_head per head; sliding-window layers are
+        counted whole, so this is an upper bound for them)."""
+        if self.n_layer == 0:
+            raise ValueError(f"{self.path.name} was opened for its vocabulary only; its "
+                             "cache size needs the whole model")
+        m = self.ptr
+        arch = self.meta("general.architecture") or ""
+        n_head = max(llama_cpp.llama_model_n_head(m), 1)
+        n_head_kv = llama_cpp.llama_model_n_head_kv(m) or n_head
+        head = llama_cpp.llama_model_n_embd(m) // n_head
+        k = int(self.meta(f"{arch}.attention.key_length") or head)
+        v = int(self.meta(f"{arch}.attention.value_length") or head)
+        return self.n_layer * n_head_kv * (k + v) * 2
+
     def chat_template(self) -> str | None:
         tmpl = llama_cpp.llama_model_chat_template(self.ptr, None)
         return tmpl.decode("utf-8") if tmpl else None

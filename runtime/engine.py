@@ -81,6 +81,7 @@ class Engine:
         try:
             models = self._own(Models(model, self.draft_path, self.runtime,
                                       self.spec_cfg.draft_max))
+            self.runtime = models.rt  # the sequences it opened (RuntimeConfig.parallel_auto)
             self.numerics, self.max_rows = models.numerics, models.max_rows
             self.model, self.ctx = models.model, models.ctx
             self.draft_model, self.draft_ctx = models.draft_model, models.draft_ctx

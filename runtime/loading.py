@@ -12,14 +12,15 @@ controller's.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from runtime import keys
-from runtime.config import RuntimeConfig, SpeculativeConfig
+from runtime.config import RuntimeConfig, SpeculativeConfig, auto_parallel, physical_memory
 from runtime.context import LlamaContext, LlamaModel, Numerics
 from runtime.files import draft_path_for, drafts_for, sha256_file_cached
 from runtime.hub_download import in_hf_cache
-from runtime.native import on_passing_thread
+from runtime.native import gpu_offload_supported, on_passing_thread
 from runtime.numerics import exact_width
 from runtime.rpc import RpcDevices, Watchdog, watch_aborts
 
@@ -107,6 +108,8 @@ class Models:
             self.model = self._own(LlamaModel(model, rt.n_gpu_layers,
                                               repack=self.numerics.repack,
                                               devices=RpcDevices(rt.rpc) if rt.rpc else None))
+            if rt.parallel_auto and rt.parallel > 1 and not rt.kv_unified:
+                self.rt = rt = self._more_sequences(rt)
             self.ctx = self._own(self._context(self.model, self.numerics, rt.parallel))
             if draft is not None:
                 self.draft_model = self._own(LlamaModel(
@@ -127,6 +130,16 @@ class Models:
         except BaseException:
             self.close()
             raise
+
+    def _more_sequences(self, rt: RuntimeConfig) -> RuntimeConfig:
+        """``rt`` with as many sequences as ``auto_parallel`` allows for this model."""
+        per_sequence = self.model.kv_bytes_per_token * rt.n_ctx
+        on_gpu = rt.n_gpu_layers != 0 and gpu_offload_supported()
+        n = auto_parallel(rt.parallel, per_sequence, physical_memory(), on_gpu)
+        if n != rt.parallel:
+            log.info("serving %d sequences at once (%.0f MiB of KV cache each); "
+                     "--parallel sets another count", n, per_sequence / 2**20)
+        return replace(rt, parallel=n)
 
     def _own(self, obj):
         self._owned.append(obj)
