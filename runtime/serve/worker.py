@@ -108,13 +108,13 @@ def slack(job: Job) -> int:
 
 def pick_slot(free: list[Slot], slots: list[Slot], job: Job, streams: bool) -> Slot:
     """The free slot a job runs on: the one whose cache holds the longest prefix of its
-    prompt in its scope (llama-server's slot similarity); among those within ``slack`` of
-    it, with ``streams`` (a cache stream per sequence), the one that
-    keeps the running sequences' ids consecutive: llama.cpp's equal split puts sequences
-    into one graph computation only while each id is the previous + 1, so running 0 and 3
-    costs two graphs where 0 and 1 cost one (SmolLM2, 2-core Xeon AVX-512, a row each at
-    300 tokens: sequences 0, 3 took 24.7 ms a round against 16.7 for 0, 1; and 0, 1, 3
-    28.8 against 22.6 for 0, 1, 2). Then the least recently used."""
+    prompt in its scope (llama-server's slot similarity). With ``streams`` (a cache stream
+    per sequence), of the slots within ``slack`` of that prefix, the one that keeps the
+    running sequences' ids consecutive: llama.cpp's equal split puts sequences into one
+    graph computation only while each id is the previous + 1, so running 0 and 3 costs two
+    graphs where 0 and 1 cost one (SmolLM2, 2-core Xeon AVX-512, a row each at 300 tokens:
+    sequences 0, 3 took 24.7 ms a round against 16.7 for 0, 1; and 0, 1, 3 28.8 against
+    22.6 for 0, 1, 2). Then the least recently used."""
     reuse = {id(s): s.reuse(job) for s in free}
     if not streams:
         return max(free, key=lambda s: (reuse[id(s)], -s.last_used))
