@@ -183,7 +183,7 @@ class Lane:
 
     def snapshot(self):
         """This sequence's cells, serialized (a ``SequenceView``'s: shared rounds only);
-        ``tokens`` says what they hold."""
+        they hold ``self.tokens``."""
         return self.target.snapshot()
 
     def restore(self, tokens: list[int], state) -> None:
