@@ -58,7 +58,7 @@ from runtime.config import serve_parallel
 @click.option("--parallel", type=int,
               help="Requests served at once: sequences evaluated together, each with a "
                    "KV cache of -c tokens (default: 4, doubled up to 16 while all their "
-                   "caches fit in a quarter of this machine's RAM, on CPUs; 1 with "
+                   "caches fit in a quarter of the memory available, on CPUs; 1 with "
                    "--exact, --draft or --drafter pruned).")
 @click.option("--prefill-chunk", type=int,
               help="Most prompt tokens a sequence evaluates per shared step, so a long "

@@ -140,7 +140,7 @@ class RuntimeConfig:
     logits then move with where the others' cells sit). A long prompt joins the others'
     rounds ``prefill_chunk`` tokens at a time. ``parallel_auto``: ``parallel`` is the least,
     and the engine raises it (``auto_parallel``) while every sequence's cache fits in a
-    quarter of this machine's RAM (a server's default).
+    quarter of the memory available once the model is loaded (a server's default).
 
     ``rpc``: llama.cpp RPC workers (``rpc-server``) that take the target's offloaded layers
     (``n_gpu_layers`` of them, as with llama.cpp's ``--rpc``); the draft stays on this
@@ -192,7 +192,7 @@ class RuntimeConfig:
 
 
 # `bridge serve`'s sequences unless told: at least llama-server's default slots, and up to
-# SERVE_PARALLEL_MAX where their caches fit in KV_SHARE of this machine's memory. On the
+# SERVE_PARALLEL_MAX where their caches fit in KV_SHARE of the memory available. On the
 # 2-core Xeon with SmolLM2 at 16 clients, 16 sequences served 140 tok/s against 104 for 4
 # (llama-server's 4 slots: 118), and the first token after 0.29 s against 5.07 s
 # (bench/results/2026-12-07-parallel-3-xeon-avx512.md).
@@ -212,8 +212,8 @@ def serve_parallel(exact: bool, pruned: bool = False) -> int:
 def auto_parallel(least: int, kv_bytes_per_sequence: int, memory: int | None,
                   on_gpu: bool) -> int:
     """The most sequences, doubling from ``least`` up to SERVE_PARALLEL_MAX, whose caches of
-    ``kv_bytes_per_sequence`` each fit in KV_SHARE of ``memory`` (this machine's RAM);
-    ``least`` when the cache lives on a GPU (its memory is not RAM) or RAM is unknown."""
+    ``kv_bytes_per_sequence`` each fit in KV_SHARE of ``memory`` (``available_memory``);
+    ``least`` when the cache lives on a GPU (its memory is not RAM) or memory is unknown."""
     n = least
     if on_gpu or not memory:
         return n
@@ -222,8 +222,18 @@ def auto_parallel(least: int, kv_bytes_per_sequence: int, memory: int | None,
     return n
 
 
-def physical_memory() -> int | None:
-    """Bytes of RAM on this machine (None where the OS does not say)."""
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations now (Linux's MemAvailable: what the
+    weights already loaded and other processes leave), else the machine's RAM, else None.
+    Four 7.38B servers side by side took 8.3 GiB each with their caches sized from RAM
+    alone, and the kernel killed one."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from runtime import keys
-from runtime.config import RuntimeConfig, SpeculativeConfig, auto_parallel, physical_memory
+from runtime.config import RuntimeConfig, SpeculativeConfig, auto_parallel, available_memory
 from runtime.context import LlamaContext, LlamaModel, Numerics
 from runtime.files import draft_path_for, drafts_for, sha256_file_cached
 from runtime.hub_download import in_hf_cache
@@ -135,7 +135,7 @@ class Models:
         """``rt`` with as many sequences as ``auto_parallel`` allows for this model."""
         per_sequence = self.model.kv_bytes_per_token * rt.n_ctx
         on_gpu = rt.n_gpu_layers != 0 and gpu_offload_supported()
-        n = auto_parallel(rt.parallel, per_sequence, physical_memory(), on_gpu)
+        n = auto_parallel(rt.parallel, per_sequence, available_memory(), on_gpu)
         if n != rt.parallel:
             log.info("serving %d sequences at once (%.0f MiB of KV cache each); "
                      "--parallel sets another count", n, per_sequence / 2**20)

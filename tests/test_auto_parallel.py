@@ -1,12 +1,13 @@
 """How many sequences `bridge serve` opens when --parallel is not given: at least 4, as
 llama-server's default slots, doubled up to 16 while every sequence's KV cache fits in a
-quarter of this machine's RAM, on CPUs (``runtime.config.auto_parallel``)."""
+quarter of the memory available once the model is loaded, on CPUs
+(``runtime.config.auto_parallel``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from runtime.config import SERVE_PARALLEL_MAX, RuntimeConfig, auto_parallel, physical_memory
+from runtime.config import SERVE_PARALLEL_MAX, RuntimeConfig, auto_parallel, available_memory
 
 GIB = 1 << 30
 
@@ -25,7 +26,10 @@ def test_sequences_double_while_their_caches_fit(per_sequence, memory, on_gpu, e
 
 
 def test_this_machine_says_its_memory():
-    assert physical_memory() > 256 << 20
+    free = available_memory()
+    assert 64 << 20 < free
+    import os
+    assert free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_the_cache_size_of_a_token(smollm2_gguf):
@@ -39,19 +43,29 @@ def test_the_cache_size_of_a_token(smollm2_gguf):
         m.kv_bytes_per_token  # noqa: B018
 
 
-def test_an_engine_asked_for_at_least_four_opens_what_fits(smollm2_gguf):
+@pytest.mark.parametrize("memory, expected", [(1 << 30, 16), (400 << 20, 8), (100 << 20, 4)])
+def test_an_engine_asked_for_at_least_four_opens_what_fits(smollm2_gguf, monkeypatch,
+                                                           memory, expected):
+    """SmolLM2 at -c 512: 11.25 MiB of cache a sequence, so 16 fit in a quarter of 1 GiB,
+    8 in a quarter of 400 MiB, and 100 MiB leaves the least."""
+    import runtime.loading
     from runtime.config import SpeculativeConfig
     from runtime.engine import Engine
-    from runtime.native import gpu_offload_supported
 
+    monkeypatch.setattr(runtime.loading, "available_memory", lambda: memory)
+    monkeypatch.setattr(runtime.loading, "gpu_offload_supported", lambda: False)
     rt = RuntimeConfig(n_ctx=512, n_threads=1, parallel=4, parallel_auto=True)
     with Engine(smollm2_gguf, draft=None, runtime=rt,
                 speculative=SpeculativeConfig(drafter="none")) as engine:
-        want = auto_parallel(4, engine.model.kv_bytes_per_token * 512, physical_memory(),
-                             on_gpu=gpu_offload_supported())
-        assert engine.runtime.parallel == want == len(engine.lanes)
-        assert len(engine.shared.views) == want
-    rt = RuntimeConfig(n_ctx=512, n_threads=1, parallel=4)  # --parallel given: kept
+        assert engine.runtime.parallel == expected == len(engine.lanes)
+        assert len(engine.shared.views) == expected
+
+
+def test_a_given_count_is_kept(smollm2_gguf):
+    from runtime.config import SpeculativeConfig
+    from runtime.engine import Engine
+
+    rt = RuntimeConfig(n_ctx=512, n_threads=1, parallel=4)  # --parallel given
     with Engine(smollm2_gguf, draft=None, runtime=rt,
                 speculative=SpeculativeConfig(drafter="none")) as engine:
-        assert len(engine.lanes) == 4
+        assert len(engine.lanes) == 4 == engine.runtime.parallel
