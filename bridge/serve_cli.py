@@ -121,6 +121,14 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
                        api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins, memory=memory_cfg)
     gen = generation(o)
+    pruned = o["draft"] is not None or o["drafter"] == "pruned"
+    serving = _given(parallel=parallel if parallel is not None else serve_parallel(
+        bool(o["exact"]), pruned), prefill_chunk=prefill_chunk, kv_unified=kv_unified)
+    serving["parallel_auto"] = parallel is None  # raised where the caches fit in memory
+    if cache_ram not in (None, 0) and serving["parallel"] == 1:
+        raise ValueError("--cache-ram keeps the conversations of --parallel slots, and one "
+                         "sequence (--parallel 1, --exact or a pruned draft) has none to "
+                         "give up; drop --cache-ram or raise --parallel")
     if (o["rpc"] or o["draft_rpc"]) and listen_fd is None:
         # ggml-rpc aborts the process on a lost worker: the engine runs in a child that
         # this process restarts, answering the request in flight with an error
@@ -130,10 +138,6 @@ def serve_cmd(host: str | None, port: int | None, api_key: str | None,
         supervise([sys.executable, "-m", "bridge.cli", *sys.argv[1:]], cfg.host, cfg.port)
         return
     sock = socket.socket(fileno=listen_fd) if listen_fd is not None else None
-    pruned = o["draft"] is not None or o["drafter"] == "pruned"
-    serving = _given(parallel=parallel if parallel is not None else serve_parallel(
-        bool(o["exact"]), pruned), prefill_chunk=prefill_chunk, kv_unified=kv_unified)
-    serving["parallel_auto"] = parallel is None  # raised where the caches fit in RAM
     o = resolve_models(o)  # a hub id is fetched before the server binds its port
     with build_engine(o, memory=open_memory(memory_cfg, o["model"]), **serving) as engine:
         serve(engine, cfg, gen, sock)

@@ -229,6 +229,7 @@ def test_max_queue_answers_503_with_retry_after(smollm2_gguf):
     (["--parallel", "2", "--exact"], "--parallel 1"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--cache-ram", "-2"], "--cache-ram must be >= -1"),
+    (["--parallel", "1", "--cache-ram", "512"], "drop --cache-ram or raise --parallel"),
 ])
 def test_bad_options_get_one_line(smollm2_gguf, argv, message):
     out = subprocess.run([str(BRIDGE), "serve", str(smollm2_gguf), "--port", "0", *argv],
