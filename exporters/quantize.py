@@ -16,6 +16,7 @@ import llama_cpp
 
 import runtime.context  # noqa: F401  (routes llama.cpp's log output through logging)
 from exporters.config import QUANT_TYPES
+from runtime.native import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
     """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(quant)
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or usable_cores()
     params.allow_requantize = allow_requantize
     params.only_copy = copy_only
     if copy_only:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from runtime.native import cpu_facts
+from runtime.native import cpu_facts, usable_cores
 
 log = logging.getLogger(__name__)
 _native_log = logging.getLogger("bridge.llama_cpp")
@@ -264,7 +263,7 @@ class LlamaContext:
         model: the owner of the weights; must outlive this context.
         n_ctx: context length in tokens.
         n_batch: most tokens evaluated per ``llama_decode``; longer inputs are chunked.
-        n_threads: CPU threads (default: all cores).
+        n_threads: CPU threads (default: every core this process may use).
         n_seq: sequences the cache can hold (``decode_rows``); the single-sequence
             methods use sequence 0.
         unified: the sequences share one cache of ``n_ctx`` cells, any of them may use
@@ -289,7 +288,7 @@ class LlamaContext:
         # the throwaway rows of a padded batch need cache cells beyond the last token
         params.n_ctx = n_ctx + self.numerics.min_rows - 1
         params.n_batch = params.n_ubatch = n_batch
-        threads = n_threads or os.cpu_count() or 1
+        threads = n_threads or usable_cores()
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         # backend sampling may take a token from every row of a verify batch (llama.cpp's

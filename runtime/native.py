@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import re
 import subprocess
@@ -84,6 +85,17 @@ def local_accelerators() -> list[int]:
     devs = (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
     return [d for d in devs if _GGML_DEVICE_TYPES.get(base.ggml_backend_dev_type(d))
             in ("GPU", "IGPU")]
+
+
+def usable_cores() -> int:
+    """How many CPUs this process may run on: its affinity mask where the OS has one (a
+    container's cpuset, `taskset`, a test worker pinned to its share), else every CPU.
+    llama.cpp's threads spin at each barrier, so one thread more than the CPUs it may
+    use stalls every op until the scheduler comes back to it."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows: no affinity masks
+        return os.cpu_count() or 1
 
 
 @functools.cache

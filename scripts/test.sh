@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh machine and runs the whole test suite, slow end-to-end
-# tests included. Extra arguments go to pytest (e.g. -k fixture, -m "not slow").
+# tests included, whole files side by side on a worker per core (pytest-xdist; -n 0 runs
+# them in this process, -n 4 on four workers). Extra arguments go to pytest (e.g.
+# -k fixture, -m "not slow", -n 0 -s to see the figures the tests print).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,7 +13,7 @@ if [ "${BRIDGE_RPC:-1}" != 0 ]; then
   .venv/bin/python -m exporters.llamacpp_tools ggml-rpc-server
 fi
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,49 @@ _NEEDS = {"model": _MODEL_FIXTURES, "torch": _TORCH_FIXTURES, "server": _SERVER_
           "native_build": _NATIVE_BUILD_FIXTURES}
 
 
+# -- workers (scripts/test.sh runs `-n auto --dist loadfile`) -----------------------------
+# Most tests run llama.cpp on one thread (so that other load cannot move their timing-free
+# results), which left one of two cores idle: a worker per core runs whole files side by
+# side. Each worker is pinned to its share of the CPUs, and so are the servers it starts, so
+# a default thread count (runtime.native.usable_cores) never puts two spinning llama.cpp
+# threads on one core.
+_WORKER_MEMORY = 5 << 30  # a worker's peak: Gemma 3 in PyTorch beside both GGUFs loaded
+# The longest files first (seconds on the 2-core Xeon, `--durations=0`, 2026-12-07), so that
+# the last file to start is a short one; a hint for the schedule, nothing depends on it.
+_LONGEST_FIRST = ("test_speculative", "test_export_cli", "test_server_endings", "test_stream",
+                  "test_exactness", "test_cli", "test_parallel", "test_prune",
+                  "test_server_tools", "test_penalties", "test_rpc", "test_server_hardening")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per usable core, as many as the memory available holds."""
+    from runtime.config import available_memory
+    from runtime.native import usable_cores
+
+    memory = available_memory()
+    by_memory = usable_cores() if memory is None else memory // _WORKER_MEMORY
+    return max(1, min(usable_cores(), by_memory))
+
+
+def pytest_configure(config):
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // int(count)
+    if share >= 1:
+        index = int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
+
+
+def _file_rank(item) -> int:
+    name = item.path.stem
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)  # stable: within a file, and among the rest, as collected
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         # a fixture named by a parameter, fetched with request.getfixturevalue
