@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gguf
 
-from exporters.loading import ModelSource, gguf_arch, gguf_block_count
+from exporters.loading import ModelSource, gguf_arch, gguf_block_count, one_parse
 from exporters.report import LayerReport, Stages, log_stages
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def _tokenizer(path: Path, src):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with one_parse(path):
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"transformers cannot read {path.name}'s tokenizer: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from exporters.dequant import dequantize
-from exporters.loading import field_value, gguf_arch, open_gguf
+from exporters.loading import field_value, gguf_arch, one_parse, open_gguf
 from exporters.scoring import LayerScores, angular_distance, best_block, block_influence
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,9 @@ class GGUFLayers:
         self.arch = gguf_arch(self.reader)
         check_streamable(self.arch, path)
         try:
-            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-            raw = load_gguf_checkpoint(str(path))["config"]  # metadata only
+            with one_parse(path, self.reader):
+                self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+                raw = load_gguf_checkpoint(str(path))["config"]  # metadata only
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"transformers cannot read {path.name}'s metadata: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"

@@ -48,6 +48,8 @@ def build_hf_fixture(gguf: Path, out_dir: Path) -> Path:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from exporters.loading import one_parse
     except ImportError as e:
         raise FetchError(
             f"building the HF fixture needs the export extra ({e.name} is missing); "
@@ -56,10 +58,11 @@ def build_hf_fixture(gguf: Path, out_dir: Path) -> Path:
     log.info("HF fixture: dequantizing %s through transformers", gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with one_parse(gguf):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         _drop_gguf_quantizer(model)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -24,7 +24,7 @@ import gguf
 import torch
 
 from exporters.checkpoint import tensor_index
-from exporters.loading import ModelSource, field_value, open_gguf
+from exporters.loading import ModelSource, field_value, one_parse, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,10 @@ def load_for_scoring(source: ModelSource, dtype_name: str = "auto"):
     log.info("loading %s for scoring on %s (%s)", source.path.name, device,
              str(dtype).removeprefix("torch."))
     try:
-        tok = AutoTokenizer.from_pretrained(folder, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                     low_cpu_mem_usage=True, **kw)
+        with one_parse(source.path if source.kind == "gguf" else None):
+            tok = AutoTokenizer.from_pretrained(folder, **kw)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                         low_cpu_mem_usage=True, **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"transformers cannot load {source.path.name} for scoring: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -3,11 +3,14 @@ generate, on a thread that has ended by the time it returns."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from runtime.native import on_passing_thread
+from runtime.native import on_passing_thread, usable_cores
 
 
 def test_it_returns_what_fn_returns_from_a_thread_that_has_ended():
@@ -51,3 +54,15 @@ def test_an_engines_shared_calibration_runs_off_the_callers_thread(smollm2_gguf,
                 speculative=SpeculativeConfig(drafter="lookup", recalibrate=True)):
         pass
     assert threads and all(t is not threading.current_thread() for t in threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks here")
+def test_usable_cores_follow_the_affinity_mask():
+    """A process pinned to one CPU (a container's cpuset, taskset, a test worker) gets one
+    llama.cpp thread by default, not one per CPU of the machine."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from runtime.native import usable_cores; print(usable_cores())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "1"
+    assert usable_cores() == len(os.sched_getaffinity(0))
