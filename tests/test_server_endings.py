@@ -7,11 +7,12 @@ them raised `LengthFinishReasonError` when the small model looped."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from bench.endings import SCHEMAS
-from tests.test_server import _start, _stop
+from tests.test_server_parallel import _start, _stop
 
 openai = pytest.importorskip("openai", reason="the server tests need the dev extra")
 pydantic = pytest.importorskip("pydantic")
@@ -49,8 +50,10 @@ class Invoice(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf, smollm2_draft_gguf):
-    proc, url, _ = _start(smollm2_gguf, smollm2_draft_gguf)
+def server(smollm2_gguf):
+    """Twelve sequences, so that the extractions below run side by side in one batch (a
+    greedy answer beside others equals the answer alone: tests/test_server_parallel.py)."""
+    proc, url = _start(smollm2_gguf, "--parallel", str(len(SCHEMAS)))
     yield url
     assert _stop(proc) == 0
 
@@ -133,8 +136,7 @@ def test_recommended_penalty_ends_more_extractions(client, model):
     this project's AVX-512 Xeon, 11 with its AVX2-only build: a run-on string that never
     repeats is no loop a penalty sees; `python -m bench.endings` has the figures)."""
     def ended_valid(extra: dict) -> list[str]:
-        ok = []
-        for name, schema, prompt in SCHEMAS:
+        def one(name, schema, prompt) -> bool:
             c = client.chat.completions.create(
                 model=model, messages=_user(prompt), temperature=0, max_tokens=200,
                 response_format={"type": "json_schema",
@@ -143,10 +145,14 @@ def test_recommended_penalty_ends_more_extractions(client, model):
             try:
                 jsonschema.validate(json.loads(c.message.content), schema)
             except (ValueError, jsonschema.ValidationError):
-                continue
-            if c.finish_reason == "stop":
-                ok.append(name)
-        return ok
+                return False
+            return c.finish_reason == "stop"
+
+        with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+            ended = list(pool.map(lambda case: one(*case), SCHEMAS))
+        return [name for (name, _, _), ok in zip(SCHEMAS, ended, strict=True) if ok]
 
     with_penalty, without = ended_valid(RECOMMENDED), ended_valid({})
+    print(f"ended and valid of {len(SCHEMAS)}: {len(with_penalty)} with the recommended "
+          f"setting, {len(without)} without")
     assert len(with_penalty) > len(without), (with_penalty, without)
