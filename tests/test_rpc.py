@@ -22,17 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_port as _free_port
 from runtime import rpc
 from runtime.rpc import Endpoint, RpcError, parse_endpoints
 
 BRIDGE = Path(sys.executable).with_name("bridge")
 N = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- parsing and trust: pure functions ----------------------------------------------------

@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +19,9 @@ httpx = pytest.importorskip("httpx", reason="the server tests need the dev extra
 
 pytestmark = pytest.mark.slow
 
-BRIDGE = Path(sys.executable).with_name("bridge")
+from tests.serving import BRIDGE, start_serve  # noqa: E402
+from tests.serving import stop_serve as _stop  # noqa: E402  (other tests import it)
+
 N = 24  # tokens per answer: enough to compare text, short on a 2-core CPU
 CTX = 1024
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -34,48 +33,12 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model: Path, draft: Path, *extra: str, env: dict | None = None,
            log: Path | None = None):
-    """A `bridge serve` subprocess, returned once /health answers. It always drafts
-    (--fixed-gamma), so the tests see speculation even where it does not pay. Its output
-    goes to ``log`` when given (wide lines: the log handler wraps at COLUMNS)."""
-    port = _free_port()
-    argv = [str(BRIDGE), "serve", str(model), "--draft", str(draft), "--port", str(port),
-            "--threads", "1", "-c", str(CTX), "--fixed-gamma", "--draft-max", "4", *extra]
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(argv, env={**os.environ, "COLUMNS": "400", **(env or {})},
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
-    if log:
-        out.close()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            output = log.read_text() if log else proc.stdout.read()
-            raise AssertionError(f"bridge serve exited {proc.returncode}:\n{output}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, port
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("bridge serve did not answer /health within 120 s")
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 15) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    """(process, url, port) of a `bridge serve` that always drafts (--fixed-gamma), so the
+    tests see speculation even where it does not pay."""
+    return start_serve(model, "--draft", draft, "--threads", "1", "-c", CTX, "--fixed-gamma",
+                       "--draft-max", "4", *extra, env=env, log=log)
 
 
 @pytest.fixture(scope="module")

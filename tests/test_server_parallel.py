@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,47 +19,16 @@ parser = pytest.importorskip("prometheus_client.parser",
 
 pytestmark = pytest.mark.slow
 
-BRIDGE = Path(sys.executable).with_name("bridge")
+from tests.serving import BRIDGE, start_serve  # noqa: E402
+from tests.serving import stop_serve as _stop  # noqa: E402  (other tests import it)
+
 PROMPTS = ["Name three colours.", "Write a haiku about the sea.", "What is 12 times 12?",
            "Give one tip for learning Python."]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(model: Path, *extra: str):
-    port = _free_port()
-    argv = [str(BRIDGE), "serve", str(model), "--port", str(port), "--threads", "1",
-            "-c", "1024", *extra]
-    proc = subprocess.Popen(argv, env={**os.environ, "COLUMNS": "400"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"bridge serve exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("bridge serve did not answer /health within 120 s")
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    """(process, url) of `bridge serve MODEL --threads 1 -c 1024 EXTRA...`."""
+    return start_serve(model, "--threads", "1", "-c", "1024", *extra)[:2]
 
 
 @pytest.fixture(scope="module")
