@@ -52,7 +52,8 @@ from exporters.config import (
                    f"[default: {DEFAULT_HF_QUANT} for a Hugging Face model, "
                    f"{KEEP} (the file's own type) for a GGUF]")
 @click.option("--threads", type=int,
-              help="CPU threads for quantizing and scoring [default: all cores].")
+              help="CPU threads for quantizing and scoring [default: every core this "
+                   "process may use].")
 @click.option("--time-budget", metavar="MINUTES|none",
               help="Wall time the whole export may take: scoring uses as many calibration "
                    "prompts as are predicted to fit, and says so; 'none' uses all of them "

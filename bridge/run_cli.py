@@ -50,7 +50,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens."),
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int,
                      help="Layers offloaded to the GPU (-1: all)."),
-        click.option("--threads", "n_threads", type=int, help="CPU threads."),
+        click.option("--threads", "n_threads", type=int,
+                     help="CPU threads [default: every core this process may use]."),
         *rpc_options(),
         click.option("--exact", is_flag=True, default=None,
                      help="Evaluate the model so that a verify batch's logits equal a "
