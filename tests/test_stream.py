@@ -91,7 +91,7 @@ def test_head_slices_give_the_in_memory_logits(both):
     assert torch.equal(src.top1(h[0]), whole.argmax(-1))
 
 
-def test_loading_a_gguf_parses_it_once(smollm2_gguf, tmp_path, monkeypatch):
+def test_loading_a_gguf_parses_it_once(smollm2_gguf, monkeypatch):
     """transformers opens a GGUF for its config, its tokenizer and its weights; each parse
     of Gemma 3's vocabulary takes about 25 s, so loading and streaming must share one."""
     import gguf
@@ -106,15 +106,13 @@ def test_loading_a_gguf_parses_it_once(smollm2_gguf, tmp_path, monkeypatch):
         return real(path, mode)
 
     monkeypatch.setattr(gguf, "GGUFReader", counting)
-    copy = tmp_path / smollm2_gguf.name  # not in open_gguf's cache yet
-    copy.symlink_to(smollm2_gguf)
-    loading._open_cached.cache_clear()
-    load_for_scoring(resolve_model(str(copy)), "float32")
-    GGUFLayers(copy)
+    loading._open_cached.cache_clear()  # as a fresh process finds it
+    load_for_scoring(resolve_model(str(smollm2_gguf)), "float32")
+    GGUFLayers(smollm2_gguf)
     assert len(parsed) == 1, parsed
     assert gguf.GGUFReader is counting  # put back as it was
-    with loading.one_parse(copy):
-        assert gguf.GGUFReader(str(copy)) is loading.open_gguf(copy)
+    with loading.one_parse(smollm2_gguf):
+        assert gguf.GGUFReader(str(smollm2_gguf)) is loading.open_gguf(smollm2_gguf)
     assert len(parsed) == 1
 
 
