@@ -132,10 +132,11 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 @contextlib.contextmanager
 def one_parse(path: Path | None, reader: gguf.GGUFReader | None = None):
-    """transformers reads a GGUF three times (config, tokenizer, weights), each time with a
-    new gguf-py reader, whose parse of Gemma 3's 262k-token vocabulary takes about 25 s on
-    a 2-core Xeon: for the duration, a reader of ``path`` is ``reader``, else the one
-    ``open_gguf`` holds (callers only read from it; any other file gets its own)."""
+    """transformers reads a GGUF for the config, the tokenizer and the weights (four times
+    to load a model for scoring), each time with a new gguf-py reader, whose parse of Gemma
+    3's 262k-token vocabulary takes about 25 s on a 2-core Xeon: for the duration, a
+    reader of ``path`` is ``reader``, else the one ``open_gguf`` holds (callers only read
+    from it; any other file gets its own)."""
     if path is None:
         yield
         return
