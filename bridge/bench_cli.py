@@ -48,7 +48,8 @@ def _int_list(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               help="Sampling temperature (greedy by default, so outputs can be compared).")
 @click.option("-c", "--ctx", "n_ctx", type=int, help="Context length in tokens.")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, help="GPU layers (-1: all).")
-@click.option("--threads", "n_threads", type=int, help="CPU threads.")
+@click.option("--threads", "n_threads", type=int,
+              help="CPU threads [default: every core this process may use].")
 @with_rpc_options
 @click.option("--exact", is_flag=True, default=None,
               help="Exact mode: verify batches whose logits equal one-token steps bitwise.")
